@@ -1,0 +1,25 @@
+# Two commands for a fresh machine: `make demo` (the main job) and `make test` (everything CI runs).
+PYTHON ?= python3
+VENV ?= .venv
+# Used only when the venv has no torch yet. 2.13.0 is the CPU build our machines carry; on your own
+# machine install the torch you want into the venv first (or pass TORCH_SPEC) and it is left alone.
+TORCH_SPEC ?= torch==2.13.0
+BIN := $(VENV)/bin
+
+.PHONY: setup test demo lint
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install "$(TORCH_SPEC)"
+	$(BIN)/pip install -e ".[dev]"
+	touch $@
+
+lint: setup
+	$(BIN)/ruff check .
+
+test: lint
+	$(BIN)/python -m pytest
+
+demo: setup
+	$(BIN)/python -m sae_core demo

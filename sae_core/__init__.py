@@ -1,0 +1,1 @@
+"""SAE Concept Eraser core: sparse autoencoders on diffusion-UNet activations, without ComfyUI."""
