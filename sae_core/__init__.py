@@ -25,3 +25,7 @@ __all__ = [
     "TopKCodes",
     "UnsafeCheckpointError",
 ]
+
+from .formats import detect_format, load_sae, save_native  # noqa: E402
+
+__all__ += ["detect_format", "load_sae", "save_native"]
