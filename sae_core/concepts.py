@@ -22,6 +22,8 @@ from typing import Iterable, Mapping, NamedTuple, Sequence
 import torch
 from torch import Tensor
 
+from .errors import SAEError
+
 logger = logging.getLogger(__name__)
 
 FORMAT_NAME = "sae-concepts"
@@ -31,11 +33,11 @@ SCORE_EPS = 1e-8  # SAeUron's denominator guard
 _TENSOR_KEYS = ("timesteps", "latents", "scores", "thresholds", "means")
 
 
-class ConceptFileError(ValueError):
+class ConceptFileError(SAEError, ValueError):
     """A concept file is not readable as a concept dictionary (wrong format, keys, shapes)."""
 
 
-class ConceptMismatchError(ValueError):
+class ConceptMismatchError(SAEError, ValueError):
     """A concept dictionary is used with an SAE it was not learned with."""
 
 
