@@ -36,6 +36,8 @@ import re
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from .errors import SAEError
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -48,6 +50,7 @@ __all__ = [
     "UnknownBlockError",
     "UnknownFamilyError",
     "blocks",
+    "canonical_name",
     "check_sae_fits",
     "comfy_key",
     "grid_size",
@@ -58,8 +61,8 @@ __all__ = [
 COMFY_PREFIX = "diffusion_model."
 
 
-class BlockError(ValueError):
-    """Base class of the registry's errors (a ValueError, so callers may catch either)."""
+class BlockError(SAEError, ValueError):
+    """Base class of the registry's errors (an SAEError and a ValueError, so callers may catch either)."""
 
 
 class UnknownFamilyError(BlockError):
@@ -285,6 +288,24 @@ def resolve_block(
             + "; ".join(s.describe() for s in candidates)
         )
     return candidates[0]
+
+
+def canonical_name(name: str | BlockSpec) -> str:
+    """The diffusers name of a block, without choosing a family.
+
+    The index rule is the same in every family, so ``output_blocks.4.1`` is ``up_blocks.1.attentions.1``
+    in SD1 and in SDXL alike (with different channels); this works where resolve_block would be ambiguous.
+    """
+    if isinstance(name, BlockSpec):
+        return name.diffusers
+    if not isinstance(name, str):
+        return resolve_block(name).diffusers  # raises the type error
+    bare = _bare_name(name)
+    found = {_INDEX[f][bare].diffusers for f in FAMILIES if bare in _INDEX[f]}
+    if not found:
+        return resolve_block(name).diffusers  # raises the unknown-block message with the known names
+    (diffusers,) = found  # the index rule is family-independent, so there is exactly one
+    return diffusers
 
 
 def comfy_key(spec: BlockSpec | str, family: str | None = None) -> str:

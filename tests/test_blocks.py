@@ -11,6 +11,7 @@ from sae_core.blocks import (
     UnknownBlockError,
     UnknownFamilyError,
     blocks,
+    canonical_name,
     check_sae_fits,
     comfy_key,
     grid_size,
@@ -333,3 +334,28 @@ def test_non_string_name_is_rejected():
 def test_all_registry_errors_are_value_errors():
     for cls in (UnknownBlockError, AmbiguousBlockError, BlockMismatchError, UnknownFamilyError):
         assert issubclass(cls, BlockError) and issubclass(cls, ValueError)
+
+
+@pytest.mark.parametrize(
+    "name, expected",
+    [
+        ("output_blocks.4.1", "up_blocks.1.attentions.1"),  # 1280 ch in SD1, 640 in SDXL: same name
+        ("input_blocks.4.1", "down_blocks.1.attentions.0"),
+        ("mid.0", "mid_block.attentions.0"),
+        ("up.0.2", "up_blocks.0.attentions.2"),  # SDXL only
+        ("unet.down_blocks.0.attentions.1", "down_blocks.0.attentions.1"),  # SD1 only
+    ],
+)
+def test_canonical_name_needs_no_family(name, expected):
+    assert canonical_name(name) == expected
+
+
+def test_canonical_name_of_an_unknown_block_raises():
+    with pytest.raises(UnknownBlockError, match="any known family"):
+        canonical_name("output_blocks.12.1")
+
+
+def test_registry_errors_are_core_errors():
+    from sae_core import SAEError
+
+    assert issubclass(BlockError, SAEError)
