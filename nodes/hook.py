@@ -106,13 +106,17 @@ def step_info(transformer_options: dict, model_sampling) -> StepInfo:
     )
 
 
-def sigma_window(model_sampling, start_percent: float, end_percent: float) -> StepWindow | None:
-    """Sampling window in sigma as core nodes compute it (percent_to_sigma); None = every step."""
+def check_window(start_percent: float, end_percent: float) -> None:
     if not 0.0 <= start_percent <= end_percent <= 1.0:
         raise ValueError(
             f"start_percent {start_percent} and end_percent {end_percent}: expected 0 <= start <= end <= 1 "
             "(0 = first step, 1 = last step)"
         )
+
+
+def sigma_window(model_sampling, start_percent: float, end_percent: float) -> StepWindow | None:
+    """Sampling window in sigma as core nodes compute it (percent_to_sigma); None = every step."""
+    check_window(start_percent, end_percent)
     if start_percent <= 0.0 and end_percent >= 1.0:
         return None
     return StepWindow(
