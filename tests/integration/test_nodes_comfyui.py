@@ -2,14 +2,13 @@
 
 import copy
 
+import comfy.model_management
+import comfy.patcher_extension
+import folder_paths
 import pytest
 import torch
 import torch.nn.functional as F
 from tiny_unets import sample
-
-import comfy.model_management
-import comfy.patcher_extension
-import folder_paths
 
 OUTER = comfy.patcher_extension.WrappersMP.OUTER_SAMPLE
 SD1_BLOCK = ("up_blocks.1.attentions.1", "output_blocks.4.1", 128)  # diffusers, ComfyUI, tiny width
