@@ -59,7 +59,13 @@ def _ids(mask: torch.Tensor, limit: int = 10) -> list[int]:
 def _block_report(cfg, hook: str | None, family: str | None, report: dict) -> None:
     """Fill report["block"], report["family"] and block warnings/errors from the hook point."""
     warnings, errors = report["warnings"], report["errors"]
-    family = B.normalize_family(family) or cfg.model_family
+    asked = B.normalize_family(family)
+    if asked and cfg.model_family and asked != cfg.model_family:
+        errors.append(
+            f"{report['path']}: the SAE records model_family={cfg.model_family!r} but {asked!r} was asked for; "
+            f"an SAE only reads the activations of the model it was trained on"
+        )
+    family = asked or cfg.model_family
     report["family"] = family
     hook = hook or cfg.hook_point
     if hook is None:
@@ -82,7 +88,11 @@ def _block_report(cfg, hook: str | None, family: str | None, report: dict) -> No
         errors.append(str(e))
         return
     except B.BlockError as e:
-        warnings.append(str(e))
+        try:  # a block of another family: the SAE cannot serve this model at all
+            B.canonical_name(hook)
+            errors.append(str(e))
+        except B.BlockError:  # a name the registry does not know: the block can still be chosen by hand
+            warnings.append(f"{e} -- choose the block in Load SAE, or record it with `convert --hook`")
         return
     report["family"] = spec.family
     report["block"] = {
@@ -239,9 +249,15 @@ def format_report(r: dict[str, Any]) -> str:
     lines.append(f"family        {r['family'] or 'unknown'}")
     for note in r["notes"]:
         lines.append(f"note          {note}")
-    for extra in ("overrides", "conversions", "converted_from"):
-        if r["provenance"].get(extra):
-            lines.append(f"{extra:<14}{r['provenance'][extra]}")
+    prov = r["provenance"]
+    if prov.get("converted_from"):
+        lines.append(
+            f"converted     from {prov['converted_from']['format']} {prov['converted_from']['path']}"
+        )
+    if prov.get("overrides"):
+        lines.append("overrides     " + ", ".join(f"{k}={v}" for k, v in prov["overrides"].items()))
+    if prov.get("conversions"):
+        lines.append("conversions   " + "; ".join(map(str, prov["conversions"])))
     lines.append("files         " + ", ".join(f"{f['name']} ({f['bytes']} bytes)" for f in r["files"]))
     lines.append("tensors")
     for t in r["tensors"]:
@@ -323,9 +339,18 @@ def cmd_convert(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     hook, family = _resolve_hook(sae, args.hook, args.family, str(args.src), err)
     provenance = dict(sae.cfg.provenance)
     provenance["converted_from"] = {"path": str(args.src), "format": fmt}
-    changed = {k: v for k, v in (("hook_point", hook), ("model_family", family)) if v != getattr(sae.cfg, k)}
-    if changed:
-        provenance["overrides"] = {**provenance.get("overrides", {}), **changed}
+    given = {"hook_point": args.hook, "model_family": args.family}
+    conversions = list(provenance.get("conversions", []))
+    for key, value in (("hook_point", hook), ("model_family", family)):
+        old = getattr(sae.cfg, key)
+        if value == old:
+            continue
+        if given[key] is not None:  # the user's choice
+            provenance["overrides"] = {**provenance.get("overrides", {}), key: value}
+        else:  # canonicalised or inferred from the recorded hook point and the SAE's width
+            conversions.append(f"{key} {old!r} -> {value!r}")
+    if conversions:
+        provenance["conversions"] = conversions
     sae.cfg = sae.cfg.replace(hook_point=hook, model_family=family, provenance=provenance)
     save_native(sae, dst)
     # Read back what was written: the file must load to the very same weights.

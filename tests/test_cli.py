@@ -396,3 +396,46 @@ def test_blocks_lists_both_tables(tmp_path):
         "down_blocks.0" not in out
         and "| up_blocks.0.attentions.1 | output_blocks.1.1 | up.0.1 | 1280 |" in out
     )
+
+
+def test_inspect_family_other_than_recorded_is_an_error(tmp_path):
+    src = write_sparsify(tmp_path / "unet.mid_block.attentions.0", random_weights(D_BLOCK, M), k=K)
+    dst = tmp_path / "mid.safetensors"
+    assert run("convert", src, dst, "--family", "sdxl")[0] == 0
+    # the middle block has 1280 channels in both families: only the recorded family can tell
+    code, r, _ = inspect_json(dst, "--family", "sd1")
+    assert code == 1 and any("model_family='sdxl'" in e and "'sd1' was asked" in e for e in r["errors"])
+    assert inspect_json(dst, "--family", "sdxl")[0] == 0
+
+
+def test_inspect_hook_of_another_family_is_an_error_unknown_hook_a_warning(tmp_path):
+    unbox = write_unbox(
+        tmp_path / "unet.up_blocks.0.attentions.1_k10_hidden5120_auxk256_bs4096_lr0.0001",
+        random_weights(D_BLOCK, M),
+        k=K,
+    )
+    code, r, _ = inspect_json(unbox, "--family", "sd1")
+    assert code == 1 and any("not a hookable block of sd1. It is a block of sdxl" in e for e in r["errors"])
+    lens = write_saelens(tmp_path / "lens", random_weights(D_BLOCK, M), hook="blocks.8.hook_resid_post")
+    code, r, _ = inspect_json(lens)
+    assert code == 0 and r["block"] is None
+    assert any(
+        "'blocks.8.hook_resid_post'" in x and "choose the block in Load SAE" in x for x in r["warnings"]
+    )
+
+
+def test_convert_provenance_tells_user_choices_from_canonicalisation(tmp_path):
+    src = write_unbox(
+        tmp_path / "unet.up_blocks.0.attentions.1_k10_hidden5120_auxk256_bs4096_lr0.0001",
+        random_weights(D_BLOCK, M),
+        k=K,
+    )
+    assert run("convert", src, tmp_path / "a.safetensors")[0] == 0
+    prov = load_sae(tmp_path / "a.safetensors").cfg.provenance
+    assert "hook_point 'unet.up_blocks.0.attentions.1' -> 'up_blocks.0.attentions.1'" in prov["conversions"]
+    assert "overrides" not in prov
+    assert run("convert", src, tmp_path / "b.safetensors", "--hook", "up.0.0")[0] == 0
+    prov = load_sae(tmp_path / "b.safetensors").cfg.provenance
+    assert prov["overrides"] == {"hook_point": "up_blocks.0.attentions.0"}
+    code, out, _ = run("inspect", tmp_path / "b.safetensors")
+    assert "overrides     hook_point=up_blocks.0.attentions.0" in out and "converted     from unbox" in out
