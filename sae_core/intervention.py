@@ -77,7 +77,7 @@ class StepWindow:
 @dataclass(frozen=True)
 class ReplaceSettings:
     """PER options. mode: random | nearest | mean; seed: for random (stateless: mixed with the step key
-    and the chunk, so a step gives the same draw whatever was sampled before); target: "output" copies
+    and the branch, so a step gives the same draw whatever ran before or beside it); target: "output" copies
     whole block-output vectors, "residual" copies only the residual update (out' = in + r[src])."""
 
     mode: str = "random"
@@ -220,9 +220,10 @@ def chunk_rows(batch: int, chunks: Sequence[int], branches: Sequence[int]) -> li
     return [ChunkRows(i, f, i * size, (i + 1) * size) for i, f in enumerate(chunks) if f in branches]
 
 
-def _seed_for(seed: int, step: StepInfo, chunk: int) -> int:
+def _seed_for(seed: int, step: StepInfo, flag: int, occurrence: int) -> int:
+    """A per-(step, branch) seed: the cond draw is the same whether or not an uncond chunk ran beside it."""
     key = step.step_index if step.step_index is not None else round(float(step.timestep) * 1000)
-    h = hashlib.sha256(f"{int(seed)}:{key}:{chunk}".encode()).hexdigest()
+    h = hashlib.sha256(f"{int(seed)}:{key}:{flag}:{occurrence}".encode()).hexdigest()
     return int(h[:15], 16)
 
 
@@ -327,9 +328,11 @@ class BlockIntervention:
             values = rearrange(a if self.input_space == "residual" else out_rows - in_rows, "b c h w -> b h w c")
         pieces, flags = [], []
         off = 0
+        seen: dict[int, int] = {}
         for p in parts:
             n = p.stop - p.start
-            gen = torch.Generator().manual_seed(_seed_for(e.seed, step, p.chunk))
+            occ = seen[p.flag] = seen.get(p.flag, -1) + 1
+            gen = torch.Generator().manual_seed(_seed_for(e.seed, step, p.flag, occ))
             r = replace_patches(values[off:off + n], mask[off:off + n], e.mode, gen)
             pieces.append(r.values)
             flags.append(r.all_detected)
