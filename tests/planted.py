@@ -68,6 +68,19 @@ def regions(B: int, H: int, W: int, seed: int = 0) -> torch.Tensor:
     return r
 
 
+def coverage_regions(B: int, H: int, W: int, coverage: float, seed: int = 0) -> torch.Tensor:
+    """One rectangle per image covering about ``coverage`` of the map (an object), at a random place."""
+    g = torch.Generator().manual_seed(seed)
+    r = torch.zeros(B, H, W, dtype=torch.bool)
+    side = coverage ** 0.5
+    hh, ww = max(1, round(H * side)), max(1, round(W * side))
+    for b in range(B):
+        h0 = int(torch.randint(0, H - hh + 1, (1,), generator=g))
+        w0 = int(torch.randint(0, W - ww + 1, (1,), generator=g))
+        r[b, h0:h0 + hh, w0:w0 + ww] = True
+    return r
+
+
 def planted_maps(B: int, H: int, W: int, u: torch.Tensor, *, residual: bool = False, region: torch.Tensor | None = None,
                  seed: int = 0) -> Planted:
     """block_out = bg + a * u on the region (a in [2, 3]); residual=True plants u in out - in instead."""
