@@ -5,10 +5,11 @@ import torch
 from einops import rearrange
 from planted import planted_maps, planted_sae
 
-from sae_core.concepts import ConceptDictionary
+from sae_core.concepts import ConceptDictionary, ConceptStatsAccumulator
 from sae_core.detect import ConceptDetector, DetectionSettings
 from sae_core.intervention import (
     BlockIntervention,
+    ConceptCollector,
     Recorder,
     ReplaceSettings,
     StepInfo,
@@ -239,3 +240,41 @@ def test_padding_through_the_intervention_and_fp16():
     grown = torch.nn.functional.max_pool2d(pm.region.float()[:, None], 3, 1, 1)[:, 0] > 0
     for rc in rec.records:
         assert torch.equal(rc.mask(), grown[rc.chunk * N_IMG + rc.image])
+
+
+def test_per_on_a_clean_map_returns_the_same_tensor():
+    sae, u, pm, det = make((1, 0))
+    clean = planted_maps(2 * N_IMG, 5, 7, u, region=torch.zeros(2 * N_IMG, 5, 7, dtype=torch.bool)).block_out
+    rec = Recorder()
+    out = BlockIntervention(sae, det, ReplaceSettings(), recorder=rec)(None, clean, StepInfo(1.0, chunks=(1, 0)))
+    assert out is clean and len(rec.records) == 2 * N_IMG and not rec.all_detected()
+
+
+@pytest.mark.parametrize("chunks", [(1, 0), (0, 1, 0), (0,)])
+@pytest.mark.parametrize("residual", [False, True])
+def test_concept_collector_feeds_cond_rows_only(chunks, residual):
+    sae, u, pm, det = make(chunks, 4, 6, residual=residual)
+    acc = ConceptStatsAccumulator(sae.cfg.n_latents)
+    col = ConceptCollector(sae, acc)
+    with pytest.raises(RuntimeError, match="set .concept"):
+        col(pm.block_in, pm.block_out, StepInfo(999.0, chunks=chunks))
+    for name in ("cat", "other"):
+        col.concept = name
+        for t in (999.0, 1.0):
+            assert col(pm.block_in, pm.block_out, StepInfo(t, chunks=chunks)) is pm.block_out
+    a = pm.block_out - pm.block_in if residual else pm.block_out
+    rows = edited_rows(chunks, "cond")
+    ref = sae.encode(channels_last(a[rows])).reshape(-1, sae.cfg.n_latents).double().mean(0)
+    stats = acc.stats()
+    torch.testing.assert_close(stats.means[0, 0], ref)
+    assert stats.counts[0, 0] == len(rows) * 4 * 6
+
+
+def test_concept_collector_rejects_mismatches():
+    sae, u, pm, det = make((0,))
+    with pytest.raises(ValueError, match="accumulator has 7 latents"):
+        ConceptCollector(sae, ConceptStatsAccumulator(7))
+    col = ConceptCollector(sae, ConceptStatsAccumulator(sae.cfg.n_latents))
+    col.concept = "x"
+    with pytest.raises(ValueError, match=r"expected \[B, 16, H, W\]"):
+        col(None, pm.block_out[:, :4], StepInfo(1.0))
