@@ -147,6 +147,11 @@ class Recorder:
     def reset(self) -> None:
         self.records.clear()
 
+    def __deepcopy__(self, memo):
+        # ComfyUI deep-copies model_options on every clone; this object holds SAE weights (or the run's records),
+        # which must be shared, not copied.
+        return self
+
     def add(self, label: str, step: StepInfo, branch: int, chunk: int, mask: Tensor, score: Tensor | None,
             all_detected: Tensor) -> None:
         """mask [b, H, W] bool, score [b, H, W] or None, all_detected [b] bool for the b images of one chunk."""
@@ -259,6 +264,11 @@ class BlockIntervention:
         self.branches = BRANCHES[branches]
         self.window, self.recorder, self.label, self.input_space = window, recorder, label, space
 
+    def __deepcopy__(self, memo):
+        # ComfyUI deep-copies model_options on every clone; this object holds SAE weights (or the run's records),
+        # which must be shared, not copied.
+        return self
+
     @property
     def needs_block_in(self) -> bool:
         return self.input_space == "residual" or (isinstance(self.edit, ReplaceSettings) and self.edit.target == "residual")
@@ -366,6 +376,11 @@ class ConceptCollector:
         self.sae, self.accumulator, self.branches, self.label = sae, accumulator, BRANCHES[branches], label
         self.input_space = input_space or getattr(sae.cfg, "input_space", None) or "output"
         self.concept: str | None = None
+
+    def __deepcopy__(self, memo):
+        # ComfyUI deep-copies model_options on every clone; this object holds SAE weights (or the run's records),
+        # which must be shared, not copied.
+        return self
 
     def __call__(self, block_in: Tensor | None, block_out: Tensor, step: StepInfo) -> Tensor:
         if self.concept is None:

@@ -278,3 +278,15 @@ def test_concept_collector_rejects_mismatches():
     col.concept = "x"
     with pytest.raises(ValueError, match=r"expected \[B, 16, H, W\]"):
         col(None, pm.block_out[:, :4], StepInfo(1.0))
+
+
+def test_deepcopy_shares_weights_and_records():
+    import copy
+
+    sae, u, pm, det = make((0,))
+    rec = Recorder()
+    iv = BlockIntervention(sae, det, ReplaceSettings(), recorder=rec)
+    col = ConceptCollector(sae, ConceptStatsAccumulator(sae.cfg.n_latents))
+    options = {"patches": [iv, col], "rec": rec}
+    cloned = copy.deepcopy(options)
+    assert cloned["patches"][0] is iv and cloned["patches"][1] is col and cloned["rec"] is rec
