@@ -136,3 +136,24 @@ def test_shape_mismatch_is_rejected():
     sae, u, x, codes, norm, step, mask, region = setup(4, 6)
     with pytest.raises(ValueError, match="must share leading dims"):
         steer(sae, x, codes, norm, step, mask[:, :3], SteerSettings())
+
+
+@pytest.mark.parametrize("normalization", ["layer_norm", "constant_norm_rescale"])
+@pytest.mark.parametrize("error", ["preserve", "legacy_saeuron", "none"])
+def test_normalised_sae_matches_full_decodes(normalization, error):
+    # the sparse decode difference must equal the SAE's own two full decodes, normalisation undone
+    sae, u = planted_sae(normalization=normalization, seed=2)
+    x = rearrange(planted_maps(2, 5, 6, u).block_out, "b c h w -> b h w c")
+    codes, norm = sae.encode_with_norm(x)
+    step = ConceptDictionary.from_latents([0, 3, 7], sae.cfg.n_latents, threshold=0.0, means=[0.5, 1.0, 2.0]).at(0.0)
+    r = steer(sae, x, codes, norm, step, codes[..., 0] > 0, SteerSettings("saeuron_scale", -4.0, error=error))
+    f2 = codes.clone()
+    for i, mu in zip([0, 3, 7], [0.5, 1.0, 2.0], strict=True):
+        f2[..., i] = torch.where(codes[..., i] > 0, codes[..., i] * (-4.0 * mu), codes[..., i])
+    assert not torch.equal(f2, codes)
+    d2, d1 = sae.decode(f2, norm), sae.decode(codes, norm)
+    ref = {"preserve": x + (d2 - d1), "legacy_saeuron": d2 + (d1 - x), "none": d2}[error]
+    if error == "preserve":
+        keep = (f2 == codes).all(-1)
+        ref = torch.where(keep[..., None], x, ref)
+    torch.testing.assert_close(r.values, ref, rtol=1e-5, atol=1e-5)
