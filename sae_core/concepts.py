@@ -396,7 +396,7 @@ class ConceptDictionary:
         return {
             "names": list(self.names), "n_latents": self.n_latents, "sae_fingerprint": m.sae_fingerprint,
             "hook_point": m.hook_point, "model_family": m.model_family, "prompts": m.prompts,
-            "selection": m.selection, "extra": m.extra,
+            "selection": m.selection, "extra": {k: v for k, v in m.extra.items() if k != "source"},
         }
 
     # -- files ---------------------------------------------------------------------------------

@@ -252,6 +252,10 @@ def test_save_load_round_trip(tmp_path):
     assert e.meta.prompts == {"c0": ["a cat"], "c2": ["a dog", "dogs"]}
     assert e.meta.selection == {"method": "percentile", "percentile": 90.0, "top_n": 1, "fixed_threshold": None}
     assert e.meta.hook_point == "up_blocks.1.attentions.1" and e.meta.model_family == "sd1"
+    assert e.meta.extra["source"] == str(p)  # where it came from, for error messages ...
+    q = tmp_path / "again.safetensors"
+    e.save(q)
+    assert load_concepts(q).meta.extra["source"] == str(q)  # ... never written back into a re-saved file
 
 
 def test_load_against_other_sae_names_both_fingerprints(tmp_path):
