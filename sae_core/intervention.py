@@ -301,7 +301,7 @@ class BlockIntervention:
         codes, norm = self.sae.encode_with_norm(tokens)
         det, cstep = self.detector(codes, step.timestep)
         mask = det.mask
-        all_detected = torch.zeros(mask.shape[0], dtype=torch.bool)
+        all_detected = mask.flatten(1).all(-1).cpu()
         new_rows = None
 
         if isinstance(self.edit, ReplaceSettings) and bool(mask.any()):
@@ -315,7 +315,6 @@ class BlockIntervention:
                 else:
                     changed = res.changed[:, None]
                     new_rows = torch.where(changed, in_rows + new_a, out_rows)
-            all_detected = mask.flatten(1).all(-1).cpu()
 
         if self.recorder is not None:
             off = 0

@@ -170,6 +170,10 @@ def test_all_detected_is_unchanged_and_recorded():
     assert not torch.equal(out[0], pm.block_out[0])
     flagged = rec.all_detected()
     assert [(r.branch, r.image) for r in flagged] == [("cond", 1)]
+    rec.reset()
+    for edit in (None, SteerSettings("saeuron_scale", -1.0)):  # detection-only and steering record it too
+        BlockIntervention(sae, det, edit, recorder=rec)(pm.block_in, pm.block_out, StepInfo(300.0, chunks=(0, 1)))
+    assert [(r.branch, r.image) for r in rec.all_detected()] == [("cond", 1), ("cond", 1)]
 
 
 def test_recorder_stacks_aggregates_and_resets():
