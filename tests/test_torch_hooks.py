@@ -10,11 +10,12 @@ from torch import nn
 from sae_core.concepts import ConceptDictionary
 from sae_core.detect import ConceptDetector
 from sae_core.intervention import BlockIntervention, Recorder, ReplaceSettings, StepInfo
-from sae_core.torch_hooks import StepHolder, attach_interventions
+from sae_core.torch_hooks import StepHolder, attach_interventions, track_timestep
 
 
 def no_hooks_left(model: nn.Module) -> bool:
-    return all(not m._forward_hooks and not getattr(m, "_forward_hooks_with_kwargs", {}) for m in model.modules())
+    return all(not m._forward_hooks and not m._forward_pre_hooks and not getattr(m, "_forward_hooks_with_kwargs", {})
+               for m in model.modules())
 
 
 @dataclasses.dataclass
@@ -164,3 +165,31 @@ def test_real_diffusers_unet_non_square_cfg_batch():
     direct = per(None, seen["out"], holder())
     assert not torch.equal(direct, seen["out"]) and torch.equal(direct[0], seen["out"][0])  # uncond untouched
     assert torch.equal(run(), base)  # and the UNet is back to normal
+
+
+def test_track_timestep_on_a_diffusers_unet_keys_records_by_step():
+    unet = tiny_unet()
+    name = "up_blocks.1.attentions.1"
+    sae, _ = planted_sae(d=32, M=40)
+    rec = Recorder()
+    iv = BlockIntervention(sae, ConceptDetector(ConceptDictionary.from_latents([0], 40)), None, recorder=rec, label=name)
+    holder = StepHolder()
+    schedule = [999, 666, 333, 1]
+    latents = torch.randn(1, 4, 8, 6)
+    text = torch.randn(1, 5, 16)
+    with track_timestep(unet, holder, chunks=(0,), schedule=schedule), attach_interventions(unet, {name: iv}, holder):
+        with torch.no_grad():
+            for t in (999, 333):
+                unet(latents, torch.tensor([t]), encoder_hidden_states=text)
+            unet(latents, timestep=1, encoder_hidden_states=text)
+    assert rec.keys() == [0, 2, 3]
+    assert [r.timestep for r in rec.records] == [999.0, 333.0, 1.0]
+    assert no_hooks_left(unet)
+
+
+def test_track_timestep_without_a_timestep_fails_clearly_and_unhooks():
+    net = Net("tensor", 16)
+    with pytest.raises(ValueError, match="called without a timestep"):
+        with track_timestep(net, StepHolder()):
+            net(torch.zeros(1, 16, 2, 2))
+    assert no_hooks_left(net)
