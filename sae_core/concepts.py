@@ -522,6 +522,11 @@ def build_concept_dictionary(
             th[k, t, :n] = float(rule.fixed_threshold) if tau_all is None else tau_all[t, ids].float()
     counts = [len(s) for _, _, sel in per_concept for s in sel]
     logger.info("built concept dictionary %s: %d timesteps, %s..%s latents per step", keep, T, min(counts), max(counts))
+    if min(counts) == 0:
+        logger.warning(
+            "concept dictionary %s selects no latent at some timesteps (all scores tied at the quantile); nothing will be "
+            "detected there. Use a lower percentile or top_n selection", keep,
+        )
     return ConceptDictionary(
         tuple(keep), M, stats.timesteps.float(), lat, sc, th, mu,
         ConceptMeta(

@@ -383,3 +383,15 @@ def test_default_timesteps_are_diffusers_ddim_leading():
     s = diffusers.DDIMScheduler(num_train_timesteps=1000, steps_offset=1, timestep_spacing="leading")
     s.set_timesteps(100)
     assert ddim_leading_timesteps(100).tolist() == s.timesteps.double().tolist()
+
+
+def test_empty_selection_warns_and_round_trips(tmp_path, caplog):
+    stats = ConceptStats(("a", "b"), torch.tensor([1.0, 0.0], dtype=torch.float64),
+                         torch.ones(2, 2, 10, dtype=torch.float64), torch.ones(2, 2, dtype=torch.float64))
+    with caplog.at_level("WARNING"):
+        d = build_concept_dictionary(stats, SelectionRule("percentile", percentile=50.0))
+    assert "selects no latent at some timesteps" in caplog.text
+    assert d.latents.shape == (2, 2, 0)
+    d.save(tmp_path / "empty.safetensors")
+    e = load_concepts(tmp_path / "empty.safetensors")
+    assert e.at(0.5).latents.numel() == 0 and e.at(0.5).timestep == 1.0  # a tie goes to the first stored step
