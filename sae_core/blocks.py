@@ -326,6 +326,10 @@ def grid_size(block: BlockSpec | str, latent_h: int, latent_w: int, family: str 
     return Grid(math.ceil(latent_h / spec.stride), math.ceil(latent_w / spec.stride))
 
 
+def _with_channels(family: str, channels: int) -> str:
+    return ", ".join(f"{s.diffusers} ({s.comfy})" for s in _BLOCKS[family] if s.channels == channels)
+
+
 def check_sae_fits(
     d_in: int, block: BlockSpec | str, family: str | None = None, *, source: str = "SAE"
 ) -> BlockSpec:
@@ -336,16 +340,33 @@ def check_sae_fits(
     """
     try:
         spec = resolve_block(block, family, channels=d_in)
+    except AmbiguousBlockError as e:
+        cands = [_INDEX[f][_bare_name(block)] for f in FAMILIES if _bare_name(block) in _INDEX[f]]
+        if any(c.channels == d_in for c in cands):  # several families fit: the caller must choose
+            raise AmbiguousBlockError(f"{source}: {e}") from None
+        # resolve_block keeps every candidate when none has d_in channels: a mismatch in all families
+        raise BlockMismatchError(
+            f"{source}: SAE input width d_in={d_in} does not fit block {cands[0].diffusers} in any model family ("
+            + ", ".join(f"{c.family}: ComfyUI {c.comfy_key}, {c.channels} channels" for c in cands)
+            + "). "
+            + (
+                "Pick the block this SAE was trained on: "
+                + "; ".join(
+                    f"{f} blocks with {d_in} channels: {_with_channels(f, d_in) or 'none'}" for f in FAMILIES
+                )
+                + "."
+                if any(_with_channels(f, d_in) for f in FAMILIES)
+                else f"No known block has {d_in} channels: this SAE was trained on another model."
+            )
+        ) from None
     except BlockError as e:
         raise type(e)(f"{source}: {e}") from None
     if d_in == spec.channels:
         return spec
-    same = [s for s in _BLOCKS[spec.family] if s.channels == d_in]
+    same = _with_channels(spec.family, d_in)
     if same:
         what_to_do = (
-            f"Pick the block this SAE was trained on: {spec.family} blocks with {d_in} channels are "
-            + ", ".join(f"{s.diffusers} ({s.comfy})" for s in same)
-            + "."
+            f"Pick the block this SAE was trained on: {spec.family} blocks with {d_in} channels are {same}."
         )
     else:
         other = sorted({s.family for f in FAMILIES for s in _BLOCKS[f] if s.channels == d_in})

@@ -286,9 +286,21 @@ def test_mismatch_when_the_block_is_absent_from_the_family_names_the_file():
     assert msg.startswith("unbox.pth: ") and "sdxl" in msg and "another model" in msg
 
 
-def test_mismatch_when_the_name_is_ambiguous_names_the_file():
+def test_ambiguous_name_that_fits_both_families_names_the_file():
     with pytest.raises(AmbiguousBlockError, match=r"^a\.safetensors: .*sd1.*sdxl"):
+        check_sae_fits(1280, "mid.0", source="a.safetensors")
+
+
+def test_ambiguous_name_that_fits_no_family_is_a_mismatch():
+    with pytest.raises(BlockMismatchError) as e:
         check_sae_fits(320, "output_blocks.4.1", source="a.safetensors")
+    msg = str(e.value)
+    assert msg.startswith("a.safetensors: ") and "d_in=320" in msg and "up_blocks.1.attentions.1" in msg
+    assert "sd1: ComfyUI diffusion_model.output_blocks.4.1, 1280 channels" in msg
+    assert "sdxl: ComfyUI diffusion_model.output_blocks.4.1, 640 channels" in msg
+    # 320-channel blocks exist only in SD1
+    assert "sd1 blocks with 320 channels: down_blocks.0.attentions.0 (input_blocks.1.1)" in msg
+    assert "sdxl blocks with 320 channels: none" in msg
 
 
 @pytest.mark.parametrize(
@@ -359,3 +371,8 @@ def test_registry_errors_are_core_errors():
     from sae_core import SAEError
 
     assert issubclass(BlockError, SAEError)
+
+
+def test_ambiguous_name_with_a_width_no_family_has():
+    with pytest.raises(BlockMismatchError, match=r"^tiny\.safetensors: .*d_in=16.*No known block has 16 channels"):
+        check_sae_fits(16, "mid.0", source="tiny.safetensors")
