@@ -123,7 +123,10 @@ class LoadSAE(io.ComfyNode):
         path = folders.resolve_sae_entry(folder_paths, sae_name)
         overrides = {k: v for k, v in (("hook_point", block), ("model_family", model_family),
                                        ("input_space", input_space), ("activation", activation)) if v != FROM_FILE}
-        sae = load_sae(path, **overrides)
+        # ComfyUI runs nodes under torch.inference_mode(); parameters created there are inference tensors,
+        # which have no version counter (the core's weight cache and fingerprint read it)
+        with torch.inference_mode(False):
+            sae = load_sae(path, **overrides)
         sae.eval()
         return io.NodeOutput(sae)
 

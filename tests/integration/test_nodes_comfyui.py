@@ -21,6 +21,11 @@ SDXL_BLOCK = ("up_blocks.0.attentions.1", "output_blocks.1.1", 128)
 def make_sae(pack, d, M=256, k=8, hook="up_blocks.1.attentions.1", family="sd1", input_space="output", seed=0):
     sc = pack.sae_core
     g = torch.Generator().manual_seed(seed)
+    with torch.inference_mode(False):  # as Load SAE does
+        return _make_sae(sc, g, d, M, k, hook, family, input_space)
+
+
+def _make_sae(sc, g, d, M, k, hook, family, input_space):
     W_dec = torch.randn(M, d, generator=g)
     W_dec = W_dec / W_dec.norm(dim=-1, keepdim=True)
     cfg = sc.SAEConfig(d_in=d, n_latents=M, k=k, activation="relu_topk", input_space=input_space,
