@@ -213,7 +213,10 @@ def normalize_family(family: str | None) -> str | None:
 
 def blocks(family: str) -> tuple[BlockSpec, ...]:
     """All hookable blocks of a family, down, mid, up, in UNet order."""
-    return _BLOCKS[normalize_family(family)]
+    fam = normalize_family(family)
+    if fam is None:
+        raise UnknownFamilyError(f"blocks(): a model family is needed, one of {', '.join(FAMILIES)}")
+    return _BLOCKS[fam]
 
 
 def _known_names(family: str) -> str:

@@ -376,3 +376,9 @@ def test_registry_errors_are_core_errors():
 def test_ambiguous_name_with_a_width_no_family_has():
     with pytest.raises(BlockMismatchError, match=r"^tiny\.safetensors: .*d_in=16.*No known block has 16 channels"):
         check_sae_fits(16, "mid.0", source="tiny.safetensors")
+
+
+def test_blocks_needs_a_family():
+    with pytest.raises(UnknownFamilyError, match="sd1, sdxl"):
+        blocks(None)
+    assert blocks("SDXL-Turbo") == blocks("sdxl")
