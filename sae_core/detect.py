@@ -1,0 +1,166 @@
+"""Detection: SAE codes + concept latents at step t -> per-patch score map and binary mask.
+
+Score (documented choice): score(p) = max_{i in S_t} (f_i(p) - scale * tau_i(t)), a margin in code
+units. A patch is detected where score > 0, i.e. some selected latent fires above its scaled
+threshold (SAeUron's own touch rule when scale = 1). A margin rather than a ratio f_i / tau_i keeps
+thresholds of 0 (typed latents, fixed threshold 0) well defined. With no selected latent the score
+is -inf everywhere and nothing is detected.
+
+Then, in this order: regions smaller than ``min_region`` patches (8-connected) are dropped, and the
+mask is dilated by ``padding`` patches with a (2p+1) x (2p+1) square.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+from typing import Iterable, Mapping, NamedTuple, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .concepts import ConceptDictionary, ConceptStep
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DetectionSettings:
+    """How codes become a mask.
+
+    threshold_scale: a patch is detected where f_i > threshold_scale * tau_i(t) for a selected i;
+        larger -> fewer patches, 0 -> every patch where a selected latent is active at all.
+    padding: dilate the mask by this many patches (square neighbourhood); 0 = no dilation.
+    min_region: drop 8-connected detected regions with fewer patches than this (before padding);
+        0 or 1 keeps everything.
+    """
+
+    threshold_scale: float = 1.0
+    padding: int = 0
+    min_region: int = 0
+
+    def __post_init__(self):
+        if not float(self.threshold_scale) >= 0.0:
+            raise ValueError(f"DetectionSettings.threshold_scale is {self.threshold_scale}, expected a number >= 0")
+        if int(self.padding) != self.padding or self.padding < 0:
+            raise ValueError(f"DetectionSettings.padding is {self.padding}, expected an integer >= 0 (patches)")
+        if int(self.min_region) != self.min_region or self.min_region < 0:
+            raise ValueError(f"DetectionSettings.min_region is {self.min_region}, expected an integer >= 0 (patches)")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> DetectionSettings:
+        return cls(**dict(d))
+
+
+class Detection(NamedTuple):
+    score: Tensor  # [B, H, W] float32 margin max_i (f_i - scale * tau_i); detected before post-processing where > 0
+    mask: Tensor  # [B, H, W] bool, after min_region and padding
+
+
+def _check_grid(codes: Tensor, what: str) -> None:
+    if codes.ndim != 4:
+        raise ValueError(
+            f"{what}: codes have shape {tuple(codes.shape)}, expected [B, H, W, M]; reshape token codes "
+            "[B, H*W, M] with the block's H and W first"
+        )
+
+
+def score_map(codes: Tensor, latents: Tensor, thresholds: Tensor, scale: float = 1.0) -> Tensor:
+    """codes [B, H, W, M], latents [K], thresholds [K] -> [B, H, W] float32 max_i (f_i - scale * tau_i)."""
+    _check_grid(codes, "score_map")
+    if latents.numel() == 0:
+        return torch.full(codes.shape[:3], float("-inf"), device=codes.device, dtype=torch.float32)
+    picked = codes.index_select(-1, latents.to(codes.device)).float()  # [B, H, W, K]
+    return (picked - float(scale) * thresholds.to(codes.device, torch.float32)).amax(-1)
+
+
+def dilate_mask(mask: Tensor, padding: int) -> Tensor:
+    """[B, H, W] bool dilated by ``padding`` patches with a (2p+1)^2 square (edges not wrapped)."""
+    if padding <= 0:
+        return mask
+    m = mask.float()[:, None]
+    return F.max_pool2d(m, kernel_size=2 * padding + 1, stride=1, padding=padding)[:, 0] > 0
+
+
+def label_regions(mask: Tensor) -> Tensor:
+    """8-connected components of [B, H, W] bool -> int64 labels (0 = background, else a region id).
+
+    Max-label propagation with 3x3 max pooling; converges within the longest path length, which is
+    small on feature-map grids (<= 128 x 128).
+    """
+    B, H, W = mask.shape
+    ids = torch.arange(1, H * W + 1, device=mask.device, dtype=torch.float32).view(1, H, W).expand(B, H, W)
+    lab = torch.where(mask, ids, torch.zeros((), device=mask.device))
+    while True:
+        grown = F.max_pool2d(lab[:, None], 3, stride=1, padding=1)[:, 0] * mask
+        if torch.equal(grown, lab):
+            return lab.long()
+        lab = grown
+
+
+def drop_small_regions(mask: Tensor, min_size: int) -> Tensor:
+    """Remove 8-connected regions with fewer than ``min_size`` patches from [B, H, W] bool."""
+    if min_size <= 1 or not bool(mask.any()):
+        return mask
+    lab = label_regions(mask)
+    B, H, W = mask.shape
+    flat = lab.view(B, -1)
+    sizes = torch.zeros(B, H * W + 1, dtype=torch.long, device=mask.device)
+    sizes.scatter_add_(1, flat, torch.ones_like(flat))
+    keep = sizes.gather(1, flat) >= min_size
+    return (keep.view(B, H, W)) & mask
+
+
+def detect(codes: Tensor, step: ConceptStep, settings: DetectionSettings | None = None) -> Detection:
+    """codes [B, H, W, M] + the concept's latents at this step -> Detection(score, mask)."""
+    settings = settings or DetectionSettings()
+    score = score_map(codes, step.latents, step.thresholds, settings.threshold_scale)
+    mask = score > 0
+    mask = drop_small_regions(mask, int(settings.min_region))
+    mask = dilate_mask(mask, int(settings.padding))
+    return Detection(score, mask)
+
+
+class ConceptDetector:
+    """Several concepts (from one or more dictionaries) -> one mask (union) per step.
+
+    concepts: a ConceptDictionary (all its concepts) or a sequence of (dictionary, names or None).
+    sae: when given, every dictionary is checked against it (ConceptMismatchError on a mismatch).
+    """
+
+    def __init__(
+        self,
+        concepts: ConceptDictionary | Sequence[tuple[ConceptDictionary, Iterable[str] | None]],
+        settings: DetectionSettings | None = None,
+        sae=None,
+    ):
+        if isinstance(concepts, ConceptDictionary):
+            concepts = [(concepts, None)]
+        self.sources = [(d, None if n is None else tuple(n)) for d, n in concepts]
+        if not self.sources:
+            raise ValueError("ConceptDetector: no concept given; connect a CONCEPT or type latent ids")
+        m = {d.n_latents for d, _ in self.sources}
+        if len(m) != 1:
+            raise ValueError(f"ConceptDetector: dictionaries were learned for SAEs of different widths {sorted(m)}")
+        for d, names in self.sources:
+            d.concept_indices(names)  # KeyError for unknown names, now rather than mid-sampling
+            if sae is not None:
+                d.check_compatible(sae)
+        self.settings = settings or DetectionSettings()
+        self.n_latents = m.pop()
+
+    def step(self, timestep: float) -> ConceptStep:
+        return ConceptStep.merge([d.at(timestep, names) for d, names in self.sources])
+
+    def __call__(self, codes: Tensor, timestep: float) -> tuple[Detection, ConceptStep]:
+        if codes.shape[-1] != self.n_latents:
+            raise ValueError(
+                f"ConceptDetector: codes have {codes.shape[-1]} latents, the concepts expect {self.n_latents}; "
+                "use the SAE the concepts were learned with"
+            )
+        st = self.step(timestep)
+        return detect(codes, st, self.settings), st

@@ -1,0 +1,176 @@
+"""Steering: edit SAE latents (or add decoder directions) and map back with an error term.
+
+Methods (``strength`` is the one number each takes):
+  saeuron_scale - f_i <- f_i * (gamma * mu_c,i(t)) where f_i > tau_i(t), i in S_t (SAeUron; gamma = strength,
+                  negative to ablate);
+  set           - f_i <- strength for i in S_t (on the mask, or on every patch);
+  unbox_add     - x <- x + strength * sum_i mean_i * d_i (sdxl-unbox painting; mean_i = sae.latent_mean when the
+                  SAE has it, else the concept's mu_c,i(t)), on the mask or on every patch;
+  gsae_add      - x <- x + strength * ||x|| * sum_j d_j / ||d_j|| (G-SAE), on the mask or on every patch.
+Error term for the result (f = codes of x, f' = edited codes):
+  preserve       - x + decode(f') - decode(f) (default); rows whose codes did not change are returned bit-identical;
+  legacy_saeuron - decode(f') + (decode(f) - x): the published SAeUron/SAEmnesia code, sign slip included
+                   (REFERENCE.md section 3); moves every patch by -2 (x - x_hat);
+  none           - decode(f'): the pure reconstruction.
+The add methods add their delta on top of the same base (x, decode(f) + (decode(f) - x), decode(f)).
+``detected_only`` keeps every patch outside the detection mask bit-identical whatever the mode.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+from typing import Mapping, NamedTuple
+
+import torch
+from torch import Tensor
+
+from .concepts import ConceptStep
+
+logger = logging.getLogger(__name__)
+
+METHODS = ("saeuron_scale", "set", "unbox_add", "gsae_add")
+ERROR_MODES = ("preserve", "legacy_saeuron", "none")
+
+
+@dataclass(frozen=True)
+class SteerSettings:
+    """method: one of METHODS; strength: gamma / value / strength / alpha (see module docstring);
+    error: one of ERROR_MODES; detected_only: leave every undetected patch untouched."""
+
+    method: str = "saeuron_scale"
+    strength: float = -1.0
+    error: str = "preserve"
+    detected_only: bool = False
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"SteerSettings.method is {self.method!r}, expected one of {list(METHODS)}")
+        if self.error not in ERROR_MODES:
+            raise ValueError(f"SteerSettings.error is {self.error!r}, expected one of {list(ERROR_MODES)}")
+        if not torch.isfinite(torch.tensor(float(self.strength))):
+            raise ValueError(f"SteerSettings.strength is {self.strength}, expected a finite number")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> SteerSettings:
+        return cls(**dict(d))
+
+
+class SteerResult(NamedTuple):
+    values: Tensor  # [..., d] edited SAE-input vectors
+    changed: Tensor  # [...] bool: rows that differ from the input
+
+
+def scale_codes(codes: Tensor, latents: Tensor, thresholds: Tensor, means: Tensor, gamma: float,
+                region: Tensor | None = None) -> Tensor:
+    """SAeUron: codes [..., M]; f_i <- f_i * gamma * mu_i where f_i > tau_i (and region [...], if given)."""
+    if latents.numel() == 0:
+        return codes
+    lat = latents.to(codes.device)
+    sub = codes.index_select(-1, lat)
+    fire = sub > thresholds.to(codes.device, sub.dtype)
+    if region is not None:
+        fire = fire & region[..., None]
+    factor = (float(gamma) * means.to(codes.device, torch.float32)).to(codes.dtype)
+    out = codes.clone()
+    out[..., lat] = torch.where(fire, sub * factor, sub)
+    return out
+
+
+def set_codes(codes: Tensor, latents: Tensor, value: float, region: Tensor | None = None) -> Tensor:
+    """codes [..., M]; f_i <- value for i in latents (where region [...] is true, if given)."""
+    if latents.numel() == 0:
+        return codes
+    lat = latents.to(codes.device)
+    sub = codes.index_select(-1, lat)
+    new = torch.full_like(sub, float(value))
+    if region is not None:
+        new = torch.where(region[..., None], new, sub)
+    out = codes.clone()
+    out[..., lat] = new
+    return out
+
+
+def unbox_delta(x: Tensor, directions: Tensor, means: Tensor, strength: float) -> Tensor:
+    """sdxl-unbox: strength * sum_i mean_i * d_i, directions [K, d], means [K] -> [d] in x's dtype."""
+    return (float(strength) * (means.float()[:, None] * directions.float()).sum(0)).to(x.dtype)
+
+
+def gsae_delta(x: Tensor, directions: Tensor, alpha: float) -> Tensor:
+    """G-SAE: alpha * ||x|| * sum_j d_j / ||d_j||, x [..., d], directions [K, d] -> [..., d]."""
+    unit = directions.float() / directions.float().norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    return (float(alpha) * x.float().norm(dim=-1, keepdim=True) * unit.sum(0)).to(x.dtype)
+
+
+def decode_delta(sae, codes: Tensor, edited: Tensor, latents: Tensor, norm) -> Tensor:
+    """decode(edited, norm) - decode(codes, norm) when only ``latents`` columns differ: [..., K] @ W_dec[K] instead
+    of two dense [..., M] decodes. Exact for the affine decode x_hat = denorm(f W_dec + b_dec) of SparseAutoencoder,
+    whose de-normalisation is y * out_scale + mean per row."""
+    lat = latents.to(codes.device)
+    dl = edited.index_select(-1, lat) - codes.index_select(-1, lat)
+    W = sae.weights(codes.device, codes.dtype).W_dec
+    delta = dl @ W.index_select(0, lat)
+    if norm is not None:
+        scale = getattr(norm, "out_scale", None)
+        if scale is None:  # an unknown normalisation state: fall back to the two full decodes
+            return sae.decode(edited, norm) - sae.decode(codes, norm)
+        delta = delta * scale
+    return delta
+
+
+def steer(sae, x: Tensor, codes: Tensor, norm, step: ConceptStep, mask: Tensor, settings: SteerSettings,
+          threshold_scale: float = 1.0) -> SteerResult:
+    """x [..., d] SAE inputs, codes [..., M] = their codes (with ``norm`` from encode_with_norm),
+    mask [...] detection -> SteerResult. Thresholds are scaled by ``threshold_scale`` like detection."""
+    if codes.shape[:-1] != x.shape[:-1] or mask.shape != x.shape[:-1]:
+        raise ValueError(
+            f"steer: x {tuple(x.shape)}, codes {tuple(codes.shape)} and mask {tuple(mask.shape)} must share leading dims"
+        )
+    s = settings
+    region = mask if s.detected_only else None
+    lat = step.latents
+    edited = codes
+    delta = None
+    if s.method == "saeuron_scale":
+        edited = scale_codes(codes, lat, step.thresholds * float(threshold_scale), step.means, s.strength, region)
+    elif s.method == "set":
+        edited = set_codes(codes, lat, s.strength, region)
+    elif lat.numel():
+        dirs = sae.W_dec.detach()[lat.to(sae.W_dec.device)].to(x.device)
+        if s.method == "unbox_add":
+            lm = getattr(sae, "latent_mean", None)
+            means = (lm.detach()[lat.to(lm.device)] if lm is not None else step.means).to(x.device)
+            delta = unbox_delta(x, dirs, means, s.strength).expand_as(x)
+        else:
+            delta = gsae_delta(x, dirs, s.strength)
+    add_rows = None if delta is None else (mask if s.detected_only else torch.ones_like(mask))
+
+    code_delta = None
+    rows = torch.zeros_like(mask)
+    if edited is not codes:
+        lat_d = lat.to(codes.device)
+        rows = (edited.index_select(-1, lat_d) != codes.index_select(-1, lat_d)).any(-1)
+        if bool(rows.any()):
+            code_delta = decode_delta(sae, codes, edited, lat, norm)
+
+    if s.error == "preserve":
+        out = x if code_delta is None else x + code_delta
+        if delta is not None:
+            out = out + delta
+            rows = rows | add_rows
+        if not bool(rows.any()):
+            return SteerResult(x, rows)
+        return SteerResult(torch.where(rows[..., None], out, x), rows)
+
+    recon = sae.decode(codes, norm)
+    recon2 = recon if code_delta is None else recon + code_delta
+    out = recon2 + (recon - x) if s.error == "legacy_saeuron" else recon2
+    if delta is not None:
+        out = out + torch.where(add_rows[..., None], delta, torch.zeros_like(delta))
+    if s.detected_only:
+        out = torch.where(mask[..., None], out, x)
+        return SteerResult(out, mask.clone())
+    return SteerResult(out, torch.ones_like(mask))
