@@ -77,7 +77,7 @@ class StepWindow:
 @dataclass(frozen=True)
 class ReplaceSettings:
     """PER options. mode: random | nearest | mean; seed: for random (stateless: mixed with the step key
-    and the chunk, so a step gives the same draw whatever was sampled before); target: "output" copies
+    and the branch, so a step gives the same draw whatever ran before or beside it); target: "output" copies
     whole block-output vectors, "residual" copies only the residual update (out' = in + r[src])."""
 
     mode: str = "random"
@@ -146,6 +146,11 @@ class Recorder:
 
     def reset(self) -> None:
         self.records.clear()
+
+    def __deepcopy__(self, memo):
+        # ComfyUI deep-copies model_options on every clone; this object holds SAE weights (or the run's records),
+        # which must be shared, not copied.
+        return self
 
     def add(self, label: str, step: StepInfo, branch: int, chunk: int, mask: Tensor, score: Tensor | None,
             all_detected: Tensor) -> None:
@@ -220,9 +225,10 @@ def chunk_rows(batch: int, chunks: Sequence[int], branches: Sequence[int]) -> li
     return [ChunkRows(i, f, i * size, (i + 1) * size) for i, f in enumerate(chunks) if f in branches]
 
 
-def _seed_for(seed: int, step: StepInfo, chunk: int) -> int:
+def _seed_for(seed: int, step: StepInfo, flag: int, occurrence: int) -> int:
+    """A per-(step, branch) seed: the cond draw is the same whether or not an uncond chunk ran beside it."""
     key = step.step_index if step.step_index is not None else round(float(step.timestep) * 1000)
-    h = hashlib.sha256(f"{int(seed)}:{key}:{chunk}".encode()).hexdigest()
+    h = hashlib.sha256(f"{int(seed)}:{key}:{flag}:{occurrence}".encode()).hexdigest()
     return int(h[:15], 16)
 
 
@@ -258,6 +264,11 @@ class BlockIntervention:
         self.branches = BRANCHES[branches]
         self.window, self.recorder, self.label, self.input_space = window, recorder, label, space
 
+    def __deepcopy__(self, memo):
+        # ComfyUI deep-copies model_options on every clone; this object holds SAE weights (or the run's records),
+        # which must be shared, not copied.
+        return self
+
     @property
     def needs_block_in(self) -> bool:
         return self.input_space == "residual" or (isinstance(self.edit, ReplaceSettings) and self.edit.target == "residual")
@@ -290,7 +301,7 @@ class BlockIntervention:
         codes, norm = self.sae.encode_with_norm(tokens)
         det, cstep = self.detector(codes, step.timestep)
         mask = det.mask
-        all_detected = torch.zeros(mask.shape[0], dtype=torch.bool)
+        all_detected = mask.flatten(1).all(-1).cpu()
         new_rows = None
 
         if isinstance(self.edit, ReplaceSettings) and bool(mask.any()):
@@ -304,7 +315,6 @@ class BlockIntervention:
                 else:
                     changed = res.changed[:, None]
                     new_rows = torch.where(changed, in_rows + new_a, out_rows)
-            all_detected = mask.flatten(1).all(-1).cpu()
 
         if self.recorder is not None:
             off = 0
@@ -327,9 +337,11 @@ class BlockIntervention:
             values = rearrange(a if self.input_space == "residual" else out_rows - in_rows, "b c h w -> b h w c")
         pieces, flags = [], []
         off = 0
+        seen: dict[int, int] = {}
         for p in parts:
             n = p.stop - p.start
-            gen = torch.Generator().manual_seed(_seed_for(e.seed, step, p.chunk))
+            occ = seen[p.flag] = seen.get(p.flag, -1) + 1
+            gen = torch.Generator().manual_seed(_seed_for(e.seed, step, p.flag, occ))
             r = replace_patches(values[off:off + n], mask[off:off + n], e.mode, gen)
             pieces.append(r.values)
             flags.append(r.all_detected)
@@ -343,3 +355,50 @@ class BlockIntervention:
             edited = mask & ~all_detected.to(mask.device)[:, None, None]
             new_rows = torch.where(edited[:, None], in_rows + new_vals, out_rows)
         return new_rows, all_detected
+
+
+class ConceptCollector:
+    """Learn Concept's block hook: encodes the rows of the chosen branch (cond by default, as SAeUron) and feeds
+    their codes to a ConceptStatsAccumulator under ``self.concept``; returns ``block_out`` unchanged.
+
+    Set ``collector.concept = name`` before sampling each concept's prompts.
+    """
+
+    def __init__(self, sae, accumulator, branches: str = "cond", input_space: str | None = None, label: str = "block"):
+        if branches not in BRANCHES:
+            raise ValueError(f"ConceptCollector({label}): branches is {branches!r}, expected one of {list(BRANCHES)}")
+        if int(accumulator.n_latents) != int(sae.cfg.n_latents):
+            raise ValueError(
+                f"ConceptCollector({label}): accumulator has {accumulator.n_latents} latents, SAE "
+                f"{getattr(sae, 'source', '')} has {sae.cfg.n_latents}"
+            )
+        self.sae, self.accumulator, self.branches, self.label = sae, accumulator, BRANCHES[branches], label
+        self.input_space = input_space or getattr(sae.cfg, "input_space", None) or "output"
+        self.concept: str | None = None
+
+    def __deepcopy__(self, memo):
+        # ComfyUI deep-copies model_options on every clone; this object holds SAE weights (or the run's records),
+        # which must be shared, not copied.
+        return self
+
+    def __call__(self, block_in: Tensor | None, block_out: Tensor, step: StepInfo) -> Tensor:
+        if self.concept is None:
+            raise RuntimeError(f"ConceptCollector({self.label}): set .concept to the name of the prompts being sampled")
+        d = int(self.sae.cfg.d_in)
+        if block_out.ndim != 4 or block_out.shape[1] != d:
+            raise ValueError(
+                f"ConceptCollector({self.label}): block output has shape {tuple(block_out.shape)}, expected [B, {d}, H, W]"
+            )
+        if self.input_space == "residual" and (block_in is None or block_in.shape != block_out.shape):
+            raise ValueError(f"ConceptCollector({self.label}): a residual SAE needs the block input with the output's shape")
+        parts = chunk_rows(block_out.shape[0], step.chunks, self.branches)
+        if not parts:
+            return block_out
+        idx = torch.cat([torch.arange(p.start, p.stop) for p in parts]).to(block_out.device)
+        a = block_out.index_select(0, idx)
+        if self.input_space == "residual":
+            a = a - block_in.index_select(0, idx)
+        with torch.no_grad():
+            codes = self.sae.encode(rearrange(a, "b c h w -> b h w c"))
+        self.accumulator.add(self.concept, step.timestep, codes)
+        return block_out

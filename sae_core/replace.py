@@ -77,7 +77,7 @@ def replace_patches(
         return Replacement(values, all_detected)
     pairs = source_indices(mask, mode, generator)
     if all(p is None for p in pairs):
-        logger.info("PER: every patch detected in all %d map(s); nothing to copy from, left unchanged", B)
+        logger.debug("PER: every patch detected in all %d map(s); nothing to copy from, left unchanged", B)
         return Replacement(values, all_detected)
     out = values.clone()
     flat_in = values.reshape(B, H * W, C)
@@ -92,5 +92,5 @@ def replace_patches(
         else:
             flat_out[b, dst] = flat_in[b, src]
     if bool(all_detected.any()):
-        logger.info("PER: %d of %d map(s) fully detected; left unchanged", int(all_detected.sum()), B)
+        logger.debug("PER: %d of %d map(s) fully detected; left unchanged", int(all_detected.sum()), B)
     return Replacement(out, all_detected)

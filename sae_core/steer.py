@@ -105,6 +105,22 @@ def gsae_delta(x: Tensor, directions: Tensor, alpha: float) -> Tensor:
     return (float(alpha) * x.float().norm(dim=-1, keepdim=True) * unit.sum(0)).to(x.dtype)
 
 
+def decode_delta(sae, codes: Tensor, edited: Tensor, latents: Tensor, norm) -> Tensor:
+    """decode(edited, norm) - decode(codes, norm) when only ``latents`` columns differ: [..., K] @ W_dec[K] instead
+    of two dense [..., M] decodes. Exact for the affine decode x_hat = denorm(f W_dec + b_dec) of SparseAutoencoder,
+    whose de-normalisation is y * out_scale + mean per row."""
+    lat = latents.to(codes.device)
+    dl = edited.index_select(-1, lat) - codes.index_select(-1, lat)
+    W = sae.weights(codes.device, codes.dtype).W_dec
+    delta = dl @ W.index_select(0, lat)
+    if norm is not None:
+        scale = getattr(norm, "out_scale", None)
+        if scale is None:  # an unknown normalisation state: fall back to the two full decodes
+            return sae.decode(edited, norm) - sae.decode(codes, norm)
+        delta = delta * scale
+    return delta
+
+
 def steer(sae, x: Tensor, codes: Tensor, norm, step: ConceptStep, mask: Tensor, settings: SteerSettings,
           threshold_scale: float = 1.0) -> SteerResult:
     """x [..., d] SAE inputs, codes [..., M] = their codes (with ``norm`` from encode_with_norm),
@@ -132,13 +148,16 @@ def steer(sae, x: Tensor, codes: Tensor, norm, step: ConceptStep, mask: Tensor, 
             delta = gsae_delta(x, dirs, s.strength)
     add_rows = None if delta is None else (mask if s.detected_only else torch.ones_like(mask))
 
+    code_delta = None
+    rows = torch.zeros_like(mask)
+    if edited is not codes:
+        lat_d = lat.to(codes.device)
+        rows = (edited.index_select(-1, lat_d) != codes.index_select(-1, lat_d)).any(-1)
+        if bool(rows.any()):
+            code_delta = decode_delta(sae, codes, edited, lat, norm)
+
     if s.error == "preserve":
-        out = x
-        rows = torch.zeros_like(mask)
-        if edited is not codes:
-            rows = (edited != codes).any(-1)
-            if bool(rows.any()):
-                out = x + (sae.decode(edited, norm) - sae.decode(codes, norm))
+        out = x if code_delta is None else x + code_delta
         if delta is not None:
             out = out + delta
             rows = rows | add_rows
@@ -147,7 +166,7 @@ def steer(sae, x: Tensor, codes: Tensor, norm, step: ConceptStep, mask: Tensor, 
         return SteerResult(torch.where(rows[..., None], out, x), rows)
 
     recon = sae.decode(codes, norm)
-    recon2 = recon if edited is codes else sae.decode(edited, norm)
+    recon2 = recon if code_delta is None else recon + code_delta
     out = recon2 + (recon - x) if s.error == "legacy_saeuron" else recon2
     if delta is not None:
         out = out + torch.where(add_rows[..., None], delta, torch.zeros_like(delta))

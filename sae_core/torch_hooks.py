@@ -9,6 +9,7 @@ import logging
 from contextlib import contextmanager
 from typing import Callable, Iterator, Mapping, Sequence
 
+import torch
 from torch import Tensor, nn
 
 from .intervention import BlockIntervention, StepInfo
@@ -101,3 +102,36 @@ def attach_interventions(
     finally:
         for h in handles:
             h.remove()
+
+
+@contextmanager
+def track_timestep(
+    model: nn.Module,
+    holder: StepHolder,
+    chunks: Sequence[int] = (1, 0),
+    schedule: Sequence[float] | None = None,
+) -> Iterator[StepHolder]:
+    """Set ``holder`` from the ``timestep`` argument of every ``model`` call (a diffusers UNet's second
+    positional argument or its ``timestep`` keyword), so the caller need not update it per step.
+
+    chunks: the CFG layout of the batch, e.g. (1, 0) for diffusers' [uncond, cond], (0,) without CFG.
+    schedule: the run's timesteps (e.g. scheduler.timesteps); when given, step_index = the nearest entry.
+    """
+    sched = None if schedule is None else torch.as_tensor(schedule, dtype=torch.float64).flatten()
+
+    def pre(module, args, kwargs):
+        t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
+        if t is None:
+            raise ValueError(
+                f"track_timestep: {type(module).__name__} was called without a timestep (second positional argument "
+                "or timestep=...); set the StepHolder yourself for this model"
+            )
+        tv = float(torch.as_tensor(t).detach().flatten()[0])
+        idx = None if sched is None else int(torch.argmin((sched - tv).abs()))
+        holder.set(StepInfo(tv, None, tuple(chunks), idx))
+
+    handle = model.register_forward_pre_hook(pre, with_kwargs=True)
+    try:
+        yield holder
+    finally:
+        handle.remove()

@@ -35,7 +35,7 @@ def orthogonal(x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 
 
 def planted_sae(d: int = 16, M: int = 24, *, input_space: str = "output", activation: str = "relu",
-                k: int | None = None, seed: int = 0, latent_mean: bool = False) -> tuple[SparseAutoencoder, torch.Tensor]:
+                k: int | None = None, seed: int = 0, latent_mean: bool = False, normalization: str = "none") -> tuple[SparseAutoencoder, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     u = direction(d)
     W_enc = orthogonal(torch.randn(M, d, generator=g) / d**0.5, u)
@@ -47,7 +47,7 @@ def planted_sae(d: int = 16, M: int = 24, *, input_space: str = "output", activa
     W_dec[0] = u
     b_dec = orthogonal(torch.randn(d, generator=g) * 0.1, u)
     cfg = SAEConfig(d_in=d, n_latents=M, k=k, activation=activation, input_space=input_space,
-                    hook_point="up_blocks.1.attentions.1", model_family="sd1")
+                    hook_point="up_blocks.1.attentions.1", model_family="sd1", normalization=normalization)
     lm = (torch.rand(M, generator=g) + 0.5) if latent_mean else None
     return SparseAutoencoder(cfg, W_enc=W_enc, b_enc=b_enc, W_dec=W_dec, b_dec=b_dec, latent_mean=lm,
                              source="planted-sae"), u
@@ -65,6 +65,19 @@ def regions(B: int, H: int, W: int, seed: int = 0) -> torch.Tensor:
         r[b, h0:h0 + hh, w0:w0 + ww] = True
         if b % 2 == 1:
             r[b, H - 1, W - 1] = True
+    return r
+
+
+def coverage_regions(B: int, H: int, W: int, coverage: float, seed: int = 0) -> torch.Tensor:
+    """One rectangle per image covering about ``coverage`` of the map (an object), at a random place."""
+    g = torch.Generator().manual_seed(seed)
+    r = torch.zeros(B, H, W, dtype=torch.bool)
+    side = coverage ** 0.5
+    hh, ww = max(1, round(H * side)), max(1, round(W * side))
+    for b in range(B):
+        h0 = int(torch.randint(0, H - hh + 1, (1,), generator=g))
+        w0 = int(torch.randint(0, W - ww + 1, (1,), generator=g))
+        r[b, h0:h0 + hh, w0:w0 + ww] = True
     return r
 
 

@@ -16,6 +16,8 @@ from sae_core.concepts import (
     ConceptStatsAccumulator,
     SelectionRule,
     build_concept_dictionary,
+    ddim_leading_timesteps,
+    import_saeuron_stats,
     load_concepts,
     saeuron_scores,
     select_latents,
@@ -250,6 +252,10 @@ def test_save_load_round_trip(tmp_path):
     assert e.meta.prompts == {"c0": ["a cat"], "c2": ["a dog", "dogs"]}
     assert e.meta.selection == {"method": "percentile", "percentile": 90.0, "top_n": 1, "fixed_threshold": None}
     assert e.meta.hook_point == "up_blocks.1.attentions.1" and e.meta.model_family == "sd1"
+    assert e.meta.extra["source"] == str(p)  # where it came from, for error messages ...
+    q = tmp_path / "again.safetensors"
+    e.save(q)
+    assert load_concepts(q).meta.extra["source"] == str(q)  # ... never written back into a re-saved file
 
 
 def test_load_against_other_sae_names_both_fingerprints(tmp_path):
@@ -327,3 +333,65 @@ def test_to_json_is_readable_and_exact(tmp_path):
         for j, e in enumerate(row["latents"]):
             assert e["tau"] == pytest.approx(float(d.thresholds[1, ti, j]))
             assert e["mu"] == pytest.approx(float(d.means[1, ti, j]))
+
+
+# -- SAeUron's published statistics --------------------------------------------------------------
+
+_UNPICKLED = []
+
+
+class _Tripwire:
+    def __reduce__(self):
+        return (_UNPICKLED.append, ("unpickled",))
+
+
+def test_saeuron_import_refuses_without_trust(tmp_path):
+    import pickle
+
+    p = tmp_path / "style_latents_dict_up.1.2.pkl"
+    p.write_bytes(pickle.dumps({"Cat": torch.zeros(2, 3, 8), "x": _Tripwire()}))
+    _UNPICKLED.clear()
+    with pytest.raises(PermissionError, match="refusing to unpickle.*trust=True"):
+        import_saeuron_stats(p)
+    assert _UNPICKLED == []  # nothing was unpickled
+
+
+def test_saeuron_import_with_trust_matches_reference(tmp_path):
+    import pickle
+
+    g = torch.Generator().manual_seed(0)
+    raw = {"Cats": torch.rand(3, 4, 16, generator=g).half(), "Dogs": torch.rand(5, 4, 16, generator=g).half()}
+    p = tmp_path / "class_latents_dict.pkl"
+    p.write_bytes(pickle.dumps(raw))
+    stats = import_saeuron_stats(p, trust=True, timesteps=torch.tensor([750.0, 500.0, 250.0, 1.0]))
+    assert stats.names == ("Cats", "Dogs")
+    torch.testing.assert_close(stats.means[1], raw["Dogs"].double().mean(0))
+    assert stats.counts[:, 0].tolist() == [3.0, 5.0]
+    d = build_concept_dictionary(stats, SelectionRule("top_n", top_n=2), keep=["Cats"])
+    ref = ref_build(stats.means, stats.counts, 0, top_n=2)
+    assert d.latents[0].tolist() == [r[0].tolist() for r in ref]
+    bad = tmp_path / "bad.pkl"
+    bad.write_bytes(pickle.dumps({"Cats": torch.zeros(4, 16)}))
+    with pytest.raises(ConceptFileError, match=r"'Cats' has shape \(4, 16\), expected \[prompts, steps, M\]"):
+        import_saeuron_stats(bad, trust=True)
+    with pytest.raises(ValueError, match="4 steps in the file but timesteps has shape"):
+        import_saeuron_stats(p, trust=True, timesteps=torch.zeros(3))
+
+
+def test_default_timesteps_are_diffusers_ddim_leading():
+    diffusers = pytest.importorskip("diffusers")
+    s = diffusers.DDIMScheduler(num_train_timesteps=1000, steps_offset=1, timestep_spacing="leading")
+    s.set_timesteps(100)
+    assert ddim_leading_timesteps(100).tolist() == s.timesteps.double().tolist()
+
+
+def test_empty_selection_warns_and_round_trips(tmp_path, caplog):
+    stats = ConceptStats(("a", "b"), torch.tensor([1.0, 0.0], dtype=torch.float64),
+                         torch.ones(2, 2, 10, dtype=torch.float64), torch.ones(2, 2, dtype=torch.float64))
+    with caplog.at_level("WARNING"):
+        d = build_concept_dictionary(stats, SelectionRule("percentile", percentile=50.0))
+    assert "selects no latent at some timesteps" in caplog.text
+    assert d.latents.shape == (2, 2, 0)
+    d.save(tmp_path / "empty.safetensors")
+    e = load_concepts(tmp_path / "empty.safetensors")
+    assert e.at(0.5).latents.numel() == 0 and e.at(0.5).timestep == 1.0  # a tie goes to the first stored step

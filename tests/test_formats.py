@@ -26,6 +26,7 @@ from sae_core import (
     load_sae,
     save_native,
 )
+from sae_core.blocks import BlockMismatchError, UnknownBlockError
 
 D, M, K = 16, 64, 6
 LEADING = [(3, 5, 7), (1, 2, 1), (6,)]  # non-square maps, a batch that is not a CFG pair, flat rows
@@ -135,10 +136,33 @@ def test_unbox_matches_reference_and_keeps_stats(tmp_path, openai_extras):
     d = tmp_path / "unet.up_blocks.0.attentions.1_k10_hidden5120_auxk256_bs4096_lr0.0001" / "final"
     sae = load_sae(write_unbox(d, w, k=K, openai_extras=openai_extras))
     assert sae.cfg.activation == "topk_relu" and sae.cfg.input_space == "residual"
-    assert sae.cfg.hook_point == "unet.up_blocks.0.attentions.1" and sae.cfg.model_family == "sdxl"
+    # a width that fits no SD block: the recorded hook is kept as found, no family is guessed
+    assert sae.cfg.hook_point == "unet.up_blocks.0.attentions.1" and sae.cfg.model_family is None
     assert sae.latent_mean.shape == (M,) and sae.latent_std.device.type == "cpu"
     torch.testing.assert_close(sae.latent_mean, torch.load(d / "mean.pt"))
     _assert_matches_reference(sae, x, w=w, activation="topk_relu", k=K)
+
+
+def test_hook_point_is_canonicalised_and_family_inferred_from_width(tmp_path):
+    w = random_weights(1280, 32)
+    d = tmp_path / "unet.up_blocks.0.attentions.1_k10_hidden5120_auxk256_bs4096_lr0.0001" / "final"
+    sae = load_sae(write_unbox(d, w, k=4))
+    assert (sae.cfg.hook_point, sae.cfg.model_family) == ("up_blocks.0.attentions.1", "sdxl")
+    w = random_weights(1280, 32)
+    sae = load_sae(write_sparsify(tmp_path / "unet.up_blocks.1.attentions.2", w, k=4))
+    assert (sae.cfg.hook_point, sae.cfg.model_family) == ("up_blocks.1.attentions.2", "sd1")  # 1280 wide: SD 1.x
+    sae = load_sae(tmp_path / "unet.up_blocks.1.attentions.2", hook_point="output_blocks.3.1")
+    assert (sae.cfg.hook_point, sae.cfg.model_family) == ("up_blocks.1.attentions.0", "sd1")
+
+
+def test_overridden_hook_or_family_must_fit_the_width(tmp_path):
+    d = write_sparsify(tmp_path / "unet.up_blocks.1.attentions.1", random_weights(1280, 32), k=4)
+    with pytest.raises(BlockMismatchError, match=r"d_in=1280 does not fit block up_blocks.1.attentions.1.*sdxl.*640"):
+        load_sae(d, model_family="sdxl")
+    with pytest.raises(BlockMismatchError, match=r"d_in=1280 does not fit block up_blocks.2.attentions.0"):
+        load_sae(d, hook_point="up.2.0", model_family="sd1")
+    with pytest.raises(UnknownBlockError, match=r"unknown block 'blocks.5.hook_resid_post'"):
+        load_sae(d, hook_point="blocks.5.hook_resid_post")
 
 
 def test_openai_layer_norm_inputs(tmp_path):
@@ -180,7 +204,7 @@ def _all_formats(tmp_path):
     yield "gsae", write_sparsify(tmp_path / "g", w, k=K), {"activation": "sigmoid_topk", "input_space": "residual"}
     yield "saelens-jumprelu", write_saelens(tmp_path / "j", w, architecture="jumprelu", threshold=torch.rand(M) * 0.2), {}
     yield "saelens-ln", write_saelens(tmp_path / "l", w, architecture="topk", k=K, normalize="layer_norm"), {}
-    yield "unbox", write_unbox(tmp_path / "u", w, k=K), {"hook_point": "up_blocks.0.attentions.1", "model_family": "sdxl"}
+    yield "unbox", write_unbox(tmp_path / "u", w, k=K), {"input_space": "output"}
 
 
 def test_every_format_round_trips_through_native(tmp_path):

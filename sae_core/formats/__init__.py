@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
+from .. import blocks
 from ..config import ACTIVATIONS, INPUT_SPACES, MODEL_FAMILIES
 from ..errors import SAEConfigError, SAEError, SAEFormatError
 from ..sae import SparseAutoencoder
@@ -17,6 +19,7 @@ LAYOUTS = {
     "unbox": ((unbox.CONFIG, unbox.WEIGHTS), unbox.read),
 }
 OVERRIDES = ("activation", "input_space", "hook_point", "model_family", "k")
+logger = logging.getLogger(__name__)
 
 
 def _layout_of(directory: Path) -> str | None:
@@ -111,6 +114,39 @@ def _apply_overrides(cfg, overrides: dict[str, Any], source: Path):
         raise SAEConfigError(f"{source}: overrides {provenance['overrides']} are inconsistent: {e}") from e
 
 
+def _place(cfg, overrides: dict[str, Any], source: Path):
+    """Canonical hook point and model family, checked against the SAE's width.
+
+    A family (recorded or overridden) or an overridden hook point must fit the weights exactly; a
+    hook point merely recorded by a foreign checkpoint that fits no SD family is kept as it is (the
+    SAE may belong to another model) and the nodes refuse it before sampling.
+    """
+    if cfg.hook_point is None:
+        return cfg
+    strict = cfg.model_family is not None or overrides.get("hook_point") is not None
+    hint = None if strict else cfg.provenance.get("family_hint")
+    spec = None
+    if hint is not None:
+        try:
+            spec = blocks.check_sae_fits(cfg.d_in, cfg.hook_point, hint, source=str(source))
+        except blocks.BlockError:
+            spec = None
+    try:
+        spec = spec or blocks.check_sae_fits(cfg.d_in, cfg.hook_point, cfg.model_family, source=str(source))
+    except blocks.AmbiguousBlockError:
+        logger.warning("%s: hook point %r exists in several families; set model_family", source, cfg.hook_point)
+        return cfg.replace(hook_point=blocks.canonical_name(cfg.hook_point))
+    except blocks.BlockError as e:
+        if strict:
+            raise
+        logger.warning("%s: hook point %r fits no SD 1.x / SDXL block (%s)", source, cfg.hook_point, e)
+        return cfg
+    provenance = dict(cfg.provenance)
+    if spec.diffusers != cfg.hook_point:
+        provenance["conversions"] = [*provenance.get("conversions", []), f"hook_point {cfg.hook_point!r} -> {spec.diffusers!r}"]
+    return cfg.replace(hook_point=spec.diffusers, model_family=spec.family, provenance=provenance)
+
+
 def load_sae(path: str | Path, **overrides: Any) -> SparseAutoencoder:
     """Read any supported SAE checkpoint (a native file or a format directory) exactly.
 
@@ -118,7 +154,7 @@ def load_sae(path: str | Path, **overrides: Any) -> SparseAutoencoder:
     input_space, hook_point, model_family, k.
     """
     fmt, cfg, tensors, where = read_checkpoint(path)
-    cfg = _apply_overrides(cfg, overrides, where)
+    cfg = _place(_apply_overrides(cfg, overrides, where), overrides, where)
     tensors = {k: v for k, v in tensors.items() if v is not None}
     try:
         return SparseAutoencoder(cfg, source=str(where), **tensors)

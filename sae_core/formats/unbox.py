@@ -74,10 +74,10 @@ def read(directory: Path) -> tuple[SAEConfig, dict]:
         activation=activation,
         input_space="residual",  # sdxl-unbox trains on the block's update output - input
         hook_point=_hook_from_path(directory),
-        model_family="sdxl" if _hook_from_path(directory) else None,
         normalization="layer_norm" if raw.get("normalize") else "none",
         source_format="unbox",
-        provenance={"config": raw, "files": [CONFIG, WEIGHTS],
+        # sdxl-unbox folder names imply SDXL-Turbo; a hint that load_sae checks against the width
+        provenance={"config": raw, "files": [CONFIG, WEIGHTS], "family_hint": "sdxl" if _hook_from_path(directory) else None,
                     "conversions": ["latent_bias -> b_enc", "pre_bias -> b_dec", "decoder.weight.T -> W_dec"]},
     )
     out = {
