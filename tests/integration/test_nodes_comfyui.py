@@ -344,7 +344,7 @@ def test_learn_concept_interrupt_leaves_model_clean(pack, sd1):
 def test_save_load_concept_and_load_sae_through_model_folders(pack, sd1, models_dir):
     ext = pack.nodes.extension
     sc = pack.sae_core
-    sae = make_sae(pack, 128, M=64)
+    sae = make_sae(pack, 1280, M=16)  # load_sae checks recorded family/hook against the real block widths
     sc.save_native(sae, models_dir / "sae" / "tiny.safetensors")
     listed = pack.nodes.folders.list_sae_entries(folder_paths)
     assert "tiny.safetensors" in listed
@@ -356,7 +356,7 @@ def test_save_load_concept_and_load_sae_through_model_folders(pack, sd1, models_
                                 input_space="residual", activation="from file").args[0]
     assert other.cfg.hook_point == "up_blocks.1.attentions.2" and other.cfg.input_space == "residual"
 
-    concept = sc.concepts.ConceptDictionary.from_latents([3, 5], 64, threshold=0.5, name="typed",
+    concept = sc.concepts.ConceptDictionary.from_latents([3, 5], 16, threshold=0.5, name="typed",
                                                          sae_fingerprint=sae.fingerprint())
     ext.SaveConcept.execute(concept, filename="cat", overwrite=False)
     with pytest.raises(FileExistsError, match="cat.safetensors exists"):
@@ -364,7 +364,7 @@ def test_save_load_concept_and_load_sae_through_model_folders(pack, sd1, models_
     assert "cat.safetensors" in folder_paths.get_filename_list("sae_concepts")
     back = ext.LoadConcept.execute("cat.safetensors", sae=loaded).args[0]
     torch.testing.assert_close(back.latents, concept.latents)
-    stranger = make_sae(pack, 128, M=64, seed=5)
+    stranger = make_sae(pack, 1280, M=16, seed=5)
     with pytest.raises(sc.concepts.ConceptMismatchError):
         ext.LoadConcept.execute("cat.safetensors", sae=stranger)
 

@@ -50,10 +50,10 @@ def _write_models(base: pathlib.Path, pack):
 
     def sae(seed):
         g.manual_seed(seed)
-        W_dec = torch.randn(32, 16, generator=g)
-        cfg = sc.SAEConfig(d_in=16, n_latents=32, k=4, hook_point="up_blocks.1.attentions.1", model_family="sd1")
-        return sc.SparseAutoencoder(cfg, W_enc=torch.randn(32, 16, generator=g), b_enc=torch.zeros(32),
-                                    W_dec=W_dec / W_dec.norm(dim=-1, keepdim=True), b_dec=torch.zeros(16))
+        W_dec = torch.randn(32, 1280, generator=g)  # the real SD1 width: load_sae checks family/hook against it
+        cfg = sc.SAEConfig(d_in=1280, n_latents=32, k=4, hook_point="up_blocks.1.attentions.1", model_family="sd1")
+        return sc.SparseAutoencoder(cfg, W_enc=torch.randn(32, 1280, generator=g), b_enc=torch.zeros(32),
+                                    W_dec=W_dec / W_dec.norm(dim=-1, keepdim=True), b_dec=torch.zeros(1280))
 
     (base / "models" / "sae").mkdir(parents=True)
     (base / "models" / "sae_concepts").mkdir(parents=True)
