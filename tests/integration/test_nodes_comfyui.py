@@ -380,3 +380,15 @@ def test_compare_grid_node(pack, models_dir):
     torch.testing.assert_close(grid[:, bar:, 60 + gap:120 + gap], b)
     torch.testing.assert_close(grid[:, bar:, 120 + 2 * gap:], c)
     assert F.mse_loss(grid[:, :bar, :60], grid[:, :bar, 60 + gap:120 + gap]) > 0  # labels differ
+
+
+def test_detections_stay_tied_through_downstream_clones(pack, sd1):
+    ext = pack.nodes.extension
+    name, key, d = SD1_BLOCK
+    sae = make_sae(pack, d)
+    m, dets = ext.PatchReplacer.execute(sd1.model, typed_detector(pack, sae, [1, 2]), mode="random", target="output",
+                                        seed=0).args
+    downstream = m.clone().clone()  # what later model nodes (LoRA, FreeU, ...) do: deep copies of model_options
+    downstream.model_options["transformer_options"]["unrelated"] = 1
+    sample(downstream, "sd1", steps=2)
+    assert dets.recorder.keys() == [0, 1] and dets.runs == 1
