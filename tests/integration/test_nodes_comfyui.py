@@ -392,3 +392,30 @@ def test_detections_stay_tied_through_downstream_clones(pack, sd1):
     downstream.model_options["transformer_options"]["unrelated"] = 1
     sample(downstream, "sd1", steps=2)
     assert dets.recorder.keys() == [0, 1] and dets.runs == 1
+
+
+@pytest.fixture(scope="module")
+def sd1_bf16(comfy_threads):
+    from tiny_unets import build_sd1
+
+    with torch.inference_mode(False):
+        return build_sd1(dtype=torch.bfloat16)
+
+
+def test_fp32_sae_on_bf16_model_casts_lazily(pack, sd1_bf16):
+    ext = pack.nodes.extension
+    name, key, d = SD1_BLOCK
+    sae = make_sae(pack, d)
+    assert sd1_bf16.model.model_dtype() == torch.bfloat16
+    captured, cap = with_capture(pack, sd1_bf16.model, key)
+    m, dets = ext.PatchReplacer.execute(captured, typed_detector(pack, sae, [1, 2, 3]), mode="random",
+                                        target="output", seed=0).args
+    out = sample(m, "sd1", steps=2)
+    assert torch.isfinite(out).all() and sae.W_enc.dtype == torch.float32  # the SAE itself is not converted
+    assert cap.calls[0][1].dtype == torch.bfloat16
+    for s, (_, block_out, step) in enumerate(cap.calls):
+        ref = ref_mask(sae, block_out, [1, 2, 3], [0.0] * 3, 1.0, 0)
+        for c, flag in enumerate(step.chunks):
+            keys, masks = dets.recorder.masks("cond" if flag == 0 else "uncond", 0)
+            torch.testing.assert_close(masks[keys.index(s)], ref[c])
+    assert (torch.device("cpu"), torch.bfloat16) in sae._cache  # weights were cast once for the activations
