@@ -164,6 +164,14 @@ def test_graph_runs_and_wrong_graph_reports(server):
     assert err["node_type"] == "SAELoadConcept" and err["exception_type"].endswith("ConceptMismatchError")
     assert "cat.safetensors" in err["exception_message"]
 
+    # V3 combos are not checked against their options by this ComfyUI's validation: Load SAE reports it
+    gone = {"1": {**load, "inputs": {**load["inputs"], "sae_name": "missing.safetensors"}},
+            "2": graph["2"], "4": graph["4"]}
+    status, hist = _run(url, gone)
+    err = [m[1] for m in hist["status"]["messages"] if m[0] == "execution_error"][0]
+    assert err["node_type"] == "SAELoad" and err["exception_type"] == "FileNotFoundError"
+    assert "'missing.safetensors' not found under models/sae" in err["exception_message"]
+
     # validation error: an SAE wired into an IMAGE input never starts executing
     bad = {"1": load, "5": graph["5"],
            "7": {**graph["7"], "inputs": {**graph["7"]["inputs"], "image_b": ["1", 0]}}}
