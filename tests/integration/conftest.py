@@ -51,6 +51,15 @@ def pytest_report_header(config):
     return f"ComfyUI integration: {'skipped: ' + SKIP_REASON if SKIP_REASON else COMFYUI_PATH}"
 
 
+@pytest.fixture(autouse=True)
+def inference_mode():
+    """ComfyUI executes every node (and so sampling) under torch.inference_mode(); so do these tests."""
+    import torch
+
+    with torch.inference_mode():
+        yield
+
+
 @pytest.fixture(scope="session")
 def comfy_threads():
     import torch

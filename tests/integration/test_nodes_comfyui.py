@@ -21,6 +21,11 @@ SDXL_BLOCK = ("up_blocks.0.attentions.1", "output_blocks.1.1", 128)
 def make_sae(pack, d, M=256, k=8, hook="up_blocks.1.attentions.1", family="sd1", input_space="output", seed=0):
     sc = pack.sae_core
     g = torch.Generator().manual_seed(seed)
+    with torch.inference_mode(False):  # as Load SAE does
+        return _make_sae(sc, g, d, M, k, hook, family, input_space)
+
+
+def _make_sae(sc, g, d, M, k, hook, family, input_space):
     W_dec = torch.randn(M, d, generator=g)
     W_dec = W_dec / W_dec.norm(dim=-1, keepdim=True)
     cfg = sc.SAEConfig(d_in=d, n_latents=M, k=k, activation="relu_topk", input_space=input_space,
@@ -339,7 +344,7 @@ def test_learn_concept_interrupt_leaves_model_clean(pack, sd1):
 def test_save_load_concept_and_load_sae_through_model_folders(pack, sd1, models_dir):
     ext = pack.nodes.extension
     sc = pack.sae_core
-    sae = make_sae(pack, 128, M=64)
+    sae = make_sae(pack, 1280, M=16)  # load_sae checks recorded family/hook against the real block widths
     sc.save_native(sae, models_dir / "sae" / "tiny.safetensors")
     listed = pack.nodes.folders.list_sae_entries(folder_paths)
     assert "tiny.safetensors" in listed
@@ -351,7 +356,7 @@ def test_save_load_concept_and_load_sae_through_model_folders(pack, sd1, models_
                                 input_space="residual", activation="from file").args[0]
     assert other.cfg.hook_point == "up_blocks.1.attentions.2" and other.cfg.input_space == "residual"
 
-    concept = sc.concepts.ConceptDictionary.from_latents([3, 5], 64, threshold=0.5, name="typed",
+    concept = sc.concepts.ConceptDictionary.from_latents([3, 5], 16, threshold=0.5, name="typed",
                                                          sae_fingerprint=sae.fingerprint())
     ext.SaveConcept.execute(concept, filename="cat", overwrite=False)
     with pytest.raises(FileExistsError, match="cat.safetensors exists"):
@@ -359,7 +364,7 @@ def test_save_load_concept_and_load_sae_through_model_folders(pack, sd1, models_
     assert "cat.safetensors" in folder_paths.get_filename_list("sae_concepts")
     back = ext.LoadConcept.execute("cat.safetensors", sae=loaded).args[0]
     torch.testing.assert_close(back.latents, concept.latents)
-    stranger = make_sae(pack, 128, M=64, seed=5)
+    stranger = make_sae(pack, 1280, M=16, seed=5)
     with pytest.raises(sc.concepts.ConceptMismatchError):
         ext.LoadConcept.execute("cat.safetensors", sae=stranger)
 
@@ -375,3 +380,42 @@ def test_compare_grid_node(pack, models_dir):
     torch.testing.assert_close(grid[:, bar:, 60 + gap:120 + gap], b)
     torch.testing.assert_close(grid[:, bar:, 120 + 2 * gap:], c)
     assert F.mse_loss(grid[:, :bar, :60], grid[:, :bar, 60 + gap:120 + gap]) > 0  # labels differ
+
+
+def test_detections_stay_tied_through_downstream_clones(pack, sd1):
+    ext = pack.nodes.extension
+    name, key, d = SD1_BLOCK
+    sae = make_sae(pack, d)
+    m, dets = ext.PatchReplacer.execute(sd1.model, typed_detector(pack, sae, [1, 2]), mode="random", target="output",
+                                        seed=0).args
+    downstream = m.clone().clone()  # what later model nodes (LoRA, FreeU, ...) do: deep copies of model_options
+    downstream.model_options["transformer_options"]["unrelated"] = 1
+    sample(downstream, "sd1", steps=2)
+    assert dets.recorder.keys() == [0, 1] and dets.runs == 1
+
+
+@pytest.fixture(scope="module")
+def sd1_bf16(comfy_threads):
+    from tiny_unets import build_sd1
+
+    with torch.inference_mode(False):
+        return build_sd1(dtype=torch.bfloat16)
+
+
+def test_fp32_sae_on_bf16_model_casts_lazily(pack, sd1_bf16):
+    ext = pack.nodes.extension
+    name, key, d = SD1_BLOCK
+    sae = make_sae(pack, d)
+    assert sd1_bf16.model.model_dtype() == torch.bfloat16
+    captured, cap = with_capture(pack, sd1_bf16.model, key)
+    m, dets = ext.PatchReplacer.execute(captured, typed_detector(pack, sae, [1, 2, 3]), mode="random",
+                                        target="output", seed=0).args
+    out = sample(m, "sd1", steps=2)
+    assert torch.isfinite(out).all() and sae.W_enc.dtype == torch.float32  # the SAE itself is not converted
+    assert cap.calls[0][1].dtype == torch.bfloat16
+    for s, (_, block_out, step) in enumerate(cap.calls):
+        ref = ref_mask(sae, block_out, [1, 2, 3], [0.0] * 3, 1.0, 0)
+        for c, flag in enumerate(step.chunks):
+            keys, masks = dets.recorder.masks("cond" if flag == 0 else "uncond", 0)
+            torch.testing.assert_close(masks[keys.index(s)], ref[c])
+    assert (torch.device("cpu"), torch.bfloat16) in sae._cache  # weights were cast once for the activations
