@@ -54,7 +54,7 @@ def test_auxk_loss_matches_a_reference_and_only_trains_dead_latents():
         e_hat = sum(max(float(pre[n, i]), 0.0) * W_dec[i].detach() for i in cand)
         ref += float(((e_hat - err[n]) ** 2).sum())
     ref = min(5 / k_aux, 1.0) * ref / N / 2.5
-    assert abs(float(loss) - ref) < 1e-5
+    assert abs(float(loss.detach()) - ref) < 1e-5
     loss.backward()
     assert float(W_dec.grad[~dead].abs().sum()) == 0.0  # live latents get nothing from AuxK
     assert float(W_dec.grad[dead].abs().sum()) > 0.0
