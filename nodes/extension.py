@@ -34,6 +34,7 @@ from .grid import compare_grid
 from .hook import RunState, check_window, family_of_config, install_patch, resolve_hook, sigma_window
 from .learn import DEFAULT_CONTRAST, parse_latent_ids, parse_prompts
 from .masks import AGGREGATES, SHOW, normalise, overlay, parse_color, pick_step, recorded_maps, upscale
+from .ui_payload import compare_payload, mask_step_payload
 
 logger = logging.getLogger(__name__)
 
@@ -297,14 +298,17 @@ class MaskPreview(io.ComfyNode):
                 "images decoded from that KSampler) and check start/end percent and branches"
             )
         n, h, w = images.shape[:3]
-        maps = []
+        maps, per_image = [], []
         for i in range(n):
             keys, m = recorded_maps(rec, show, branch, image=i)
+            per_image.append((keys, normalise(m) if show == "score" else m))  # every step, for the scrubber
             one = pick_step(keys, m, step, aggregate)
             maps.append(normalise(one) if show == "score" else one)
         full = upscale(torch.stack(maps), h, w).to(images.device, torch.float32)
         out = overlay(images, full.to(images.dtype), parse_color(color), opacity)
-        return io.NodeOutput(out, full, ui=ui.PreviewImage(out, cls=cls))
+        payload = mask_step_payload(images, per_image, parse_color(color), opacity, branch, show,
+                                    folder_paths.get_temp_directory())
+        return io.NodeOutput(out, full, ui={**ui.PreviewImage(out, cls=cls).as_dict(), **payload})
 
 
 class LearnConcept(io.ComfyNode):
@@ -473,7 +477,8 @@ class Compare(io.ComfyNode):
             imgs.append(image_c)
             labels.append(label_c)
         grid = compare_grid(imgs, labels)
-        return io.NodeOutput(grid, ui=ui.PreviewImage(grid, cls=cls))
+        payload = compare_payload(imgs, labels, folder_paths.get_temp_directory())  # for the slider
+        return io.NodeOutput(grid, ui={**ui.PreviewImage(grid, cls=cls).as_dict(), **payload})
 
 
 NODES = [LoadSAE, ConceptDetectorNode, PatchReplacer, SAESteer, MaskPreview, LearnConcept, SaveConcept,
