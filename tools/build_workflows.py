@@ -1,0 +1,334 @@
+"""Write the five example workflows in example_workflows/ (ComfyUI UI format, version 0.4).
+
+Widget order, input and output slots come from the schema snapshot (tests/data/node_schemas.json), so a
+schema change shows up as a failing test rather than as a silently wrong file. Run:
+
+    python tools/build_workflows.py            # then tools/browser_check.py renders the .jpg thumbnails
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import pathlib
+import sys
+import uuid
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+
+from workflow_format import WIDGET_TYPES, check_workflow, load_snapshot, widgets_of  # noqa: E402
+
+OUT = pathlib.Path(__file__).resolve().parents[1] / "example_workflows"
+
+TURBO = {"name": "sd_xl_turbo_1.0_fp16.safetensors",
+         "url": "https://huggingface.co/stabilityai/sdxl-turbo/resolve/main/sd_xl_turbo_1.0_fp16.safetensors",
+         "directory": "checkpoints"}
+SD15 = {"name": "v1-5-pruned-emaonly-fp16.safetensors",
+        "url": "https://huggingface.co/Comfy-Org/stable-diffusion-v1-5-archive/resolve/main/"
+               "v1-5-pruned-emaonly-fp16.safetensors",
+        "directory": "checkpoints"}
+# SAE sources are checkpoint directories, not single files: the name is the native file `python -m sae_core
+# convert` writes from them (the Note in each workflow says how).
+UNBOX = {"name": "sdxl_unbox_down.2.1.safetensors", "url": "https://github.com/surkovv/sdxl-unbox",
+         "directory": "sae"}
+SAEURON_OBJ = {"name": "saeuron_objects_up.1.1.safetensors", "url": "https://huggingface.co/bcywinski/SAeUron",
+               "directory": "sae"}
+SAEURON_STY = {"name": "saeuron_styles_up.1.2.safetensors", "url": "https://huggingface.co/bcywinski/SAeUron",
+               "directory": "sae"}
+
+UNBOX_NOTE = (
+    "## Files\n"
+    "* **checkpoints/** `sd_xl_turbo_1.0_fp16.safetensors` (stabilityai/sdxl-turbo).\n"
+    "* **sae/** `sdxl_unbox_down.2.1.safetensors`: the sdxl-unbox SAE of `down_blocks.2.attentions.1`. "
+    "Download `checkpoints/unet.down_blocks.2.attentions.1_k10_hidden5120_auxk256_bs4096_lr0.0001/final` "
+    "from github.com/surkovv/sdxl-unbox, then convert it to one native file:\n\n"
+    "`python -m sae_core convert <that folder> ComfyUI/models/sae/sdxl_unbox_down.2.1.safetensors`\n\n"
+    "(run in the pack's folder; Load SAE also reads the folder itself when you put it in models/sae).\n"
+)
+SAEURON_NOTE = (
+    "## Files\n"
+    "* **checkpoints/** `v1-5-pruned-emaonly-fp16.safetensors` (SD 1.5; SAeUron was trained on the "
+    "UnlearnCanvas fine-tune of SD 1.5, which detects its concepts best).\n"
+    "* **sae/** `{name}`: the SAeUron SAE of `{hook}` from huggingface.co/bcywinski/SAeUron "
+    "(folder `unet.{hook}` with cfg.json + sae.safetensors). Convert it to one native file:\n\n"
+    "`python -m sae_core convert <that folder> ComfyUI/models/sae/{name}`\n\n"
+    "(run in the pack's folder; Load SAE also reads the folder itself when you put it in models/sae).\n"
+)
+
+
+class Graph:
+    """A UI-format graph built node by node; slots and widget order from the schema snapshot."""
+
+    def __init__(self, schemas: dict):
+        self.schemas = schemas
+        self.nodes: list[dict] = []
+        self.links: list[list] = []
+        self.groups: list[dict] = []
+
+    def node(self, type_: str, pos, widgets: dict | None = None, size=None, title: str | None = None) -> int:
+        schema = self.schemas[type_]
+        widgets = dict(widgets or {})
+        values = []
+        for name, spec, control in widgets_of(schema):
+            v = widgets.pop(name) if name in widgets else spec.get("default")
+            if v is None and spec["type"] == "COMBO":
+                v = spec["options"][0]
+            values.append(v)
+            if control:
+                values.append(widgets.pop("control_after_generate", "fixed"))
+        if widgets:
+            raise KeyError(f"{type_}: no widgets named {sorted(widgets)}")
+        inputs = [{"name": n, "type": schema["inputs"][n]["type"], "link": None}
+                  for n in schema["input_order"] if schema["inputs"][n]["type"] not in WIDGET_TYPES]
+        outputs = [{"name": nm, "type": t, "links": [], "slot_index": i}
+                   for i, (t, nm) in enumerate(zip(schema["output"], schema["output_name"], strict=True))]
+        n_w = len(values)
+        height = 36 + 22 * max(len(inputs), len(outputs)) + 26 * n_w
+        height += sum(90 for n, s, _ in widgets_of(schema) if s.get("multiline"))
+        node = {"id": len(self.nodes) + 1, "type": type_, "pos": list(pos), "size": list(size or [320, height]),
+                "flags": {}, "order": len(self.nodes), "mode": 0, "inputs": inputs, "outputs": outputs,
+                "properties": {"Node name for S&R": type_}, "widgets_values": values}
+        if title:
+            node["title"] = title
+        self.nodes.append(node)
+        return node["id"]
+
+    def note(self, pos, text: str, size=(420, 260)) -> int:
+        node = {"id": len(self.nodes) + 1, "type": "MarkdownNote", "pos": list(pos), "size": list(size),
+                "flags": {}, "order": len(self.nodes), "mode": 0, "inputs": [], "outputs": [],
+                "properties": {}, "widgets_values": [text], "color": "#432", "bgcolor": "#653"}
+        self.nodes.append(node)
+        return node["id"]
+
+    def link(self, src: int, out: str, dst: int, inp: str) -> None:
+        s, d = self.nodes[src - 1], self.nodes[dst - 1]
+        slot = [o["name"] for o in s["outputs"]].index(out)
+        dslot = [i["name"] for i in d["inputs"]].index(inp)
+        lid = len(self.links) + 1
+        t = s["outputs"][slot]["type"]
+        self.links.append([lid, src, slot, dst, dslot, t])
+        s["outputs"][slot]["links"].append(lid)
+        d["inputs"][dslot]["link"] = lid
+
+    def group(self, title: str, bounding, color: str = "#3f789e") -> None:
+        self.groups.append({"id": len(self.groups) + 1, "title": title, "bounding": list(bounding), "color": color,
+                            "font_size": 24, "flags": {}})
+
+    def workflow(self, name: str, models: list[dict]) -> dict:
+        for o in (o for n in self.nodes for o in n["outputs"]):
+            if not o["links"]:
+                o["links"] = None
+        return {"id": str(uuid.uuid5(uuid.NAMESPACE_URL, "sae-concept-eraser/" + name)), "revision": 0,
+                "last_node_id": len(self.nodes), "last_link_id": len(self.links), "nodes": self.nodes,
+                "links": self.links, "groups": self.groups, "config": {},
+                "extra": {"ds": {"scale": 0.6, "offset": [40, 60]}}, "version": 0.4, "models": models}
+
+
+def base(g: Graph, ckpt: str, positive: str, negative: str = "", x: int = 0, y: int = 0,
+         width: int = 512, height: int = 512) -> dict:
+    ids = {"ckpt": g.node("CheckpointLoaderSimple", (x, y), {"ckpt_name": ckpt}, size=[320, 100])}
+    ids["pos"] = g.node("CLIPTextEncode", (x + 360, y), {"text": positive}, size=[340, 130])
+    ids["neg"] = g.node("CLIPTextEncode", (x + 360, y + 170), {"text": negative}, size=[340, 130],
+                        title="CLIP Text Encode (negative)")
+    ids["latent"] = g.node("EmptyLatentImage", (x + 360, y + 340), {"width": width, "height": height})
+    for k in ("pos", "neg"):
+        g.link(ids["ckpt"], "CLIP", ids[k], "clip")
+    return ids
+
+
+def sampler(g: Graph, ids: dict, model_src: tuple[int, str], pos, widgets: dict, title: str | None = None) -> int:
+    k = g.node("KSampler", pos, widgets, title=title)
+    g.link(*model_src, k, "model")
+    g.link(ids["pos"], "CONDITIONING", k, "positive")
+    g.link(ids["neg"], "CONDITIONING", k, "negative")
+    g.link(ids["latent"], "LATENT", k, "latent_image")
+    return k
+
+
+def decode(g: Graph, ids: dict, k: int, pos) -> int:
+    d = g.node("VAEDecode", pos, size=[220, 60])
+    g.link(k, "LATENT", d, "samples")
+    g.link(ids["ckpt"], "VAE", d, "vae")
+    return d
+
+
+TURBO_SAMPLING = {"seed": 42, "steps": 4, "cfg": 1.0, "sampler_name": "euler_ancestral", "scheduler": "sgm_uniform",
+                  "denoise": 1.0}
+TURBO_LEARN = {"width": 512, "height": 512, "steps": 4, "cfg": 1.0, "sampler_name": "euler_ancestral",
+               "scheduler": "sgm_uniform", "seed": 188, "selection": "top_n", "top_n": 3}
+SD15_SAMPLING = {"seed": 42, "steps": 25, "cfg": 7.5, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}
+SD15_LEARN = {"width": 512, "height": 512, "steps": 25, "cfg": 7.5, "sampler_name": "euler", "scheduler": "normal",
+              "seed": 188}
+
+
+def learn(g: Graph, ids: dict, sae: int, pos, name: str, prompts: list[str], extra: dict) -> int:
+    n = g.node("SAELearnConcept", pos, {"concept_name": name, "concept_prompts": "\n".join(prompts), **extra})
+    g.link(ids["ckpt"], "MODEL", n, "model")
+    g.link(ids["ckpt"], "CLIP", n, "clip")
+    g.link(sae, "SAE", n, "sae")
+    return n
+
+
+def detector(g: Graph, sae: int, concepts: list[int], pos, widgets: dict | None = None) -> int:
+    d = g.node("SAEConceptDetector", pos, widgets or {})
+    g.link(sae, "SAE", d, "sae")
+    for c, slot in zip(concepts, ("concept", "concept_2", "concept_3"), strict=False):
+        g.link(c, "CONCEPT", d, slot)
+    return d
+
+
+def edit(g: Graph, type_: str, ids: dict, det: int, pos, widgets: dict) -> int:
+    e = g.node(type_, pos, widgets)
+    g.link(ids["ckpt"], "MODEL", e, "model")
+    g.link(det, "DETECTOR", e, "detector")
+    return e
+
+
+def mask_preview(g: Graph, edit_id: int, dec: int, pos) -> int:
+    m = g.node("SAEMaskPreview", pos, {}, size=[340, 560])
+    g.link(edit_id, "DETECTIONS", m, "detections")
+    g.link(dec, "IMAGE", m, "images")
+    return m
+
+
+DOG = ["a photo of a dog", "a dog running on the grass", "a close-up photo of a dog's face",
+       "a dog sleeping on a sofa", "a dog on a beach"]
+
+
+def wf_object_erasure(schemas) -> dict:
+    g = Graph(schemas)
+    ids = base(g, TURBO["name"], "a photo of a dog sitting on a park bench, golden hour light")
+    sae = g.node("SAELoad", (0, 200), {"sae_name": UNBOX["name"]})
+    con = learn(g, ids, sae, (0, 420), "dog", DOG, TURBO_LEARN)
+    det = detector(g, sae, [con], (760, 0), {"padding": 1})
+    per = edit(g, "SAEPatchReplacer", ids, det, (760, 380), {"mode": "random", "seed": 0})
+    k = sampler(g, ids, (per, "MODEL"), (1120, 0), TURBO_SAMPLING)
+    dec = decode(g, ids, k, (1120, 330))
+    g.link(dec, "IMAGE", g.node("SaveImage", (1480, 0), {"filename_prefix": "sae_erased"}, size=[340, 400]), "images")
+    mask_preview(g, per, dec, (1860, 0))
+    g.note((760, 600), "# SDXL-Turbo object erasure (PER)\nLearn Concept records which SAE latents fire for "
+           "'dog' (4-step Turbo runs of the prompts against a built-in contrast set), Concept Detector turns them "
+           "into a patch mask, Patch Replacer swaps the detected patch embeddings for undetected ones of the same "
+           "feature map. Mask Preview shows where: drag its step scrubber to see each step's mask.\n\n" + UNBOX_NOTE,
+           size=[340, 520])
+    return g.workflow("sdxl_turbo_object_erasure", [TURBO, UNBOX])
+
+
+def wf_compare(schemas) -> dict:
+    g = Graph(schemas)
+    ids = base(g, TURBO["name"], "a photo of a dog sitting on a park bench, golden hour light")
+    sae = g.node("SAELoad", (0, 200), {"sae_name": UNBOX["name"]})
+    con = learn(g, ids, sae, (0, 420), "dog", DOG, TURBO_LEARN)
+    det = detector(g, sae, [con], (760, 0), {"padding": 1})
+    per = edit(g, "SAEPatchReplacer", ids, det, (760, 380), {"mode": "random", "seed": 0})
+    steer = edit(g, "SAESteer", ids, det, (760, 600), {"method": "unbox_add", "strength": -4.0,
+                                                       "error": "preserve", "detected_only": True})
+    k0 = sampler(g, ids, (ids["ckpt"], "MODEL"), (1120, 0), TURBO_SAMPLING, title="KSampler (original)")
+    k1 = sampler(g, ids, (per, "MODEL"), (1120, 320), TURBO_SAMPLING, title="KSampler (Patch Replacer)")
+    k2 = sampler(g, ids, (steer, "MODEL"), (1120, 640), TURBO_SAMPLING, title="KSampler (SAE Steer)")
+    d0, d1, d2 = (decode(g, ids, k, (1480, 60 + 320 * i)) for i, k in enumerate((k0, k1, k2)))
+    cmp_ = g.node("SAECompare", (1760, 0), {"label_a": "original", "label_b": "Patch Replacer",
+                                            "label_c": "SAE Steer"}, size=[520, 620])
+    g.link(d0, "IMAGE", cmp_, "image_a")
+    g.link(d1, "IMAGE", cmp_, "image_b")
+    g.link(d2, "IMAGE", cmp_, "image_c")
+    g.note((0, 1000), "# Original vs SAE Steer vs Patch Replacer\nThe three KSamplers share one seed, prompt "
+           "and latent; only the model differs. Compare shows the three side by side; drag its slider to wipe "
+           "between the first two branches. Steering edits the SAE latents (pushes activations off their "
+           "distribution: artifacts appear); PER only reads them to detect and copies in-distribution patches.\n\n"
+           + UNBOX_NOTE, size=[700, 380])
+    return g.workflow("compare_steer_vs_replace", [TURBO, UNBOX])
+
+
+def wf_style(schemas) -> dict:
+    g = Graph(schemas)
+    ids = base(g, SD15["name"], "a painting of a village by a river in the style of Van Gogh",
+               "blurry, low quality")
+    sae = g.node("SAELoad", (0, 200), {"sae_name": SAEURON_STY["name"]})
+    con = learn(g, ids, sae, (0, 420), "van_gogh",
+                ["a painting of a house in the style of Van Gogh", "a portrait in the style of Van Gogh",
+                 "a landscape with cypress trees in the style of Van Gogh", "a still life in the style of Van Gogh"],
+                {**SD15_LEARN, "selection": "percentile", "percentile": 99.999,
+                 "contrast_prompts": "a painting of a house\na portrait of a woman\na landscape with trees\n"
+                                     "a still life with flowers\na watercolor of a harbour\na pencil sketch of a city"})
+    det = detector(g, sae, [con], (760, 0), {"padding": 0})
+    per = edit(g, "SAEPatchReplacer", ids, det, (760, 380), {"mode": "random", "seed": 0})
+    k0 = sampler(g, ids, (ids["ckpt"], "MODEL"), (1120, 0), SD15_SAMPLING, title="KSampler (original)")
+    k1 = sampler(g, ids, (per, "MODEL"), (1120, 320), SD15_SAMPLING, title="KSampler (Patch Replacer)")
+    d0, d1 = decode(g, ids, k0, (1480, 0)), decode(g, ids, k1, (1480, 320))
+    cmp_ = g.node("SAECompare", (1760, 0), {"label_a": "original", "label_b": "style erased"}, size=[520, 460])
+    g.link(d0, "IMAGE", cmp_, "image_a")
+    g.link(d1, "IMAGE", cmp_, "image_b")
+    mask_preview(g, per, d1, (1760, 500))
+    g.note((760, 600), "# SD 1.5 style erasure with a SAeUron SAE\nSAeUron's style SAE sits on "
+           "`up_blocks.1.attentions.2` (16x16 patches at 512 px). Learn Concept scores the latents per timestep "
+           "(SAeUron: percentile 99.999 keeps about one latent of 20480), Patch Replacer replaces the patches where "
+           "they fire.\n\n" + SAEURON_NOTE.format(name=SAEURON_STY["name"], hook="up_blocks.1.attentions.2"),
+           size=[340, 560])
+    return g.workflow("sd15_style_erasure_saeuron", [SD15, SAEURON_STY])
+
+
+def wf_learn(schemas) -> dict:
+    g = Graph(schemas)
+    ids = {"ckpt": g.node("CheckpointLoaderSimple", (0, 0), {"ckpt_name": SD15["name"]}, size=[320, 100])}
+    sae = g.node("SAELoad", (0, 160), {"sae_name": SAEURON_OBJ["name"]})
+    con = learn(g, ids, sae, (380, 0), "cat",
+                ["a photo of a cat", "a cat sitting on a windowsill", "a close-up photo of a cat's face",
+                 "a cat sleeping on a bed", "a black cat in a garden"],
+                {**SD15_LEARN, "selection": "percentile", "percentile": 99.99})
+    save = g.node("SAESaveConcept", (760, 0), {"filename": "cat_saeuron_objects", "overwrite": False},
+                  size=[340, 160])
+    g.link(con, "CONCEPT", save, "concept")
+    g.note((760, 220), "# Learn a concept and save it\nLearn Concept samples every concept prompt and every "
+           "contrast prompt (empty = a built-in set of generic scenes), records the SAE codes of the positive "
+           "branch at each step and keeps the latents that score highest for the concept (SAeUron's score). "
+           "Save Concept writes `models/sae_concepts/cat_saeuron_objects.safetensors`: a small file bound to this "
+           "SAE's fingerprint. Share it; others load it with Load Concept (connect their SAE to check it "
+           "matches).\n\n" + SAEURON_NOTE.format(name=SAEURON_OBJ["name"], hook="up_blocks.1.attentions.1"),
+           size=[420, 480])
+    return g.workflow("learn_and_save_concept", [SD15, SAEURON_OBJ])
+
+
+def wf_two(schemas) -> dict:
+    g = Graph(schemas)
+    ids = base(g, TURBO["name"], "a dog and a bicycle in front of a red brick house, photo")
+    sae = g.node("SAELoad", (0, 200), {"sae_name": UNBOX["name"]})
+    c1 = learn(g, ids, sae, (0, 420), "dog", DOG, TURBO_LEARN)
+    c2 = learn(g, ids, sae, (0, 1000), "bicycle",
+               ["a photo of a bicycle", "a bicycle leaning against a wall", "a red bicycle on a street",
+                "a close-up photo of a bicycle wheel", "a bicycle in a park"], TURBO_LEARN)
+    det = detector(g, sae, [c1, c2], (760, 0), {"padding": 1})
+    per = edit(g, "SAEPatchReplacer", ids, det, (760, 380), {"mode": "random", "seed": 0})
+    k0 = sampler(g, ids, (ids["ckpt"], "MODEL"), (1120, 0), TURBO_SAMPLING, title="KSampler (original)")
+    k1 = sampler(g, ids, (per, "MODEL"), (1120, 320), TURBO_SAMPLING, title="KSampler (both erased)")
+    d0, d1 = decode(g, ids, k0, (1480, 0)), decode(g, ids, k1, (1480, 320))
+    cmp_ = g.node("SAECompare", (1760, 0), {"label_a": "original", "label_b": "dog + bicycle erased"},
+                  size=[520, 460])
+    g.link(d0, "IMAGE", cmp_, "image_a")
+    g.link(d1, "IMAGE", cmp_, "image_b")
+    mask_preview(g, per, d1, (1760, 500))
+    g.note((760, 600), "# Two concepts erased at once\nConcept Detector unites the detections of every "
+           "connected concept (up to three, plus typed latent ids); one Patch Replacer then erases them all in "
+           "one pass.\n\n" + UNBOX_NOTE, size=[340, 520])
+    return g.workflow("two_concepts_at_once", [TURBO, UNBOX])
+
+
+BUILDERS = {"sdxl_turbo_object_erasure": wf_object_erasure, "compare_steer_vs_replace": wf_compare,
+            "sd15_style_erasure_saeuron": wf_style, "learn_and_save_concept": wf_learn,
+            "two_concepts_at_once": wf_two}
+
+
+def main() -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    schemas = load_snapshot()
+    OUT.mkdir(exist_ok=True)
+    for name, build in BUILDERS.items():
+        wf = build(schemas)
+        check_workflow(wf, schemas, name)
+        (OUT / f"{name}.json").write_text(json.dumps(wf, indent=2) + "\n")
+        logging.info("wrote %s", OUT / f"{name}.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
