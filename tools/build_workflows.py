@@ -146,7 +146,7 @@ def sampler(g: Graph, ids: dict, model_src: tuple[int, str], pos, widgets: dict,
 
 
 def decode(g: Graph, ids: dict, k: int, pos) -> int:
-    d = g.node("VAEDecode", pos, size=[220, 60])
+    d = g.node("VAEDecode", (pos[0], pos[1] + 40), size=[220, 60])
     g.link(k, "LATENT", d, "samples")
     g.link(ids["ckpt"], "VAE", d, "vae")
     return d
@@ -199,7 +199,7 @@ def wf_object_erasure(schemas) -> dict:
     g = Graph(schemas)
     ids = base(g, TURBO["name"], "a photo of a dog sitting on a park bench, golden hour light")
     sae = g.node("SAELoad", (0, 200), {"sae_name": UNBOX["name"]})
-    con = learn(g, ids, sae, (0, 420), "dog", DOG, TURBO_LEARN)
+    con = learn(g, ids, sae, (0, 460), "dog", DOG, TURBO_LEARN)
     det = detector(g, sae, [con], (760, 0), {"padding": 1})
     per = edit(g, "SAEPatchReplacer", ids, det, (760, 380), {"mode": "random", "seed": 0})
     k = sampler(g, ids, (per, "MODEL"), (1120, 0), TURBO_SAMPLING)
@@ -218,15 +218,15 @@ def wf_compare(schemas) -> dict:
     g = Graph(schemas)
     ids = base(g, TURBO["name"], "a photo of a dog sitting on a park bench, golden hour light")
     sae = g.node("SAELoad", (0, 200), {"sae_name": UNBOX["name"]})
-    con = learn(g, ids, sae, (0, 420), "dog", DOG, TURBO_LEARN)
+    con = learn(g, ids, sae, (0, 460), "dog", DOG, TURBO_LEARN)
     det = detector(g, sae, [con], (760, 0), {"padding": 1})
     per = edit(g, "SAEPatchReplacer", ids, det, (760, 380), {"mode": "random", "seed": 0})
     steer = edit(g, "SAESteer", ids, det, (760, 600), {"method": "unbox_add", "strength": -4.0,
                                                        "error": "preserve", "detected_only": True})
     k0 = sampler(g, ids, (ids["ckpt"], "MODEL"), (1120, 0), TURBO_SAMPLING, title="KSampler (original)")
-    k1 = sampler(g, ids, (per, "MODEL"), (1120, 320), TURBO_SAMPLING, title="KSampler (Patch Replacer)")
-    k2 = sampler(g, ids, (steer, "MODEL"), (1120, 640), TURBO_SAMPLING, title="KSampler (SAE Steer)")
-    d0, d1, d2 = (decode(g, ids, k, (1480, 60 + 320 * i)) for i, k in enumerate((k0, k1, k2)))
+    k1 = sampler(g, ids, (per, "MODEL"), (1120, 360), TURBO_SAMPLING, title="KSampler (Patch Replacer)")
+    k2 = sampler(g, ids, (steer, "MODEL"), (1120, 720), TURBO_SAMPLING, title="KSampler (SAE Steer)")
+    d0, d1, d2 = (decode(g, ids, k, (1480, 360 * i)) for i, k in enumerate((k0, k1, k2)))
     cmp_ = g.node("SAECompare", (1760, 0), {"label_a": "original", "label_b": "Patch Replacer",
                                             "label_c": "SAE Steer"}, size=[520, 620])
     g.link(d0, "IMAGE", cmp_, "image_a")
@@ -245,7 +245,7 @@ def wf_style(schemas) -> dict:
     ids = base(g, SD15["name"], "a painting of a village by a river in the style of Van Gogh",
                "blurry, low quality")
     sae = g.node("SAELoad", (0, 200), {"sae_name": SAEURON_STY["name"]})
-    con = learn(g, ids, sae, (0, 420), "van_gogh",
+    con = learn(g, ids, sae, (0, 460), "van_gogh",
                 ["a painting of a house in the style of Van Gogh", "a portrait in the style of Van Gogh",
                  "a landscape with cypress trees in the style of Van Gogh", "a still life in the style of Van Gogh"],
                 {**SD15_LEARN, "selection": "percentile", "percentile": 99.999,
@@ -254,12 +254,12 @@ def wf_style(schemas) -> dict:
     det = detector(g, sae, [con], (760, 0), {"padding": 0})
     per = edit(g, "SAEPatchReplacer", ids, det, (760, 380), {"mode": "random", "seed": 0})
     k0 = sampler(g, ids, (ids["ckpt"], "MODEL"), (1120, 0), SD15_SAMPLING, title="KSampler (original)")
-    k1 = sampler(g, ids, (per, "MODEL"), (1120, 320), SD15_SAMPLING, title="KSampler (Patch Replacer)")
-    d0, d1 = decode(g, ids, k0, (1480, 0)), decode(g, ids, k1, (1480, 320))
+    k1 = sampler(g, ids, (per, "MODEL"), (1120, 360), SD15_SAMPLING, title="KSampler (Patch Replacer)")
+    d0, d1 = decode(g, ids, k0, (1480, 0)), decode(g, ids, k1, (1480, 360))
     cmp_ = g.node("SAECompare", (1760, 0), {"label_a": "original", "label_b": "style erased"}, size=[520, 460])
     g.link(d0, "IMAGE", cmp_, "image_a")
     g.link(d1, "IMAGE", cmp_, "image_b")
-    mask_preview(g, per, d1, (1760, 500))
+    mask_preview(g, per, d1, (1760, 520))
     g.note((760, 600), "# SD 1.5 style erasure with a SAeUron SAE\nSAeUron's style SAE sits on "
            "`up_blocks.1.attentions.2` (16x16 patches at 512 px). Learn Concept scores the latents per timestep "
            "(SAeUron: percentile 99.999 keeps about one latent of 20480), Patch Replacer replaces the patches where "
@@ -293,20 +293,20 @@ def wf_two(schemas) -> dict:
     g = Graph(schemas)
     ids = base(g, TURBO["name"], "a dog and a bicycle in front of a red brick house, photo")
     sae = g.node("SAELoad", (0, 200), {"sae_name": UNBOX["name"]})
-    c1 = learn(g, ids, sae, (0, 420), "dog", DOG, TURBO_LEARN)
-    c2 = learn(g, ids, sae, (0, 1000), "bicycle",
+    c1 = learn(g, ids, sae, (0, 460), "dog", DOG, TURBO_LEARN)
+    c2 = learn(g, ids, sae, (0, 1240), "bicycle",
                ["a photo of a bicycle", "a bicycle leaning against a wall", "a red bicycle on a street",
                 "a close-up photo of a bicycle wheel", "a bicycle in a park"], TURBO_LEARN)
     det = detector(g, sae, [c1, c2], (760, 0), {"padding": 1})
     per = edit(g, "SAEPatchReplacer", ids, det, (760, 380), {"mode": "random", "seed": 0})
     k0 = sampler(g, ids, (ids["ckpt"], "MODEL"), (1120, 0), TURBO_SAMPLING, title="KSampler (original)")
-    k1 = sampler(g, ids, (per, "MODEL"), (1120, 320), TURBO_SAMPLING, title="KSampler (both erased)")
-    d0, d1 = decode(g, ids, k0, (1480, 0)), decode(g, ids, k1, (1480, 320))
+    k1 = sampler(g, ids, (per, "MODEL"), (1120, 360), TURBO_SAMPLING, title="KSampler (both erased)")
+    d0, d1 = decode(g, ids, k0, (1480, 0)), decode(g, ids, k1, (1480, 360))
     cmp_ = g.node("SAECompare", (1760, 0), {"label_a": "original", "label_b": "dog + bicycle erased"},
                   size=[520, 460])
     g.link(d0, "IMAGE", cmp_, "image_a")
     g.link(d1, "IMAGE", cmp_, "image_b")
-    mask_preview(g, per, d1, (1760, 500))
+    mask_preview(g, per, d1, (1760, 520))
     g.note((760, 600), "# Two concepts erased at once\nConcept Detector unites the detections of every "
            "connected concept (up to three, plus typed latent ids); one Patch Replacer then erases them all in "
            "one pass.\n\n" + UNBOX_NOTE, size=[340, 520])

@@ -1,0 +1,153 @@
+// Headless Chromium against a running ComfyUI (driven by tools/browser_check.py, which passes a JSON job file):
+// load every example workflow into the real frontend, report missing nodes / widget mismatches / page errors,
+// save the frontend's own API conversion, screenshot each graph, then deliver real Mask Preview and Compare
+// payloads as "executed" events and drive the scrubber and the slider with keyboard and mouse.
+import { createRequire } from "node:module";
+import fs from "node:fs";
+import path from "node:path";
+
+const job = JSON.parse(fs.readFileSync(process.argv[2], "utf8"));
+const require = createRequire(path.join(job.playwright_dir, "noop.js"));
+const { chromium } = require("playwright-core");
+
+const report = { workflows: {}, behaviour: {}, page_errors: [], console_errors: [] };
+const shot = (name) => path.join(job.shots, name);
+
+// a fresh profile per run (launchPersistentContext owns --user-data-dir)
+const browser = await chromium.launchPersistentContext(job.profile, {
+  executablePath: job.chromium,
+  headless: true,
+  viewport: { width: 1600, height: 1100 },
+  args: ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync"],
+});
+try {
+  const page = await browser.newPage();
+  page.on("pageerror", (e) => report.page_errors.push(`${e}\n${(e.stack ?? "").split("\n").slice(0, 6).join("\n")}`));
+  page.on("response", (r) => { if (r.status() >= 400) report.console_errors.push(`${r.status()} ${r.url()}`); });
+  page.on("console", (m) => { if (m.type() === "error") report.console_errors.push(m.text()); });
+  await page.goto(job.url, { waitUntil: "domcontentloaded", timeout: 120000 });
+  await page.waitForFunction(() => window.comfyAPI?.app?.app?.graph && window.LiteGraph?.registered_node_types?.SAEMaskPreview,
+    null, { timeout: 120000 });
+  await page.evaluate(async () => {
+    const { app } = window.comfyAPI.app;
+    // no first-run tours or template dialogs over the canvas
+    for (const [k, v] of [["Comfy.TutorialCompleted", true], ["Comfy.Workflow.ShowMissingModelsWarning", true],
+      ["Comfy.Minimap.Visible", false], ["LiteGraph.Canvas.MinFontSizeForLOD", 1]]) {
+      try { await app.extensionManager.setting.set(k, v); } catch { /* older frontends */ }
+    }
+  });
+  const extensionLoaded = await page.evaluate(() => window.comfyAPI.app.app.extensions.some((e) => e.name === "sae_concept_eraser.previews"));
+  report.extension_loaded = extensionLoaded;
+
+  for (const [name, file] of Object.entries(job.workflows)) {
+    const wf = JSON.parse(fs.readFileSync(file, "utf8"));
+    await page.keyboard.press("Escape");
+    const result = await page.evaluate(async (wf) => {
+      const { app } = window.comfyAPI.app;
+      const LG = window.LiteGraph;
+      await app.loadGraphData(structuredClone(wf), true, true, wf.id ? undefined : "x");
+      await new Promise((r) => setTimeout(r, 800));
+      const missing = wf.nodes.filter((n) => !LG.registered_node_types[n.type]).map((n) => n.type);
+      const widgetErrors = [];
+      for (const n of wf.nodes) {
+        const node = app.graph.getNodeById(n.id);
+        if (!node) { widgetErrors.push(`node ${n.id} not created`); continue; }
+        if (node.has_errors) widgetErrors.push(`node ${n.id} (${n.type}) has_errors`);
+        const values = (node.widgets ?? []).filter((w) => w.serialize !== false).map((w) => w.value);
+        if (JSON.stringify(values) !== JSON.stringify(n.widgets_values ?? [])) {
+          widgetErrors.push(`node ${n.id} (${n.type}) widgets ${JSON.stringify(values)} != file ${JSON.stringify(n.widgets_values)}`);
+        }
+      }
+      const saved = app.graph.serialize();
+      const prompt = await app.graphToPrompt();
+      const dialogs = [...document.querySelectorAll(".p-dialog")].map((d) => d.textContent.slice(0, 300));
+      const panels = [...document.querySelectorAll("[data-sae-widget]")].map((d) => d.dataset.saeWidget);
+      // fit the whole graph into view for the screenshot (titles sit 30 units above a node's pos)
+      const xs = wf.nodes.flatMap((n) => [n.pos[0], n.pos[0] + n.size[0]]);
+      const ys = wf.nodes.flatMap((n) => [n.pos[1] - 30, n.pos[1] + n.size[1]]);
+      const [x0, x1, y0, y1] = [Math.min(...xs), Math.max(...xs), Math.min(...ys), Math.max(...ys)];
+      app.canvas.ds.fitToBounds([x0, y0, x1 - x0, y1 - y0], { zoom: 0.92 });
+      app.canvas.setDirty(true, true);
+      return { missing, widgetErrors, dialogs, panels, nodes: saved.nodes.length, links: saved.links.length,
+        api: prompt.output };
+    }, wf);
+    await page.waitForTimeout(500);
+    // the canvas without the side bar and the top bar
+    await page.screenshot({ path: shot(`${name}.png`), clip: { x: 64, y: 80, width: 1536, height: 1020 } });
+    report.workflows[name] = result;
+  }
+
+  // behaviour: real payloads (tools/demo_payload.py) delivered the way the frontend receives a node's ui output
+  for (const [name, nodeType, payload] of [[job.mask_workflow, "SAEMaskPreview", job.mask_payload],
+    [job.compare_workflow, "SAECompare", job.compare_payload]]) {
+    const wf = JSON.parse(fs.readFileSync(job.workflows[name], "utf8"));
+    const id = wf.nodes.find((n) => n.type === nodeType).id;
+    await page.evaluate(async ({ wf, id }) => {
+      const { app } = window.comfyAPI.app;
+      await app.loadGraphData(structuredClone(wf));
+      await new Promise((r) => setTimeout(r, 500));
+      const node = app.graph.getNodeById(id);
+      const c = app.canvas;
+      // centre the node at a readable zoom
+      c.ds.scale = 1.1;
+      c.ds.offset = [-node.pos[0] + 200, -node.pos[1] + 60];
+      c.setDirty(true, true);
+    }, { wf, id });
+    await page.evaluate(({ id, payload }) => {
+      const { api } = window.comfyAPI.api;
+      api.dispatchCustomEvent("executed", { node: String(id), display_node: String(id), output: payload, prompt_id: "sae-browser-check" });
+    }, { id, payload });
+    const widgetName = nodeType === "SAEMaskPreview" ? "sae_step_scrubber" : "sae_compare_slider";
+    const panel = page.locator(`[data-sae-widget="${widgetName}"]`);
+    await panel.waitFor({ state: "visible", timeout: 20000 });
+    const canvasHash = () => panel.locator("canvas").evaluate((c) => {
+      const d = c.getContext("2d").getImageData(0, 0, c.width, c.height).data;
+      let h = 0;
+      for (let i = 0; i < d.length; i += 7) h = (h * 31 + d[i]) >>> 0;
+      return `${c.width}x${c.height}:${h}`;
+    });
+    const states = [];
+    if (nodeType === "SAEMaskPreview") {
+      await page.waitForFunction(() => document.querySelector('[data-sae-widget="sae_step_scrubber"]')?.dataset.step !== undefined, null, { timeout: 20000 });
+      const range = panel.locator('input[type="range"]');
+      await range.focus();
+      await page.keyboard.press("Home");
+      for (let k = 0; k < 6; k++) {
+        const st = await panel.evaluate((d) => ({ step: d.dataset.step, caption: d.querySelector("span").textContent }));
+        states.push({ ...st, hash: await canvasHash() });
+        if (k === 0 || k === 2 || k === 5) {
+          await page.screenshot({ path: shot(`scrubber_step${k}.png`) });
+          await panel.screenshot({ path: shot(`scrubber_panel_step${k}.png`) });
+        }
+        await page.keyboard.press("ArrowRight");
+      }
+    } else {
+      await page.waitForFunction(() => document.querySelector('[data-sae-widget="sae_compare_slider"]')?.dataset.fraction !== undefined, null, { timeout: 20000 });
+      const box = await panel.locator("canvas").boundingBox();
+      const y = box.y + box.height / 2;
+      await page.mouse.move(box.x + box.width * 0.5, y);
+      await page.mouse.down();
+      for (const [k, f] of [[0, 0.15], [1, 0.5], [2, 0.85]]) {
+        await page.mouse.move(box.x + box.width * f, y, { steps: 5 });
+        const st = await panel.evaluate((d) => ({ fraction: d.dataset.fraction, caption: d.querySelector("span").textContent }));
+        states.push({ ...st, pointer: f, hash: await canvasHash() });
+        await page.screenshot({ path: shot(`slider_${k}.png`) });
+        await panel.screenshot({ path: shot(`slider_panel_${k}.png`) });
+      }
+      await page.mouse.up();
+    }
+    // remove the node: its listeners go with it (the panel's AbortController)
+    const removed = await page.evaluate((id) => {
+      const { app } = window.comfyAPI.app;
+      const node = app.graph.getNodeById(id);
+      const panel = node.saeView.panel;
+      app.graph.remove(node);
+      return { aborted: panel.signal.aborted, viewCleared: node.saeView === null };
+    }, id);
+    report.behaviour[nodeType] = { states, removed };
+  }
+} finally {
+  await browser.close();
+}
+fs.writeFileSync(path.join(job.shots, "report.json"), JSON.stringify(report, null, 1));
