@@ -83,11 +83,14 @@ def check(shots: pathlib.Path, python: str = sys.executable, timeout: float = 60
         base = pathlib.Path(tmp) / "base"
         _placeholders(base, workflows)
         with comfy_server(base, python, pre["comfy"]) as url:
-            # after startup: ComfyUI empties its temp folder when it starts
-            from tools.demo_payload import build
-
+            # after startup (ComfyUI empties its temp folder when it starts), in a clean interpreter (under pytest
+            # ComfyUI's nodes.py would shadow the pack's nodes package)
             (base / "temp").mkdir(exist_ok=True)
-            mask_payload, compare_payload = build(str(base / "temp"))
+            payload_file = pathlib.Path(tmp) / "payload.json"
+            subprocess.run([python, str(HERE / "demo_payload.py"), str(base / "temp"), str(payload_file)], check=True,
+                           cwd=ROOT, capture_output=True, timeout=300)
+            payload = json.loads(payload_file.read_text())
+            mask_payload, compare_payload = payload["mask"], payload["compare"]
             job = {"url": url, "chromium": pre["chromium"], "playwright_dir": pre["playwright_dir"],
                    "profile": str(pathlib.Path(tmp) / "profile"), "shots": str(shots),
                    "workflows": {n: str(WF_DIR / f"{n}.json") for n in names},

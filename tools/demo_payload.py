@@ -9,19 +9,24 @@ frontend receives a node's ui output after a real run.
 
 from __future__ import annotations
 
+import json
 import os
+import pathlib
+import sys
 
-import torch
-from einops import rearrange
-from PIL import Image
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from nodes.masks import overlay, recorded_maps, upscale
-from nodes.ui_payload import compare_payload, mask_step_payload
-from sae_core.concepts import ConceptStatsAccumulator, SelectionRule, build_concept_dictionary
-from sae_core.detect import ConceptDetector, DetectionSettings
-from sae_core.intervention import BlockIntervention, Recorder, ReplaceSettings, StepInfo
-from sae_core.steer import SteerSettings
-from sae_core.synthetic import coverage_regions, planted_maps, planted_sae
+import torch  # noqa: E402
+from einops import rearrange  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from nodes.masks import overlay, recorded_maps, upscale  # noqa: E402
+from nodes.ui_payload import compare_payload, mask_step_payload  # noqa: E402
+from sae_core.concepts import ConceptStatsAccumulator, SelectionRule, build_concept_dictionary  # noqa: E402
+from sae_core.detect import ConceptDetector, DetectionSettings  # noqa: E402
+from sae_core.intervention import BlockIntervention, Recorder, ReplaceSettings, StepInfo  # noqa: E402
+from sae_core.steer import SteerSettings  # noqa: E402
+from sae_core.synthetic import coverage_regions, planted_maps, planted_sae  # noqa: E402
 
 GRID = (12, 16)
 SCALE = 24
@@ -82,3 +87,9 @@ def build(out_dir: str) -> tuple[dict, dict]:
                    **compare_payload([original[None], erased[None], steered[None]],
                                      ["original", "Patch Replacer", "SAE Steer"], out_dir)}
     return mask_out, compare_out
+
+
+if __name__ == "__main__":
+    # python tools/demo_payload.py <ComfyUI temp folder> <payload.json>
+    mask_out, compare_out = build(sys.argv[1])
+    pathlib.Path(sys.argv[2]).write_text(json.dumps({"mask": mask_out, "compare": compare_out}))
