@@ -19,7 +19,9 @@ def _import_comfyui() -> str | None:
     if not COMFYUI_PATH or not (pathlib.Path(COMFYUI_PATH) / "comfy").is_dir():
         return f"COMFYUI_PATH={COMFYUI_PATH!r} is not a ComfyUI checkout"
     if COMFYUI_PATH not in sys.path:
-        sys.path.insert(0, COMFYUI_PATH)
+        # appended, not prepended: ComfyUI's top-level nodes.py must not shadow the pack's `nodes` package
+        # for the tests outside this folder (nothing imported in-process here needs ComfyUI's nodes.py)
+        sys.path.append(COMFYUI_PATH)
     try:
         from comfy.cli_args import args
 
