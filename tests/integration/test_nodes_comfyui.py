@@ -419,3 +419,22 @@ def test_fp32_sae_on_bf16_model_casts_lazily(pack, sd1_bf16):
             keys, masks = dets.recorder.masks("cond" if flag == 0 else "uncond", 0)
             torch.testing.assert_close(masks[keys.index(s)], ref[c])
     assert (torch.device("cpu"), torch.bfloat16) in sae._cache  # weights were cast once for the activations
+
+
+def test_schemas_v3_only_with_tooltips_descriptions_and_prefix(pack, models_dir):
+    import asyncio
+
+    ext = pack.nodes.extension
+    assert not hasattr(pack, "NODE_CLASS_MAPPINGS") and not hasattr(ext, "NODE_CLASS_MAPPINGS")
+    nodes = asyncio.run(asyncio.run(pack.comfy_entrypoint()).get_node_list())
+    names = {}
+    for node in nodes:
+        s = node.GET_SCHEMA()
+        assert s.node_id.startswith("SAE") and s.category == "SAE" and s.description
+        assert all(i.tooltip for i in s.inputs), [i.id for i in s.inputs if not i.tooltip]
+        assert all(o.tooltip for o in s.outputs)
+        names[s.node_id] = s.display_name
+    assert sorted(names.values()) == sorted(["Load SAE", "Concept Detector", "Patch Replacer", "SAE Steer",
+                                             "Mask Preview", "Learn Concept", "Save Concept", "Load Concept", "Compare"])
+    exts = folder_paths.folder_names_and_paths
+    assert exts["sae"][1] == {".safetensors"} and exts["sae_concepts"][1] == {".safetensors"}
