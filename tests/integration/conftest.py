@@ -30,7 +30,7 @@ def _import_comfyui() -> str | None:
         args.use_pytorch_cross_attention = True
         import comfy.model_patcher  # noqa: F401
         import comfy.sample  # noqa: F401
-        import comfy_api.latest  # noqa: F401
+        import comfy_api.latest  # noqa: F401  -- first: it needs the most dependencies (av), fail early
         import folder_paths  # noqa: F401
     except Exception as e:  # any missing dependency of ComfyUI means "not importable here"
         # leave no half-imported ComfyUI behind: the repo root's __init__ would see comfy_api and try it
