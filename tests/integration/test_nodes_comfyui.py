@@ -419,3 +419,59 @@ def test_fp32_sae_on_bf16_model_casts_lazily(pack, sd1_bf16):
             keys, masks = dets.recorder.masks("cond" if flag == 0 else "uncond", 0)
             torch.testing.assert_close(masks[keys.index(s)], ref[c])
     assert (torch.device("cpu"), torch.bfloat16) in sae._cache  # weights were cast once for the activations
+
+
+def test_schemas_v3_only_with_tooltips_descriptions_and_prefix(pack, models_dir):
+    import asyncio
+
+    ext = pack.nodes.extension
+    assert not hasattr(pack, "NODE_CLASS_MAPPINGS") and not hasattr(ext, "NODE_CLASS_MAPPINGS")
+    nodes = asyncio.run(asyncio.run(pack.comfy_entrypoint()).get_node_list())
+    names = {}
+    for node in nodes:
+        s = node.GET_SCHEMA()
+        assert s.node_id.startswith("SAE") and s.category == "SAE" and s.description
+        assert all(i.tooltip for i in s.inputs), [i.id for i in s.inputs if not i.tooltip]
+        assert all(o.tooltip for o in s.outputs)
+        names[s.node_id] = s.display_name
+    assert sorted(names.values()) == sorted(["Load SAE", "Concept Detector", "Patch Replacer", "SAE Steer",
+                                             "Mask Preview", "Learn Concept", "Save Concept", "Load Concept", "Compare"])
+    exts = folder_paths.folder_names_and_paths
+    assert exts["sae"][1] == {".safetensors"} and exts["sae_concepts"][1] == {".safetensors"}
+
+
+def test_learn_concept_default_contrast_and_errors(pack, sd1):
+    ext = pack.nodes.extension
+    sae = make_sae(pack, 128, M=64)
+    kw = dict(concept_name="cat", concept_prompts="a cat", contrast_prompts="  \n", negative_prompt="", width=64,
+              height=64, steps=1, cfg=1.0, sampler_name="euler", scheduler="normal", seed=1, selection="top_n",
+              percentile=99.0, top_n=1)
+    concept = ext.LearnConcept.execute(sd1.model, FakeClip(), sae, **kw).args[0]
+    assert concept.meta.prompts["__contrast__"] == list(pack.nodes.learn.DEFAULT_CONTRAST)
+    assert concept.meta.hook_point == "up_blocks.1.attentions.1" and concept.meta.model_family == "sd1"
+    assert concept.meta.sae_fingerprint == sae.fingerprint() and concept.timesteps.numel() == 1
+    with pytest.raises(ValueError, match="concept_prompts is empty"):
+        ext.LearnConcept.execute(sd1.model, FakeClip(), sae, **{**kw, "concept_prompts": "# only a comment"})
+    with pytest.raises(ValueError, match="'__contrast__' is empty or reserved"):
+        ext.LearnConcept.execute(sd1.model, FakeClip(), sae, **{**kw, "concept_name": "__contrast__"})
+    wrong = make_sae(pack, 64, M=64)
+    with pytest.raises(ValueError, match=r"has 128 channels in this model, the SAE expects d_in=64"):
+        ext.LearnConcept.execute(sd1.model, FakeClip(), wrong, **kw)
+    assert not sd1.model.object_patches
+
+
+def test_concept_detector_errors(pack):
+    ext = pack.nodes.extension
+    sae = make_sae(pack, 128, M=64)
+    args = dict(latent_ids="", typed_threshold=0.0, threshold_scale=1.0, padding=0, min_region=0,
+                start_percent=0.0, end_percent=1.0, branches="both")
+    with pytest.raises(ValueError, match="no concept connected and no latent ids typed"):
+        ext.ConceptDetectorNode.execute(sae, **args)
+    with pytest.raises(ValueError, match=r"latent ids \[70\] out of range 0..63"):
+        ext.ConceptDetectorNode.execute(sae, **{**args, "latent_ids": "3, 70"})
+    with pytest.raises(ValueError, match="start_percent 0.9 and end_percent 0.1"):
+        ext.ConceptDetectorNode.execute(sae, **{**args, "latent_ids": "3", "start_percent": 0.9, "end_percent": 0.1})
+    other = make_sae(pack, 128, M=64, seed=9)
+    learned = pack.sae_core.concepts.ConceptDictionary.from_latents([1], 64, sae_fingerprint=other.fingerprint())
+    with pytest.raises(pack.sae_core.concepts.ConceptMismatchError):
+        ext.ConceptDetectorNode.execute(sae, concept=learned, **args)

@@ -18,7 +18,8 @@ import uuid
 import pytest
 import torch
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
+HERE = pathlib.Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
 COMFYUI_PATH = os.environ["COMFYUI_PATH"]
 NODE_IDS = {"SAELoad", "SAEConceptDetector", "SAEPatchReplacer", "SAESteer", "SAEMaskPreview", "SAELearnConcept",
             "SAESaveConcept", "SAELoadConcept", "SAECompare"}
@@ -60,6 +61,14 @@ def _write_models(base: pathlib.Path, pack):
     a, b = sae(1), sae(2)
     sc.save_native(a, base / "models" / "sae" / "tiny.safetensors")
     sc.save_native(b, base / "models" / "sae" / "other.safetensors")
+    # for the tiny UNet (128 channels at output_blocks.4.1): no family recorded, so load_sae keeps the hook
+    # point without checking it against the real SD1 width; the node checks the real model's width
+    g.manual_seed(3)
+    W_dec = torch.randn(64, 128, generator=g)
+    cfg = sc.SAEConfig(d_in=128, n_latents=64, k=8, hook_point="up_blocks.1.attentions.1")
+    tiny = sc.SparseAutoencoder(cfg, W_enc=torch.randn(64, 128, generator=g) / 128**0.5, b_enc=torch.zeros(64),
+                                W_dec=W_dec / W_dec.norm(dim=-1, keepdim=True), b_dec=torch.zeros(128))
+    sc.save_native(tiny, base / "models" / "sae" / "tiny_unet.safetensors")
     concept = sc.concepts.ConceptDictionary.from_latents([3, 5], 32, threshold=0.1, name="cat",
                                                          sae_fingerprint=a.fingerprint())
     concept.save(base / "models" / "sae_concepts" / "cat.safetensors")
@@ -70,6 +79,7 @@ def server(tmp_path_factory, pack):
     base = tmp_path_factory.mktemp("comfy_base")
     (base / "custom_nodes").mkdir()
     os.symlink(ROOT, base / "custom_nodes" / "sae_concept_eraser")
+    os.symlink(HERE / "helper_nodes.py", base / "custom_nodes" / "sae_test_helpers.py")
     _write_models(base, pack)
     port = _free_port()
     log = open(base / "server.log", "w")
@@ -179,3 +189,53 @@ def test_graph_runs_and_wrong_graph_reports(server):
     assert status == 400, body
     errs = body["node_errors"]["7"]["errors"]
     assert errs[0]["type"] == "return_type_mismatch" and "SAE" in json.dumps(errs) and "IMAGE" in json.dumps(errs)
+
+
+def test_sampling_graph_with_ksampler_mask_preview_and_wrong_width(server):
+    url, base = server
+
+    def load(name):
+        return {"class_type": "SAELoad", "inputs": {"sae_name": name, "block": "from file", "model_family": "from file",
+                                                     "input_space": "from file", "activation": "from file"}}
+
+    graph = {
+        "m": {"class_type": "SAETestTinySD1", "inputs": {}},
+        "c": {"class_type": "SAETestConds", "inputs": {"seed": 3}},
+        "l": {"class_type": "EmptyLatentImage", "inputs": {"width": 128, "height": 96, "batch_size": 2}},
+        "s": load("tiny_unet.safetensors"),
+        "d": {"class_type": "SAEConceptDetector", "inputs": {
+            "sae": ["s", 0], "latent_ids": "1, 2, 3, 4, 5, 6", "typed_threshold": 0.0, "threshold_scale": 1.0,
+            "padding": 0, "min_region": 0, "start_percent": 0.0, "end_percent": 1.0, "branches": "both"}},
+        "p": {"class_type": "SAEPatchReplacer", "inputs": {"model": ["m", 0], "detector": ["d", 0], "mode": "random",
+                                                           "target": "output", "seed": 0}},
+        "k0": {"class_type": "KSampler", "inputs": {"model": ["m", 0], "seed": 5, "steps": 3, "cfg": 4.0,
+                                                    "sampler_name": "euler", "scheduler": "normal", "positive": ["c", 0],
+                                                    "negative": ["c", 1], "latent_image": ["l", 0], "denoise": 1.0}},
+        "k1": {"class_type": "KSampler", "inputs": {"model": ["p", 0], "seed": 5, "steps": 3, "cfg": 4.0,
+                                                    "sampler_name": "euler", "scheduler": "normal", "positive": ["c", 0],
+                                                    "negative": ["c", 1], "latent_image": ["l", 0], "denoise": 1.0}},
+        "i0": {"class_type": "SAETestLatentToImage", "inputs": {"samples": ["k0", 0]}},
+        "i1": {"class_type": "SAETestLatentToImage", "inputs": {"samples": ["k1", 0]}},
+        "mp": {"class_type": "SAEMaskPreview", "inputs": {"detections": ["p", 1], "images": ["i1", 0], "step": -1,
+                                                          "aggregate": "max", "branch": "cond", "show": "mask",
+                                                          "opacity": 0.5, "color": "#ff2020"}},
+        "cmp": {"class_type": "SAECompare", "inputs": {"image_a": ["i0", 0], "image_b": ["mp", 0], "label_a": "original",
+                                                       "label_b": "PER + mask", "label_c": ""}},
+    }
+    status, hist = _run(url, graph, timeout=240)
+    assert status == 200 and hist["status"]["status_str"] == "success", hist if status != 200 else hist["status"]["messages"][-1]
+    assert len(hist["outputs"]["mp"]["images"]) == 2 and len(hist["outputs"]["cmp"]["images"]) == 2
+
+    wrong = {k: v for k, v in graph.items() if k not in ("mp", "cmp", "i0", "k0")}
+    wrong["pv"] = {"class_type": "PreviewImage", "inputs": {"images": ["i1", 0]}}  # an output node
+    wrong["s"] = load("tiny.safetensors")  # 1280 wide: the real SD1 width, not the tiny UNet's 128
+    wrong["d"] = {**graph["d"], "inputs": {**graph["d"]["inputs"], "latent_ids": "1"}}
+    status, hist = _run(url, wrong, timeout=240)
+    assert status == 200 and hist["status"]["status_str"] == "error"
+    err = [m[1] for m in hist["status"]["messages"] if m[0] == "execution_error"][0]
+    assert err["node_type"] == "SAEPatchReplacer" and err["exception_type"] == "ValueError"
+    msg = err["exception_message"]
+    for part in ("tiny.safetensors", "up_blocks.1.attentions.1", "diffusion_model.output_blocks.4.1",
+                 "has 128 channels in this model", "expects d_in=1280"):
+        assert part in msg, msg
+    assert "k1" not in err["executed"]  # failed before sampling
