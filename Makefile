@@ -6,7 +6,7 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: setup test demo lint
+.PHONY: setup test demo lint test-comfy
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -23,3 +23,9 @@ test: lint
 
 demo: setup
 	$(BIN)/python -m sae_core demo
+
+# The ComfyUI integration tests: need a ComfyUI checkout and a Python that can import it.
+COMFYUI_PATH ?= /work/comfyui
+COMFY_PYTHON ?= /work/comfyenv/bin/python
+test-comfy:
+	COMFYUI_PATH=$(COMFYUI_PATH) $(COMFY_PYTHON) -m pytest -q tests/integration

@@ -124,7 +124,11 @@ class SparseAutoencoder(nn.Module):
         return SAEWeights(self.W_enc, self.b_enc, self.W_dec, self.b_dec, self.threshold, self.W_skip)
 
     def _versions(self) -> tuple[int, ...]:
-        return tuple(t._version for t in self._own() if t is not None) + tuple(id(t) for t in self._own())
+        # Tensors made under torch.inference_mode() (ComfyUI runs every node in it) have no version
+        # counter; they can only change in place inside inference mode, so their identity has to do.
+        return tuple(-1 if t is None or t.is_inference() else t._version for t in self._own()) + tuple(
+            id(t) for t in self._own()
+        )
 
     def weights(self, device: torch.device | str, dtype: torch.dtype) -> SAEWeights:
         """The weights on ``device`` in ``dtype``; cast once and cached until the weights change."""

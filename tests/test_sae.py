@@ -109,3 +109,16 @@ def test_skip_connection_applies_to_raw_input():
     skipped = SparseAutoencoder(cfg, **w, W_skip=skip)
     x = varied_input((5, D))
     torch.testing.assert_close(skipped(x).x_hat, plain(x).x_hat + x @ skip.T)
+
+
+def test_sae_built_under_inference_mode_works_like_comfyui_builds_it():
+    w = random_weights(D, M)
+    x = varied_input((3, 5, D))
+    plain = SparseAutoencoder(SAEConfig(d_in=D, n_latents=M, k=K), **w)
+    with torch.inference_mode():  # ComfyUI executes every node under inference mode
+        sae = SparseAutoencoder(SAEConfig(d_in=D, n_latents=M, k=K), **w)
+        assert sae.W_enc.is_inference()
+        assert sae.fingerprint() == plain.fingerprint()
+        half = sae.weights("cpu", torch.float16)
+        assert sae.weights("cpu", torch.float16) is half
+        torch.testing.assert_close(sae.encode(x), plain.encode(x), atol=0, rtol=0)
