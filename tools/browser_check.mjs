@@ -78,74 +78,71 @@ try {
     report.workflows[name] = result;
   }
 
-  // behaviour: real payloads (tools/demo_payload.py) delivered the way the frontend receives a node's ui output
-  for (const [name, nodeType, payload] of [[job.mask_workflow, "SAEMaskPreview", job.mask_payload],
-    [job.compare_workflow, "SAECompare", job.compare_payload]]) {
-    const wf = JSON.parse(fs.readFileSync(job.workflows[name], "utf8"));
-    const id = wf.nodes.find((n) => n.type === nodeType).id;
-    await page.evaluate(async ({ wf, id }) => {
-      const { app } = window.comfyAPI.app;
-      await app.loadGraphData(structuredClone(wf));
-      await new Promise((r) => setTimeout(r, 500));
-      const node = app.graph.getNodeById(id);
-      const c = app.canvas;
-      // centre the node at a readable zoom
-      c.ds.scale = 1.1;
-      c.ds.offset = [-node.pos[0] + 200, -node.pos[1] + 60];
-      c.setDirty(true, true);
-    }, { wf, id });
-    await page.evaluate(({ id, payload }) => {
-      const { api } = window.comfyAPI.api;
-      api.dispatchCustomEvent("executed", { node: String(id), display_node: String(id), output: payload, prompt_id: "sae-browser-check" });
-    }, { id, payload });
-    const widgetName = nodeType === "SAEMaskPreview" ? "sae_step_scrubber" : "sae_compare_slider";
-    const panel = page.locator(`[data-sae-widget="${widgetName}"]`);
-    await panel.waitFor({ state: "visible", timeout: 20000 });
-    const canvasHash = () => panel.locator("canvas").evaluate((c) => {
-      const d = c.getContext("2d").getImageData(0, 0, c.width, c.height).data;
-      let h = 0;
-      for (let i = 0; i < d.length; i += 7) h = (h * 31 + d[i]) >>> 0;
-      return `${c.width}x${c.height}:${h}`;
-    });
+  // behaviour: a real run. A tiny SD1 graph (test-only helper nodes + this pack's nodes) is loaded and queued from
+  // the frontend; the server's "executed" messages carry the real Mask Preview / Compare payloads.
+  const live = JSON.parse(fs.readFileSync(job.live_workflow, "utf8"));
+  const ids = Object.fromEntries(["SAEMaskPreview", "SAECompare"].map((t) => [t, live.nodes.find((n) => n.type === t).id]));
+  await page.evaluate(async (wf) => {
+    const { app } = window.comfyAPI.app;
+    await app.loadGraphData(structuredClone(wf));
+    await new Promise((r) => setTimeout(r, 500));
+    const mp = app.graph.getNodeById(wf.nodes.find((n) => n.type === "SAEMaskPreview").id);
+    app.canvas.ds.fitToBounds([mp.pos[0] - 20, mp.pos[1] - 40, 840, 700], { zoom: 0.95 });
+    app.canvas.setDirty(true, true);
+    await app.queuePrompt(0, 1);
+  }, live);
+  await page.waitForFunction(() => document.querySelector('[data-sae-widget="sae_step_scrubber"]')?.dataset.step !== undefined
+    && document.querySelector('[data-sae-widget="sae_compare_slider"]')?.dataset.fraction !== undefined, null, { timeout: 300000 });
+  await page.waitForTimeout(500);
+  await page.screenshot({ path: shot("live_run.png") });
+  const canvasHash = (panel) => panel.locator("canvas").evaluate((c) => {
+    const d = c.getContext("2d").getImageData(0, 0, c.width, c.height).data;
+    let h = 0;
+    for (let i = 0; i < d.length; i += 7) h = (h * 31 + d[i]) >>> 0;
+    return `${c.width}x${c.height}:${h}`;
+  });
+  {
+    const panel = page.locator('[data-sae-widget="sae_step_scrubber"]');
+    const range = panel.locator('input[type="range"]');
+    const count = Number(await range.getAttribute("max")) + 1;
+    await range.focus();
+    await page.keyboard.press("Home");
     const states = [];
-    if (nodeType === "SAEMaskPreview") {
-      await page.waitForFunction(() => document.querySelector('[data-sae-widget="sae_step_scrubber"]')?.dataset.step !== undefined, null, { timeout: 20000 });
-      const range = panel.locator('input[type="range"]');
-      await range.focus();
-      await page.keyboard.press("Home");
-      for (let k = 0; k < 6; k++) {
-        const st = await panel.evaluate((d) => ({ step: d.dataset.step, caption: d.querySelector("span").textContent }));
-        states.push({ ...st, hash: await canvasHash() });
-        if (k === 0 || k === 2 || k === 5) {
-          await page.screenshot({ path: shot(`scrubber_step${k}.png`) });
-          await panel.screenshot({ path: shot(`scrubber_panel_step${k}.png`) });
-        }
-        await page.keyboard.press("ArrowRight");
-      }
-    } else {
-      await page.waitForFunction(() => document.querySelector('[data-sae-widget="sae_compare_slider"]')?.dataset.fraction !== undefined, null, { timeout: 20000 });
-      const box = await panel.locator("canvas").boundingBox();
-      const y = box.y + box.height / 2;
-      await page.mouse.move(box.x + box.width * 0.5, y);
-      await page.mouse.down();
-      for (const [k, f] of [[0, 0.15], [1, 0.5], [2, 0.85]]) {
-        await page.mouse.move(box.x + box.width * f, y, { steps: 5 });
-        const st = await panel.evaluate((d) => ({ fraction: d.dataset.fraction, caption: d.querySelector("span").textContent }));
-        states.push({ ...st, pointer: f, hash: await canvasHash() });
-        await page.screenshot({ path: shot(`slider_${k}.png`) });
-        await panel.screenshot({ path: shot(`slider_panel_${k}.png`) });
-      }
-      await page.mouse.up();
+    for (let k = 0; k < count; k++) {
+      const st = await panel.evaluate((d) => ({ step: d.dataset.step, caption: d.querySelector("span").textContent }));
+      states.push({ ...st, hash: await canvasHash(panel) });
+      await page.screenshot({ path: shot(`scrubber_step${k}.png`) });
+      await panel.screenshot({ path: shot(`scrubber_panel_step${k}.png`) });
+      await page.keyboard.press("ArrowRight");
     }
-    // remove the node: its listeners go with it (the panel's AbortController)
-    const removed = await page.evaluate((id) => {
+    report.behaviour.SAEMaskPreview = { states };
+  }
+  {
+    const panel = page.locator('[data-sae-widget="sae_compare_slider"]');
+    const box = await panel.locator("canvas").boundingBox();
+    const y = box.y + box.height / 2;
+    await page.mouse.move(box.x + box.width * 0.5, y);
+    await page.mouse.down();
+    const states = [];
+    for (const [k, f] of [[0, 0.15], [1, 0.5], [2, 0.85]]) {
+      await page.mouse.move(box.x + box.width * f, y, { steps: 5 });
+      const st = await panel.evaluate((d) => ({ fraction: d.dataset.fraction, caption: d.querySelector("span").textContent }));
+      states.push({ ...st, pointer: f, hash: await canvasHash(panel) });
+      await page.screenshot({ path: shot(`slider_${k}.png`) });
+      await panel.screenshot({ path: shot(`slider_panel_${k}.png`) });
+    }
+    await page.mouse.up();
+    report.behaviour.SAECompare = { states };
+  }
+  // remove the nodes: their listeners go with them (each panel's AbortController)
+  for (const [t, id] of Object.entries(ids)) {
+    report.behaviour[t].removed = await page.evaluate((id) => {
       const { app } = window.comfyAPI.app;
       const node = app.graph.getNodeById(id);
       const panel = node.saeView.panel;
       app.graph.remove(node);
       return { aborted: panel.signal.aborted, viewCleared: node.saeView === null };
     }, id);
-    report.behaviour[nodeType] = { states, removed };
   }
 } finally {
   await browser.close();

@@ -27,13 +27,15 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(ROOT))
 
-from comfy_server import comfy_server, comfyui_path  # noqa: E402
-from workflow_format import files_expected, load_snapshot, to_api  # noqa: E402
+from build_workflows import Graph  # noqa: E402
+from comfy_server import comfy_server, comfyui_path, get_json  # noqa: E402
+from workflow_format import files_expected, load_snapshot, snapshot_schemas, to_api  # noqa: E402
 
 logger = logging.getLogger("browser_check")
 WF_DIR = ROOT / "example_workflows"
-MASK_WORKFLOW = "sdxl_turbo_object_erasure"
-COMPARE_WORKFLOW = "compare_steer_vs_replace"
+HELPER_NODES = ROOT / "tests" / "integration" / "helper_nodes.py"  # test-only tiny SD1 model, conds, latent->image
+TINY_SAE = "tiny_unet_browser.safetensors"
+LIVE_STEPS = 6
 
 
 class Skip(Exception):
@@ -72,6 +74,67 @@ def _placeholders(base: pathlib.Path, workflows: dict) -> None:
                 p.touch()
 
 
+def _tiny_sae(path: pathlib.Path) -> None:
+    """A random TopK SAE for the tiny UNet's output_blocks.4.1 (128 channels); no family recorded (not real SD1)."""
+    import torch
+
+    from sae_core import SAEConfig, SparseAutoencoder, save_native
+
+    g = torch.Generator().manual_seed(3)
+    W_dec = torch.randn(64, 128, generator=g)
+    cfg = SAEConfig(d_in=128, n_latents=64, k=8, hook_point="up_blocks.1.attentions.1")
+    sae = SparseAutoencoder(cfg, W_enc=torch.randn(64, 128, generator=g) / 128**0.5, b_enc=torch.zeros(64),
+                            W_dec=W_dec / W_dec.norm(dim=-1, keepdim=True), b_dec=torch.zeros(128))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_native(sae, path)
+
+
+def live_workflow(object_info: dict) -> dict:
+    """A UI graph that really runs on CPU: tiny SD1 -> Patch Replacer / SAE Steer -> KSamplers -> Mask Preview,
+    Compare. Built from the live schemas (the helper nodes are not in the snapshot)."""
+    types = ["SAETestTinySD1", "SAETestConds", "SAETestLatentToImage", "EmptyLatentImage", "KSampler", "SAELoad",
+             "SAEConceptDetector", "SAEPatchReplacer", "SAESteer", "SAEMaskPreview", "SAECompare", "EmptyImage", "ImageBlend"]
+    g = Graph(snapshot_schemas(object_info, types))
+    m = g.node("SAETestTinySD1", (0, 0), size=[240, 60])
+    c = g.node("SAETestConds", (0, 120), size=[240, 80])
+    lat = g.node("EmptyLatentImage", (0, 260), {"width": 512, "height": 384, "batch_size": 1})
+    sae = g.node("SAELoad", (0, 420), {"sae_name": TINY_SAE})
+    det = g.node("SAEConceptDetector", (300, 0), {"latent_ids": "0, 4", "typed_threshold": 0.3,
+                                                  "padding": 0})
+    g.link(sae, "SAE", det, "sae")
+    per = g.node("SAEPatchReplacer", (300, 420), {"mode": "random", "seed": 0})
+    steer = g.node("SAESteer", (300, 600), {"method": "saeuron_scale", "strength": -10.0})
+    for e in (per, steer):
+        g.link(m, "MODEL", e, "model")
+        g.link(det, "DETECTOR", e, "detector")
+    images = []
+    for i, src in enumerate(((m, "MODEL"), (per, "MODEL"), (steer, "MODEL"))):
+        k = g.node("KSampler", (660, 330 * i), {"seed": 5, "steps": LIVE_STEPS, "cfg": 4.0, "sampler_name": "euler",
+                                                "scheduler": "normal", "denoise": 1.0})
+        g.link(*src, k, "model")
+        g.link(c, "CONDITIONING", k, "positive")
+        g.link(c, "CONDITIONING", k, "negative")
+        g.link(lat, "LATENT", k, "latent_image")
+        img = g.node("SAETestLatentToImage", (1000, 330 * i + 40), size=[220, 50])
+        g.link(k, "LATENT", img, "samples")
+        images.append(img)
+    # the tiny random UNet "decodes" to coloured noise: the PER image is faded into flat grey (90 %) so that each
+    # step's recorded mask is plain to see; the masks are the real ones of the PER run
+    grey = g.node("EmptyImage", (1000, 1000), {"width": 512, "height": 384, "batch_size": 1, "color": 0x707070})
+    faded = g.node("ImageBlend", (1000, 1160), {"blend_factor": 0.9, "blend_mode": "normal"})
+    g.link(images[1], "IMAGE", faded, "image1")
+    g.link(grey, "IMAGE", faded, "image2")
+    mp = g.node("SAEMaskPreview", (1260, 0), {"opacity": 0.8}, size=[360, 640])
+    g.link(per, "DETECTIONS", mp, "detections")
+    g.link(faded, "IMAGE", mp, "images")
+    cmp_ = g.node("SAECompare", (1660, 0), {"label_a": "original", "label_b": "Patch Replacer + mask",
+                                            "label_c": "SAE Steer"}, size=[420, 640])
+    g.link(images[0], "IMAGE", cmp_, "image_a")
+    g.link(mp, "IMAGE", cmp_, "image_b")  # the overlay: the wipe shows where the patches were replaced
+    g.link(images[2], "IMAGE", cmp_, "image_c")
+    return g.workflow("browser_check_live", [])
+
+
 def check(shots: pathlib.Path, python: str = sys.executable, timeout: float = 600) -> dict:
     """Run the whole check; return the report with a list of ``problems`` (empty = passed)."""
     pre = prerequisites()
@@ -82,26 +145,23 @@ def check(shots: pathlib.Path, python: str = sys.executable, timeout: float = 60
     with tempfile.TemporaryDirectory(prefix="sae_browser_") as tmp:
         base = pathlib.Path(tmp) / "base"
         _placeholders(base, workflows)
+        _tiny_sae(base / "models" / "sae" / TINY_SAE)
+        (base / "custom_nodes").mkdir(parents=True, exist_ok=True)
+        os.symlink(HELPER_NODES, base / "custom_nodes" / "sae_test_helpers.py")
         with comfy_server(base, python, pre["comfy"]) as url:
-            # after startup (ComfyUI empties its temp folder when it starts), in a clean interpreter (under pytest
-            # ComfyUI's nodes.py would shadow the pack's nodes package)
-            (base / "temp").mkdir(exist_ok=True)
-            payload_file = pathlib.Path(tmp) / "payload.json"
-            subprocess.run([python, str(HERE / "demo_payload.py"), str(base / "temp"), str(payload_file)], check=True,
-                           cwd=ROOT, capture_output=True, timeout=300)
-            payload = json.loads(payload_file.read_text())
-            mask_payload, compare_payload = payload["mask"], payload["compare"]
+            live = live_workflow(get_json(url + "/object_info", timeout=60))
+            live_file = pathlib.Path(tmp) / "live.json"
+            live_file.write_text(json.dumps(live))
             job = {"url": url, "chromium": pre["chromium"], "playwright_dir": pre["playwright_dir"],
                    "profile": str(pathlib.Path(tmp) / "profile"), "shots": str(shots),
-                   "workflows": {n: str(WF_DIR / f"{n}.json") for n in names},
-                   "mask_workflow": MASK_WORKFLOW, "compare_workflow": COMPARE_WORKFLOW,
-                   "mask_payload": mask_payload, "compare_payload": compare_payload}
+                   "workflows": {n: str(WF_DIR / f"{n}.json") for n in names}, "live_workflow": str(live_file)}
             job_file = pathlib.Path(tmp) / "job.json"
             job_file.write_text(json.dumps(job))
             proc = subprocess.run([pre["node"], str(HERE / "browser_check.mjs"), str(job_file)], capture_output=True,
                                   text=True, timeout=timeout)
             if proc.returncode != 0:
-                raise RuntimeError(f"browser_check.mjs failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+                raise RuntimeError(f"browser_check.mjs failed ({proc.returncode}):\n{proc.stderr[-4000:]}\n"
+                                   f"server log:\n{(base / 'server.log').read_text()[-3000:]}")
     report = json.loads((shots / "report.json").read_text())
     report["problems"] = problems(report, workflows)
     (shots / "report.json").write_text(json.dumps(report, indent=1))
@@ -140,7 +200,7 @@ def problems(report: dict, workflows: dict) -> list[str]:
     mp = report["behaviour"].get("SAEMaskPreview", {})
     steps = [s["step"] for s in mp.get("states", [])]
     hashes = [s["hash"] for s in mp.get("states", [])]
-    if steps != [str(i) for i in range(6)] or len(set(hashes)) < 2:
+    if steps != [str(i) for i in range(LIVE_STEPS)] or len(set(hashes)) < 2:
         out.append(f"scrubber did not move through the steps: {steps}, {len(set(hashes))} distinct pictures")
     cmp_ = report["behaviour"].get("SAECompare", {})
     fr = [float(s["fraction"]) for s in cmp_.get("states", [])]
