@@ -87,3 +87,18 @@ def test_wrong_widget_is_rejected_by_server_validation(server):
     prompt[ks]["inputs"]["sampler_name"] = "no_such_sampler"
     status, body = post_json(url + "/prompt", {"prompt": prompt})
     assert status == 400 and body["node_errors"][ks]["errors"][0]["type"] == "value_not_in_list"
+
+
+def test_served_as_custom_node_templates_with_thumbnails(server):
+    """ComfyUI lists example_workflows/ under the pack's folder name and serves the JSON and .jpg files."""
+    import urllib.request
+
+    from tools.comfy_server import PACK_LINK
+
+    url, _ = server
+    templates = get_json(url + "/workflow_templates")
+    assert sorted(templates[PACK_LINK]) == NAMES
+    for name in NAMES:
+        for ext, check in ((".json", lambda b: json.loads(b)["nodes"]), (".jpg", lambda b: b[:3] == b"\xff\xd8\xff")):
+            with urllib.request.urlopen(f"{url}/api/workflow_templates/{PACK_LINK}/{name}{ext}", timeout=10) as r:
+                assert r.status == 200 and check(r.read())
