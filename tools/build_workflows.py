@@ -232,11 +232,11 @@ def wf_compare(schemas) -> dict:
     g.link(d0, "IMAGE", cmp_, "image_a")
     g.link(d1, "IMAGE", cmp_, "image_b")
     g.link(d2, "IMAGE", cmp_, "image_c")
-    g.note((0, 1000), "# Original vs SAE Steer vs Patch Replacer\nThe three KSamplers share one seed, prompt "
+    g.note((360, 560), "# Original vs SAE Steer vs Patch Replacer\nThe three KSamplers share one seed, prompt "
            "and latent; only the model differs. Compare shows the three side by side; drag its slider to wipe "
-           "between the first two branches. Steering edits the SAE latents (pushes activations off their "
+           "between the original and the branch picked in its menu. Steering edits the SAE latents (pushes activations off their "
            "distribution: artifacts appear); PER only reads them to detect and copies in-distribution patches.\n\n"
-           + UNBOX_NOTE, size=[700, 380])
+           + UNBOX_NOTE, size=[380, 560])
     return g.workflow("compare_steer_vs_replace", [TURBO, UNBOX])
 
 
