@@ -38,6 +38,7 @@ function makePanel(node, name) {
   canvas.height = 1;
   const row = el("div", { display: "flex", alignItems: "center", gap: "6px", fontSize: "11px", color: "#ddd" });
   const range = el("input", { flex: "1 1 auto", minWidth: "40px" }, { type: "range", min: "0", max: "0", step: "1", value: "0", disabled: true });
+  range.setAttribute("aria-label", name === "sae_step_scrubber" ? "recorded step" : "before / after position");
   const caption = el("span", { whiteSpace: "nowrap", overflow: "hidden", textOverflow: "ellipsis", maxWidth: "60%" });
   row.append(range, caption);
   root.append(canvas, row);
