@@ -63,13 +63,16 @@ try {
       const prompt = await app.graphToPrompt();
       const dialogs = [...document.querySelectorAll(".p-dialog")].map((d) => d.textContent.slice(0, 300));
       const panels = [...document.querySelectorAll("[data-sae-widget]")].map((d) => d.dataset.saeWidget);
+      // the extension touches only this pack's Mask Preview and Compare
+      const touched = app.graph._nodes.filter((n) => "saeView" in n || n.widgets?.some((w) => w.type === "sae_panel"))
+        .map((n) => n.type);
       // fit the whole graph into view for the screenshot (titles sit 30 units above a node's pos)
       const xs = wf.nodes.flatMap((n) => [n.pos[0], n.pos[0] + n.size[0]]);
       const ys = wf.nodes.flatMap((n) => [n.pos[1] - 30, n.pos[1] + n.size[1]]);
       const [x0, x1, y0, y1] = [Math.min(...xs), Math.max(...xs), Math.min(...ys), Math.max(...ys)];
       app.canvas.ds.fitToBounds([x0, y0, x1 - x0, y1 - y0], { zoom: 0.92 });
       app.canvas.setDirty(true, true);
-      return { missing, widgetErrors, dialogs, panels, nodes: saved.nodes.length, links: saved.links.length,
+      return { missing, widgetErrors, dialogs, panels, touched, nodes: saved.nodes.length, links: saved.links.length,
         api: prompt.output };
     }, wf);
     await page.waitForTimeout(500);

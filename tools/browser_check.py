@@ -190,6 +190,9 @@ def problems(report: dict, workflows: dict) -> list[str]:
             diff = [k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k)]
             out.append(f"{name}: frontend API prompt differs from to_api at nodes {sorted(diff)}: "
                        f"{[(ours.get(k), theirs.get(k)) for k in sorted(diff)[:2]]}")
+        strangers = set(r.get("touched", [])) - {"SAEMaskPreview", "SAECompare"}
+        if strangers:
+            out.append(f"{name}: the extension touched other node types {sorted(strangers)}")
         want_panels = {"SAEMaskPreview": "sae_step_scrubber", "SAECompare": "sae_compare_slider"}
         for t, panel in want_panels.items():
             if any(n["type"] == t for n in wf["nodes"]) and panel not in r["panels"]:
