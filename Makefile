@@ -20,6 +20,7 @@ lint: setup
 
 test: lint
 	$(BIN)/python -m pytest
+	@if command -v node >/dev/null; then node --test js/tests/; else echo "node not found: js tests skipped"; fi
 
 demo: setup
 	$(BIN)/python -m sae_core demo
