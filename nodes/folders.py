@@ -1,0 +1,82 @@
+"""Model folders models/sae and models/sae_concepts: registration with extension filters, listing, lookup."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+try:
+    from ..sae_core.formats import find_checkpoints
+except ImportError:  # imported as top-level `nodes`
+    from sae_core.formats import find_checkpoints
+
+SAE_FOLDER = "sae"
+CONCEPT_FOLDER = "sae_concepts"
+EXTENSIONS = {SAE_FOLDER: {".safetensors"}, CONCEPT_FOLDER: {".safetensors"}}
+DIR_SUFFIX = "/"  # listed format directories end with this, files never do
+
+
+def register(folder_paths) -> None:
+    """Add models/<name> with our extension filter, keeping paths extra_model_paths.yaml already added."""
+    for name, exts in EXTENSIONS.items():
+        default = os.path.join(folder_paths.models_dir, name)
+        if name in folder_paths.folder_names_and_paths:
+            paths, _ = folder_paths.folder_names_and_paths[name]
+            paths = list(paths)
+            if default not in paths:
+                paths.append(default)
+        else:
+            paths = [default]
+        folder_paths.folder_names_and_paths[name] = (paths, set(exts))
+
+
+def list_sae_entries(folder_paths) -> list[str]:
+    """Native files (``x.safetensors``) and format directories (``dir/``) under every models/sae path."""
+    dirs: list[str] = []
+    inside: set[Path] = set()
+    for root in folder_paths.get_folder_paths(SAE_FOLDER):
+        r = Path(root)
+        if not r.is_dir():
+            continue
+        for d in find_checkpoints(r):
+            inside.add(d.resolve())
+            rel = d.relative_to(r).as_posix()
+            dirs.append((rel if rel != "." else r.name) + DIR_SUFFIX)
+    files = []
+    for f in folder_paths.get_filename_list(SAE_FOLDER):
+        full = folder_paths.get_full_path(SAE_FOLDER, f)
+        if full and Path(full).resolve().parent not in inside:
+            files.append(f)
+    return sorted(set(files)) + sorted(set(dirs))
+
+
+def resolve_sae_entry(folder_paths, entry: str) -> str:
+    """Full path of a Load SAE list entry."""
+    if entry.endswith(DIR_SUFFIX):
+        rel = entry[: -len(DIR_SUFFIX)]
+        for root in folder_paths.get_folder_paths(SAE_FOLDER):
+            cand = Path(root) / rel
+            if cand.is_dir():
+                return str(cand)
+            if Path(root).name == rel and Path(root).is_dir():
+                return str(root)
+    else:
+        full = folder_paths.get_full_path(SAE_FOLDER, entry)
+        if full:
+            return full
+    raise FileNotFoundError(
+        f"SAE {entry!r} not found under models/{SAE_FOLDER} ({folder_paths.get_folder_paths(SAE_FOLDER)}); "
+        "refresh the node list (press r) or put the file there"
+    )
+
+
+def concept_save_path(folder_paths, name: str) -> str:
+    """models/sae_concepts/<name>.safetensors (first registered path); refuses names that leave the folder."""
+    stem = name.strip()
+    if stem.endswith(".safetensors"):
+        stem = stem[: -len(".safetensors")]
+    if not stem or "/" in stem or "\\" in stem or stem.startswith("."):
+        raise ValueError(f"concept file name {name!r}: expected a plain name like 'cat' (no folders, not hidden)")
+    root = folder_paths.get_folder_paths(CONCEPT_FOLDER)[0]
+    os.makedirs(root, exist_ok=True)
+    return os.path.join(root, stem + ".safetensors")

@@ -1,0 +1,251 @@
+"""The block hook: an object patch on one SpatialTransformer forward, step identity, per-run state, checks.
+
+Nothing here imports ComfyUI: the ModelPatcher, model_sampling and wrapper executor are used through
+the few attributes ComfyUI gives them (see /work/notes/COMFY_API.md), so the logic is tested with
+small fakes as well as with the real thing (tests/integration).
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from typing import Any, Callable
+
+import torch
+
+try:  # inside ComfyUI the pack is a package and sae_core its sibling
+    from ..sae_core.blocks import BlockError, resolve_block
+    from ..sae_core.intervention import StepInfo, StepWindow
+except ImportError:  # imported as top-level `nodes` (tests, scripts) with sae_core on sys.path
+    from sae_core.blocks import BlockError, resolve_block
+    from sae_core.intervention import StepInfo, StepWindow
+
+logger = logging.getLogger(__name__)
+
+OPTIONS_KEY = "sae_concept_eraser"  # model_options["transformer_options"][OPTIONS_KEY] = {patch id: RunState}
+WRAPPER_PREFIX = "sae_concept_eraser."
+
+# supported_models class names (any class in the config's MRO) -> sae_core family
+_FAMILY_OF_CONFIG = {"SD15": "sd1", "SDXL": "sdxl", "SDXLRefiner": None}
+
+
+class RunState:
+    """Per-patch state shared by the object patch, the OUTER_SAMPLE wrapper and the DETECTIONS output.
+
+    ComfyUI deep-copies model_options on every clone; this holder must stay one object (it carries the
+    recorder the Mask Preview reads), so copying returns self.
+    """
+
+    def __init__(self, label: str, recorder=None):
+        self.label = label
+        self.recorder = recorder
+        self.model_sampling = None
+        self.active = 0
+        self.runs = 0
+        self.calls = 0  # hooked block calls in the current run (diagnostics only, never used for step identity)
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __copy__(self):
+        return self
+
+    def begin(self, model_sampling) -> None:
+        if self.recorder is not None:
+            self.recorder.reset()
+        self.model_sampling = model_sampling
+        self.calls = 0
+        self.active += 1
+        self.runs += 1
+
+    def end(self) -> None:
+        self.active = max(0, self.active - 1)
+        if not self.active:
+            self.model_sampling = None
+
+    def __repr__(self) -> str:
+        n = 0 if self.recorder is None else len(self.recorder.records)
+        return f"RunState({self.label!r}, runs={self.runs}, records={n})"
+
+
+# ------------------------------------------------------------------------------------------------
+# step identity
+
+
+def step_index(sigma: float, sample_sigmas) -> int | None:
+    """Index of the schedule step a model call at ``sigma`` belongs to.
+
+    The largest j with sample_sigmas[j] >= sigma (relative tolerance 1e-5): exact schedule sigmas map to
+    their own index, the extra evaluations of 2nd-order samplers (between s_j and s_j+1) to j.
+    """
+    if sample_sigmas is None:
+        return None
+    s = torch.as_tensor(sample_sigmas, dtype=torch.float64).flatten().cpu()
+    if s.numel() == 0:
+        return None
+    hit = torch.nonzero(s >= float(sigma) * (1.0 - 1e-5)).flatten()
+    return int(hit[-1]) if hit.numel() else None
+
+
+def step_info(transformer_options: dict, model_sampling) -> StepInfo:
+    """StepInfo of one UNet call from ComfyUI's transformer_options (sigmas, cond_or_uncond, sample_sigmas)."""
+    sigmas = transformer_options.get("sigmas")
+    if sigmas is None:
+        raise ValueError(
+            "SAE hook: transformer_options has no 'sigmas'; the model was called outside ComfyUI's sampler. "
+            "Sample with a KSampler / SamplerCustom node"
+        )
+    sig = torch.as_tensor(sigmas).flatten()[:1]
+    chunks = tuple(int(c) for c in transformer_options.get("cond_or_uncond") or (0,))
+    t = model_sampling.timestep(sig.float())
+    return StepInfo(
+        timestep=float(torch.as_tensor(t).flatten()[0]),
+        sigma=float(sig[0]),
+        chunks=chunks,
+        step_index=step_index(float(sig[0]), transformer_options.get("sample_sigmas")),
+    )
+
+
+def check_window(start_percent: float, end_percent: float) -> None:
+    if not 0.0 <= start_percent <= end_percent <= 1.0:
+        raise ValueError(
+            f"start_percent {start_percent} and end_percent {end_percent}: expected 0 <= start <= end <= 1 "
+            "(0 = first step, 1 = last step)"
+        )
+
+
+def sigma_window(model_sampling, start_percent: float, end_percent: float) -> StepWindow | None:
+    """Sampling window in sigma as core nodes compute it (percent_to_sigma); None = every step."""
+    check_window(start_percent, end_percent)
+    if start_percent <= 0.0 and end_percent >= 1.0:
+        return None
+    return StepWindow(
+        sigma_min=float(model_sampling.percent_to_sigma(end_percent)),
+        sigma_max=float(model_sampling.percent_to_sigma(start_percent)),
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# the patch
+
+
+def _split_call(args: tuple, kwargs: dict) -> tuple[torch.Tensor, dict]:
+    """(x, transformer_options) of a SpatialTransformer.forward(x, context=None, transformer_options={}) call."""
+    x = args[0] if args else kwargs["x"]
+    if len(args) > 2:
+        to = args[2]
+    else:
+        to = kwargs.get("transformer_options", {})
+    return x, to
+
+
+Intervention = Callable[[torch.Tensor, torch.Tensor, StepInfo], torch.Tensor]
+
+
+def make_forward(prev: Callable, intervention: Intervention, state: RunState, window_of: Callable | None = None):
+    """Forward replacement: run ``prev`` (the original or an earlier patch), then the intervention.
+
+    Outside a run of this patch's sampler (state not active) it is the identity around ``prev``, so a
+    patch that ComfyUI left applied to the module cannot act on another model's run.
+    ``window_of(model_sampling)`` gives the StepWindow (or None) of this run.
+    """
+
+    def forward(*args, **kwargs):
+        out = prev(*args, **kwargs)
+        if not state.active:
+            return out
+        x, to = _split_call(args, kwargs)
+        step = step_info(to, state.model_sampling)
+        if window_of is not None:
+            window = window_of(state.model_sampling)
+            if window is not None and not window.contains(step):
+                return out
+        state.calls += 1
+        return intervention(x, out, step)
+
+    forward.sae_state = state  # lets tests and chained patches see what is installed
+    return forward
+
+
+def make_outer_sample_wrapper(state: RunState):
+    """OUTER_SAMPLE wrapper: reset the recorder and bind model_sampling for this run; release in finally."""
+
+    def wrapper(executor, *args, **kwargs):
+        guider = executor.class_obj
+        state.begin(guider.model_patcher.get_model_object("model_sampling"))
+        try:
+            return executor(*args, **kwargs)
+        finally:
+            state.end()
+
+    return wrapper
+
+
+def install_patch(model, key: str, intervention: Intervention, state: RunState, wrapper_type: str,
+                  window_of: Callable | None = None):
+    """Clone ``model`` and patch ``key``'s forward (chaining any earlier patch). Returns the clone."""
+    m = model.clone()
+    prev = m.get_model_object(key + ".forward")
+    m.add_object_patch(key + ".forward", make_forward(prev, intervention, state, window_of))
+    patch_id = WRAPPER_PREFIX + uuid.uuid4().hex[:12]
+    m.add_wrapper_with_key(wrapper_type, patch_id, make_outer_sample_wrapper(state))
+    m.model_options.setdefault("transformer_options", {}).setdefault(OPTIONS_KEY, {})[patch_id] = state
+    return m
+
+
+# ------------------------------------------------------------------------------------------------
+# checks before sampling
+
+
+def family_of_config(model_config: Any) -> str | None:
+    """sae_core family of a ComfyUI supported_models config (SD15 and subclasses -> sd1, SDXL -> sdxl)."""
+    for cls in type(model_config).__mro__:
+        if cls.__name__ in _FAMILY_OF_CONFIG:
+            return _FAMILY_OF_CONFIG[cls.__name__]
+    return None
+
+
+def resolve_hook(sae, model, block: str | None = None) -> tuple[str, str]:
+    """(ComfyUI key, diffusers name) of the block to hook, after checking family and width.
+
+    ``block`` overrides the SAE's own hook point. Raises ValueError naming the SAE file, the block, what
+    was expected and what was found.
+    """
+    source = getattr(sae, "source", "SAE")
+    cfg = sae.cfg
+    config = model.model.model_config
+    family = family_of_config(config)
+    if family is None:
+        raise ValueError(
+            f"{source}: the model is {type(config).__name__}, expected an SD 1.x or SDXL UNet (sd1, sdxl); "
+            "SAE hooks exist only for those families"
+        )
+    sae_family = getattr(cfg, "model_family", None)
+    if sae_family is not None and sae_family != family:
+        raise ValueError(
+            f"{source}: the SAE was trained on {sae_family} (hook point {cfg.hook_point}), but the model is "
+            f"{family} ({type(config).__name__}); use an SAE trained on {family} or the {sae_family} model"
+        )
+    name = block or cfg.hook_point
+    if not name:
+        raise ValueError(
+            f"{source}: the SAE file records no hook point; pick the block it was trained on in Load SAE (block)"
+        )
+    try:
+        spec = resolve_block(name, family)
+    except BlockError as e:
+        raise ValueError(f"{source}: {e}") from None
+    key = spec.comfy_key
+    try:
+        module = model.get_model_object(key)
+    except AttributeError:
+        raise ValueError(f"{source}: block {spec.diffusers} ({key}) does not exist in this {family} model") from None
+    found = getattr(module, "in_channels", None)
+    if found is None:
+        raise ValueError(f"{source}: {key} is a {type(module).__name__}, expected a SpatialTransformer block")
+    if int(found) != int(cfg.d_in):
+        raise ValueError(
+            f"{source}: block {spec.diffusers} ({key}) has {found} channels in this model, the SAE expects "
+            f"d_in={cfg.d_in}; load the SAE trained for this block, or pick the block it was trained on"
+        )
+    return key, spec.diffusers

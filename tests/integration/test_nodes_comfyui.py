@@ -1,0 +1,377 @@
+"""Every node through ComfyUI's real sampler on tiny SD1/SDXL UNets; references computed here, independently."""
+
+import copy
+
+import comfy.model_management
+import comfy.patcher_extension
+import folder_paths
+import pytest
+import torch
+import torch.nn.functional as F
+from tiny_unets import sample
+
+OUTER = comfy.patcher_extension.WrappersMP.OUTER_SAMPLE
+SD1_BLOCK = ("up_blocks.1.attentions.1", "output_blocks.4.1", 128)  # diffusers, ComfyUI, tiny width
+SDXL_BLOCK = ("up_blocks.0.attentions.1", "output_blocks.1.1", 128)
+
+
+# ------------------------------------------------------------------------------------------------ builders
+
+
+def make_sae(pack, d, M=256, k=8, hook="up_blocks.1.attentions.1", family="sd1", input_space="output", seed=0):
+    sc = pack.sae_core
+    g = torch.Generator().manual_seed(seed)
+    W_dec = torch.randn(M, d, generator=g)
+    W_dec = W_dec / W_dec.norm(dim=-1, keepdim=True)
+    cfg = sc.SAEConfig(d_in=d, n_latents=M, k=k, activation="relu_topk", input_space=input_space,
+                       hook_point=hook, model_family=family)
+    return sc.SparseAutoencoder(cfg, W_enc=torch.randn(M, d, generator=g) / d**0.5,
+                                b_enc=torch.randn(M, generator=g) * 0.1, W_dec=W_dec,
+                                b_dec=torch.randn(d, generator=g) * 0.05, source=f"/models/sae/tiny_{family}_{d}.safetensors")
+
+
+class Capture:
+    """Installed BEFORE the node's patch: records the block output the node's intervention receives."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, block_in, block_out, step):
+        self.calls.append((block_in.detach().clone(), block_out.detach().clone(), step))
+        return block_out
+
+
+def with_capture(pack, model, key):
+    hook = pack.nodes.hook
+    cap = Capture()
+    state = hook.RunState("capture")
+    return hook.install_patch(model, "diffusion_model." + key, cap, state, OUTER), cap
+
+
+def typed_detector(pack, sae, ids, **kw):
+    ext = pack.nodes.extension
+    args = dict(latent_ids=", ".join(map(str, ids)), typed_threshold=0.0, threshold_scale=1.0, padding=0,
+                min_region=0, start_percent=0.0, end_percent=1.0, branches="both")
+    args.update(kw)
+    return ext.ConceptDetectorNode.execute(sae, **args).args[0]
+
+
+def busy_latents(pack, sae, model, key, family, n=2, **kw):
+    """Latent ids active on some but not all patches at the first step (found from a capture run)."""
+    m, cap = with_capture(pack, model, key)
+    sample(m, family, steps=1, **kw)
+    _, out, _ = cap.calls[0]
+    codes = sae.encode(out.movedim(1, -1))
+    share = (codes > 0).float().flatten(0, 2).mean(0)
+    order = torch.argsort((share - 0.3).abs())
+    return [int(i) for i in order[:n]]
+
+
+# ------------------------------------------------------------------------------------------------ references
+
+
+def ref_mask(sae, block_out, latents, thresholds, scale, padding):
+    """Independent detection: any selected latent above scale * threshold, then a square dilation by padding."""
+    codes = sae.encode(block_out.movedim(1, -1))  # [B, H, W, M]
+    fire = torch.zeros(codes.shape[:3], dtype=torch.bool)
+    for i, t in zip(latents, thresholds, strict=True):
+        fire |= codes[..., i] > scale * t
+    if padding:
+        B, H, W = fire.shape
+        out = torch.zeros_like(fire)
+        for y in range(H):
+            for x in range(W):
+                out[:, y, x] = fire[:, max(0, y - padding):y + padding + 1, max(0, x - padding):x + padding + 1].flatten(1).any(1)
+        fire = out
+    return fire
+
+
+@pytest.fixture
+def models_dir(tmp_path, pack):
+    """models/sae and models/sae_concepts in a temporary folder, registered the way the pack does it."""
+    saved = copy.deepcopy(folder_paths.folder_names_and_paths)
+    temp = folder_paths.get_temp_directory()
+    folder_paths.set_temp_directory(str(tmp_path / "temp"))
+    for name in ("sae", "sae_concepts"):
+        (tmp_path / name).mkdir()
+        folder_paths.folder_names_and_paths.pop(name, None)
+        folder_paths.add_model_folder_path(name, str(tmp_path / name))  # as extra_model_paths.yaml would
+    pack.nodes.folders.register(folder_paths)
+    yield tmp_path
+    folder_paths.folder_names_and_paths.clear()
+    folder_paths.folder_names_and_paths.update(saved)
+    folder_paths.set_temp_directory(temp)
+
+
+# ------------------------------------------------------------------------------------------------ tests
+
+
+@pytest.mark.parametrize("cfg,batch,size", [(4.0, 1, (128, 96)), (1.0, 2, (96, 128)), (3.0, 1, (512, 384))])
+def test_patch_replacer_masks_match_core_and_change_latents(pack, sd1, cfg, batch, size):
+    ext = pack.nodes.extension
+    name, key, d = SD1_BLOCK
+    sae = make_sae(pack, d)
+    steps = 2
+    w, h = size
+    ids = busy_latents(pack, sae, sd1.model, key, "sd1", width=w, height=h, cfg=cfg)
+    det = typed_detector(pack, sae, ids, padding=1)
+    base = sample(sd1.model, "sd1", width=w, height=h, batch=batch, cfg=cfg, steps=steps)
+    options_before = copy.deepcopy(sd1.model.model_options)
+
+    captured, cap = with_capture(pack, sd1.model, key)
+    model, detections = ext.PatchReplacer.execute(captured, det, mode="random", target="output", seed=3).args
+    out = sample(model, "sd1", width=w, height=h, batch=batch, cfg=cfg, steps=steps)
+
+    assert not torch.equal(out, base) and torch.isfinite(out).all()
+    rec = detections.recorder
+    assert len(cap.calls) == steps
+    shares = [float(ref_mask(sae, o, ids, [0.0] * len(ids), 1.0, 1).float().mean()) for _, o, _ in cap.calls]
+    assert any(0 < x < 1 for x in shares), shares  # partial masks: replacement really happens
+    for s, (_, block_out, step) in enumerate(cap.calls):
+        assert step.step_index == s
+        ref = ref_mask(sae, block_out, ids, [0.0] * len(ids), 1.0, 1)
+        gh, gw = h // 8 // 4, w // 8 // 4
+        assert ref.shape[1:] == (gh, gw)
+        n = batch
+        for c, flag in enumerate(step.chunks):
+            branch = "cond" if flag == 0 else "uncond"
+            for i in range(n):
+                keys, masks = rec.masks(branch, i)
+                torch.testing.assert_close(masks[keys.index(s)], ref[c * n + i])
+        if cfg == 1.0:
+            assert step.chunks == (0,)
+    # the model given to the node is unchanged
+    assert not sd1.model.object_patches and sd1.model.model_options == options_before
+    torch.testing.assert_close(sample(sd1.model, "sd1", width=w, height=h, batch=batch, cfg=cfg, steps=steps), base,
+                               rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_identity_settings_reproduce_unpatched_latents(pack, sd1, sdxl, family):
+    ext = pack.nodes.extension
+    tiny = {"sd1": sd1, "sdxl": sdxl}[family]
+    name, key, d = SD1_BLOCK if family == "sd1" else SDXL_BLOCK
+    sae = make_sae(pack, d, hook=name, family=family)
+    ids = busy_latents(pack, sae, tiny.model, key, family)
+    base = sample(tiny.model, family)
+    nothing = typed_detector(pack, sae, ids, typed_threshold=1e6)  # detects nothing
+    m, det = ext.PatchReplacer.execute(tiny.model, nothing, mode="random", target="output", seed=0).args
+    torch.testing.assert_close(sample(m, family), base, rtol=0, atol=0)
+    assert det.recorder.records and not any(r.mask().any() for r in det.recorder.records)
+    # gamma = 1 with preserve (typed latents have mu = 1): codes unchanged -> exact; chained on the replacer
+    some = typed_detector(pack, sae, ids)
+    m2, det2 = ext.SAESteer.execute(m, some, method="saeuron_scale", strength=1.0, error="preserve",
+                                    detected_only=False).args
+    torch.testing.assert_close(sample(m2, family), base, rtol=0, atol=0)
+    assert any(r.mask().any() for r in det2.recorder.records)
+
+
+@pytest.mark.parametrize("method", ["saeuron_scale", "set", "unbox_add", "gsae_add"])
+@pytest.mark.parametrize("error", ["preserve", "legacy_saeuron", "none"])
+def test_every_steering_mode_runs_and_edits(pack, sd1, method, error):
+    ext = pack.nodes.extension
+    name, key, d = SD1_BLOCK
+    sae = make_sae(pack, d)
+    ids = busy_latents(pack, sae, sd1.model, key, "sd1")
+    det = typed_detector(pack, sae, ids)
+    base = sample(sd1.model, "sd1")
+    m, dets = ext.SAESteer.execute(sd1.model, det, method=method, strength=-2.0 if method != "set" else 3.0,
+                                   error=error, detected_only=True).args
+    out = sample(m, "sd1")
+    assert torch.isfinite(out).all() and not torch.equal(out, base)
+    assert dets.recorder.keys() == [0, 1, 2]
+
+
+def test_two_patch_replacers_chained_on_one_block(pack, sd1):
+    ext = pack.nodes.extension
+    name, key, d = SD1_BLOCK
+    sae = make_sae(pack, d)
+    a, b = busy_latents(pack, sae, sd1.model, key, "sd1", n=2)
+    m1, d1 = ext.PatchReplacer.execute(sd1.model, typed_detector(pack, sae, [a]), mode="mean", target="output", seed=0).args
+    captured, cap = with_capture(pack, m1, key)  # sits between the two patches: sees the first one's output
+    m2, d2 = ext.PatchReplacer.execute(captured, typed_detector(pack, sae, [b]), mode="random", target="output", seed=1).args
+    out = sample(m2, "sd1")
+    only_first = sample(m1, "sd1")
+    assert not torch.equal(out, only_first)
+    assert d1.recorder.records and d2.recorder.records
+    for s, (_, block_out, step) in enumerate(cap.calls):
+        ref = ref_mask(sae, block_out, [b], [0.0], 1.0, 0)
+        for c, flag in enumerate(step.chunks):
+            keys, masks = d2.recorder.masks("cond" if flag == 0 else "uncond", 0)
+            torch.testing.assert_close(masks[keys.index(s)], ref[c])
+
+
+def test_residual_sae_on_sdxl_block(pack, sdxl):
+    ext = pack.nodes.extension
+    name, key, d = SDXL_BLOCK
+    sae = make_sae(pack, d, hook=name, family="sdxl", input_space="residual")
+    captured, cap = with_capture(pack, sdxl.model, key)
+    m0, _ = with_capture(pack, sdxl.model, key)
+    sample(m0, "sdxl", steps=1)
+    ids = busy_latents(pack, sae, sdxl.model, key, "sdxl")
+    m, dets = ext.PatchReplacer.execute(captured, typed_detector(pack, sae, ids), mode="nearest", target="residual",
+                                        seed=0).args
+    sample(m, "sdxl")
+    for s, (block_in, block_out, step) in enumerate(cap.calls):
+        ref = ref_mask(sae, block_out - block_in, ids, [0.0] * len(ids), 1.0, 0)
+        for c, flag in enumerate(step.chunks):
+            keys, masks = dets.recorder.masks("cond" if flag == 0 else "uncond", 0)
+            torch.testing.assert_close(masks[keys.index(s)], ref[c])
+
+
+def test_wrong_width_fails_before_sampling_with_documented_message(pack, sd1):
+    ext = pack.nodes.extension
+    sae = make_sae(pack, 64)  # output_blocks.4.1 of the tiny SD1 has 128 channels
+    det = typed_detector(pack, sae, [1, 2])
+    with pytest.raises(ValueError) as e:
+        ext.PatchReplacer.execute(sd1.model, det, mode="random", target="output", seed=0)
+    msg = str(e.value)
+    for part in ("tiny_sd1_64.safetensors", "up_blocks.1.attentions.1", "diffusion_model.output_blocks.4.1",
+                 "has 128 channels", "expects d_in=64"):
+        assert part in msg, msg
+    assert not sd1.model.object_patches
+
+
+def test_window_limits_recorded_steps(pack, sd1):
+    ext = pack.nodes.extension
+    name, key, d = SD1_BLOCK
+    sae = make_sae(pack, d)
+    det = typed_detector(pack, sae, [1, 2], start_percent=0.4, end_percent=1.0)
+    m, dets = ext.PatchReplacer.execute(sd1.model, det, mode="random", target="output", seed=0).args
+    sample(m, "sd1", steps=6)
+    ms = sd1.model.get_model_object("model_sampling")
+    import comfy.samplers
+
+    sig = comfy.samplers.calculate_sigmas(ms, "normal", 6)[:-1]
+    expect = [i for i, s in enumerate(sig) if float(s) <= ms.percent_to_sigma(0.4)]
+    assert dets.recorder.keys() == expect and 0 < len(expect) < 6
+
+
+def test_mask_preview_upscales_and_overlays(pack, sd1, models_dir):
+    ext = pack.nodes.extension
+    name, key, d = SD1_BLOCK
+    sae = make_sae(pack, d)
+    ids = busy_latents(pack, sae, sd1.model, key, "sd1")
+    m, dets = ext.PatchReplacer.execute(sd1.model, typed_detector(pack, sae, ids, padding=0), mode="random",
+                                        target="output", seed=0).args
+    sample(m, "sd1", batch=2, width=128, height=96)
+    images = torch.rand(2, 96, 128, 3, generator=torch.Generator().manual_seed(0))
+    res = ext.MaskPreview.execute(dets, images, step=-1, aggregate="max", branch="cond", show="mask", opacity=0.5,
+                                  color="#ff0000")
+    overlay_img, mask = res.args
+    assert mask.shape == (2, 96, 128) and res.ui is not None
+    for i in range(2):
+        keys, grids = dets.recorder.masks("cond", i)
+        g = grids.any(0).float()  # [3, 4] grid, each cell 32x32 pixels
+        assert 0 < float(g.mean()) < 1
+        ref = g.repeat_interleave(32, 0).repeat_interleave(32, 1)
+        torch.testing.assert_close(mask[i], ref)
+        red = torch.tensor([1.0, 0.0, 0.0])
+        torch.testing.assert_close(overlay_img[i], images[i] * (1 - 0.5 * ref[..., None]) + red * 0.5 * ref[..., None])
+    last = ext.MaskPreview.execute(dets, images, step=2, aggregate="max", branch="uncond", show="score",
+                                   opacity=1.0, color="#00ff00").args[1]
+    assert last.min() >= 0 and last.max() <= 1
+    with pytest.raises(ValueError, match=r"step 7 was not recorded; recorded steps: \[0, 1, 2\]"):
+        ext.MaskPreview.execute(dets, images, step=7, aggregate="max", branch="cond", show="mask", opacity=0.5,
+                                color="#ff0000")
+
+
+class FakeClip:
+    """Text -> a fixed random embedding per prompt (ComfyUI's CLIP API: tokenize + encode_from_tokens_scheduled)."""
+
+    def tokenize(self, text):
+        return text
+
+    def encode_from_tokens_scheduled(self, tokens):
+        seed = sum(ord(c) * (i + 1) for i, c in enumerate(tokens)) % (2**31)
+        g = torch.Generator().manual_seed(seed)
+        return [[torch.randn(1, 5, 32, generator=g), {}]]
+
+
+def test_learn_concept_scores_match_independent_build(pack, sd1, models_dir):
+    ext = pack.nodes.extension
+    name, key, d = SD1_BLOCK
+    sae = make_sae(pack, d, M=64)
+    captured, cap = with_capture(pack, sd1.model, key)
+    prompts, contrast = ["a cat", "a cat on a mat"], ["a dog", "a house"]
+    kw = dict(concept_name="cat", concept_prompts="\n".join(prompts), contrast_prompts="\n".join(contrast),
+              negative_prompt="", width=64, height=64, steps=2, cfg=3.0, sampler_name="euler",
+              scheduler="normal", seed=188, selection="top_n", percentile=99.0, top_n=2)
+    concept = ext.LearnConcept.execute(captured, FakeClip(), sae, **kw).args[0]
+    assert concept.names == ("cat",) and not sd1.model.object_patches
+    # reference: cond rows' mean code per prompt group and timestep, SAeUron scores, top 2
+    assert len(cap.calls) == 4 * 2
+    mu = {"cat": [], "other": []}
+    for p in range(4):
+        per_t = []
+        for s in range(2):
+            _, out, step = cap.calls[p * 2 + s]
+            rows = out[[c for c, f in enumerate(step.chunks) if f == 0]]
+            per_t.append(sae.encode(rows.movedim(1, -1)).flatten(0, 2).double().mean(0))
+        mu["cat" if p < 2 else "other"].append(torch.stack(per_t))
+    mc, mn = torch.stack(mu["cat"]).mean(0), torch.stack(mu["other"]).mean(0)
+    score = mc / (mc.sum(-1, keepdim=True) + 1e-8) - mn / (mn.sum(-1, keepdim=True) + 1e-8)
+    ms = sd1.model.get_model_object("model_sampling")
+    ts = [float(ms.timestep(st.sigma * torch.ones(1))) for _, _, st in cap.calls[:2]]
+    for s in range(2):
+        t = concept.timestep_index(ts[s])
+        got = [int(i) for i in concept.latents[0, t] if i >= 0]
+        assert set(got) == set(torch.topk(score[s], 2).indices.tolist())
+
+
+def test_learn_concept_interrupt_leaves_model_clean(pack, sd1):
+    ext = pack.nodes.extension
+    sae = make_sae(pack, 128, M=64)
+    base = sample(sd1.model, "sd1")
+    comfy.model_management.interrupt_current_processing(True)
+    try:
+        with pytest.raises(comfy.model_management.InterruptProcessingException):
+            ext.LearnConcept.execute(sd1.model, FakeClip(), sae, concept_name="cat", concept_prompts="a cat",
+                                     contrast_prompts="", negative_prompt="", width=64, height=64, steps=2, cfg=3.0,
+                                     sampler_name="euler", scheduler="normal", seed=1, selection="top_n",
+                                     percentile=99.0, top_n=2)
+    finally:
+        comfy.model_management.interrupt_current_processing(False)
+    assert not sd1.model.object_patches
+    torch.testing.assert_close(sample(sd1.model, "sd1"), base, rtol=0, atol=0)
+
+
+def test_save_load_concept_and_load_sae_through_model_folders(pack, sd1, models_dir):
+    ext = pack.nodes.extension
+    sc = pack.sae_core
+    sae = make_sae(pack, 128, M=64)
+    sc.save_native(sae, models_dir / "sae" / "tiny.safetensors")
+    listed = pack.nodes.folders.list_sae_entries(folder_paths)
+    assert "tiny.safetensors" in listed
+    loaded = ext.LoadSAE.execute("tiny.safetensors", block="from file", model_family="from file",
+                                 input_space="from file", activation="from file").args[0]
+    torch.testing.assert_close(loaded.W_enc, sae.W_enc)
+    assert loaded.fingerprint() == sae.fingerprint()
+    other = ext.LoadSAE.execute("tiny.safetensors", block="up_blocks.1.attentions.2", model_family="from file",
+                                input_space="residual", activation="from file").args[0]
+    assert other.cfg.hook_point == "up_blocks.1.attentions.2" and other.cfg.input_space == "residual"
+
+    concept = sc.concepts.ConceptDictionary.from_latents([3, 5], 64, threshold=0.5, name="typed",
+                                                         sae_fingerprint=sae.fingerprint())
+    ext.SaveConcept.execute(concept, filename="cat", overwrite=False)
+    with pytest.raises(FileExistsError, match="cat.safetensors exists"):
+        ext.SaveConcept.execute(concept, filename="cat", overwrite=False)
+    assert "cat.safetensors" in folder_paths.get_filename_list("sae_concepts")
+    back = ext.LoadConcept.execute("cat.safetensors", sae=loaded).args[0]
+    torch.testing.assert_close(back.latents, concept.latents)
+    stranger = make_sae(pack, 128, M=64, seed=5)
+    with pytest.raises(sc.concepts.ConceptMismatchError):
+        ext.LoadConcept.execute("cat.safetensors", sae=stranger)
+
+
+def test_compare_grid_node(pack, models_dir):
+    ext = pack.nodes.extension
+    g = torch.Generator().manual_seed(1)
+    a, b, c = (torch.rand(2, 40, 60, 3, generator=g) for _ in range(3))
+    grid = ext.Compare.execute(a, b, label_a="orig", label_b="PER", label_c="steer", image_c=c).args[0]
+    bar, gap = pack.nodes.grid.BAR, pack.nodes.grid.GAP
+    assert grid.shape == (2, 40 + bar, 3 * 60 + 2 * gap, 3)
+    torch.testing.assert_close(grid[:, bar:, :60], a)
+    torch.testing.assert_close(grid[:, bar:, 60 + gap:120 + gap], b)
+    torch.testing.assert_close(grid[:, bar:, 120 + 2 * gap:], c)
+    assert F.mse_loss(grid[:, :bar, :60], grid[:, :bar, 60 + gap:120 + gap]) > 0  # labels differ
