@@ -64,7 +64,9 @@ def _mallopt(mmap_threshold: int, trim_threshold: int) -> bool:
         import ctypes
 
         libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(-3, mmap_threshold)) and bool(libc.mallopt(-1, trim_threshold))  # M_MMAP/M_TRIM
+        ok = bool(libc.mallopt(-3, mmap_threshold)) and bool(libc.mallopt(-1, trim_threshold))  # M_MMAP/M_TRIM
+        libc.malloc_trim(0)  # drop what the heap kept under the previous setting: every config starts alike
+        return ok
     except (OSError, AttributeError):
         return False
 
@@ -388,8 +390,12 @@ def measure_group(unet: Unet, batch: int, configs: dict, meter: Meter, warmup: i
                     out[n].hook.clear()
         if not meter.cuda:
             _mallopt(64 << 10, 0)
-        for _ in range(mem_rounds):
-            for n in names:
+        one(names[0], timed=True)  # unrecorded: settles the allocator after the switch
+        out[names[0]].times.pop()
+        out[names[0]].hook.pop()
+        for r in range(mem_rounds):
+            shift = r % len(names)
+            for n in names[shift:] + names[:shift]:
                 one(n, timed=False)
         if not meter.cuda:
             _mallopt(32 << 20, 512 << 20)
