@@ -26,13 +26,13 @@ from ..sae_core.concepts import (
 from ..sae_core.config import ACTIVATIONS, INPUT_SPACES
 from ..sae_core.detect import ConceptDetector, DetectionSettings
 from ..sae_core.formats import load_sae
-from ..sae_core.intervention import BlockIntervention, Recorder, ReplaceSettings
+from ..sae_core.intervention import BlockIntervention, ConceptCollector, Recorder, ReplaceSettings
 from ..sae_core.replace import MODES
 from ..sae_core.steer import ERROR_MODES, METHODS, SteerSettings
 from . import folders
 from .grid import compare_grid
 from .hook import RunState, check_window, family_of_config, install_patch, resolve_hook, sigma_window
-from .learn import DEFAULT_CONTRAST, CodeCollector, parse_latent_ids, parse_prompts
+from .learn import DEFAULT_CONTRAST, parse_latent_ids, parse_prompts
 from .masks import AGGREGATES, SHOW, normalise, overlay, parse_color, pick_step, recorded_maps, upscale
 
 logger = logging.getLogger(__name__)
@@ -123,7 +123,10 @@ class LoadSAE(io.ComfyNode):
         path = folders.resolve_sae_entry(folder_paths, sae_name)
         overrides = {k: v for k, v in (("hook_point", block), ("model_family", model_family),
                                        ("input_space", input_space), ("activation", activation)) if v != FROM_FILE}
-        sae = load_sae(path, **overrides)
+        # ComfyUI runs nodes under torch.inference_mode(); parameters created there are inference tensors,
+        # which have no version counter (the core's weight cache and fingerprint read it)
+        with torch.inference_mode(False):
+            sae = load_sae(path, **overrides)
         sae.eval()
         return io.NodeOutput(sae)
 
@@ -360,7 +363,7 @@ class LearnConcept(io.ComfyNode):
         key, block = resolve_hook(sae, model)
         family = family_of_config(model.model.model_config)
         acc = ConceptStatsAccumulator(int(sae.cfg.n_latents))
-        collector = CodeCollector(sae, acc)
+        collector = ConceptCollector(sae, acc, branches="cond", label=block)
         state = RunState("Learn Concept", None)
         patched = install_patch(model, key, collector, state, comfy.patcher_extension.WrappersMP.OUTER_SAMPLE)
         negative = _encode(clip, negative_prompt)
@@ -374,7 +377,7 @@ class LearnConcept(io.ComfyNode):
 
         for label, prompt in jobs:
             comfy.model_management.throw_exception_if_processing_interrupted()
-            collector.current = label
+            collector.concept = label
             positive = _encode(clip, prompt)
             latent = torch.zeros([1, 4, height // 8, width // 8])
             latent = comfy.sample.fix_empty_latent_channels(patched, latent)

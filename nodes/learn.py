@@ -1,19 +1,11 @@
-"""Learn Concept pieces that need no ComfyUI: prompt parsing, the default contrast set, the code collector."""
+"""Learn Concept pieces that need no ComfyUI: prompt parsing and the default contrast set.
+
+The recording itself is sae_core.intervention.ConceptCollector, installed with nodes/hook.py.
+"""
 
 from __future__ import annotations
 
 import re
-
-import torch
-from einops import rearrange
-from torch import Tensor
-
-try:
-    from ..sae_core.intervention import StepInfo, chunk_rows
-except ImportError:  # imported as top-level `nodes`
-    from sae_core.intervention import StepInfo, chunk_rows
-
-CONTRAST_NAME = "contrast"
 
 # Generic scenes of many kinds: SAeUron's mu_notc is "everything else", and a varied set keeps one
 # contrast prompt from dominating the score of latents that merely encode photo style or layout.
@@ -43,31 +35,3 @@ def parse_latent_ids(text: str) -> list[int]:
     if bad:
         raise ValueError(f"latent ids {text!r}: {bad} are not non-negative integers; type ids like '12, 40, 7'")
     return [int(p) for p in parts]
-
-
-class CodeCollector:
-    """Recording intervention: SAE codes of the cond rows -> accumulator under the current concept label.
-
-    The block output is returned unchanged. ``current`` is set by the caller before each prompt's run.
-    """
-
-    def __init__(self, sae, accumulator, input_space: str | None = None):
-        self.sae = sae
-        self.acc = accumulator
-        self.input_space = input_space or getattr(sae.cfg, "input_space", "output")
-        self.current: str | None = None
-
-    def __call__(self, block_in: Tensor, block_out: Tensor, step: StepInfo) -> Tensor:
-        if self.current is None:
-            return block_out
-        parts = chunk_rows(block_out.shape[0], step.chunks, (0,))
-        if not parts:
-            return block_out
-        idx = torch.cat([torch.arange(p.start, p.stop) for p in parts]).to(block_out.device)
-        a = block_out.index_select(0, idx)
-        if self.input_space == "residual":
-            a = a - block_in.index_select(0, idx)
-        with torch.no_grad():
-            codes = self.sae.encode(rearrange(a, "b c h w -> b h w c"))
-        self.acc.add(self.current, step.timestep, codes)
-        return block_out

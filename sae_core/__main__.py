@@ -430,8 +430,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     b.add_argument("--family", help="only this family: sd1 or sdxl")
 
-    # `demo` (and later `train`) are added here by the lead; see DESIGN.md section 1.
+    d = sub.add_parser(
+        "demo", help="learn, detect and erase a planted concept; compare PER with steering (seconds, any CPU)"
+    )
+    d.add_argument("--out", default="demo_output", help="folder for the comparison image")
+    d.add_argument("--images", type=int, default=4, help="feature maps per CFG branch")
+    d.add_argument("--gamma", type=float, default=-10.0, help="SAeUron steering multiplier to compare against")
     return p
+
+
+def cmd_demo(args: argparse.Namespace, out: TextIO) -> int:
+    from .demo import run_demo  # imported here: the other commands need none of the interventions
+
+    out.write(
+        "Planted-concept world: a known direction is planted in a rectangle of each feature map, an SAE\n"
+        "latent reads it, the concept is learned from statistics the SAeUron way, then erased.\n\n"
+    )
+    run_demo(args.out, images=args.images, gamma=args.gamma, out=out)
+    return 0
 
 
 def _one_line(e: BaseException) -> str:
@@ -446,6 +462,7 @@ def main(argv: list[str] | None = None, *, out: TextIO | None = None, err: TextI
         "inspect": lambda: cmd_inspect(args, out),
         "convert": lambda: cmd_convert(args, out, err),
         "blocks": lambda: cmd_blocks(args, out),
+        "demo": lambda: cmd_demo(args, out),
     }
     try:
         return commands[args.command]()

@@ -273,30 +273,6 @@ def test_prompt_and_latent_parsing():
     assert len(set(learn.DEFAULT_CONTRAST)) >= 8
 
 
-def test_code_collector_records_cond_rows_only():
-    from sae_core.concepts import ConceptStatsAccumulator
-
-    class Enc:
-        cfg = types.SimpleNamespace(input_space="residual")
-
-        def encode(self, x):
-            return x[..., :2] * 10
-
-    acc = ConceptStatsAccumulator(2)
-    col = learn.CodeCollector(Enc(), acc)
-    bi = torch.arange(2 * 3 * 2 * 2, dtype=torch.float32).view(2, 3, 2, 2)
-    bo = bi * 2
-    step = StepInfo(timestep=500.0, chunks=(1, 0))
-    assert col(bi, bo, step) is bo and acc.names == ()  # no label yet
-    col.current = "cat"
-    assert col(bi, bo, step) is bo
-    col.current = "other"
-    col(bi, bo, step)
-    st = acc.stats()
-    ref = ((bo[1] - bi[1]).movedim(0, -1)[..., :2] * 10).reshape(-1, 2).double().mean(0)
-    torch.testing.assert_close(st.means[0, 0], ref)
-
-
 # ------------------------------------------------------------------------------------------------ folders
 
 

@@ -4,6 +4,7 @@ COMFYUI_PATH names the checkout (default /work/comfyui when it exists). ComfyUI 
 with this interpreter (run with the ComfyUI venv, see README); otherwise nothing here is collected.
 """
 
+import importlib
 import os
 import pathlib
 import sys
@@ -19,17 +20,18 @@ def _import_comfyui() -> str | None:
     if not COMFYUI_PATH or not (pathlib.Path(COMFYUI_PATH) / "comfy").is_dir():
         return f"COMFYUI_PATH={COMFYUI_PATH!r} is not a ComfyUI checkout"
     if COMFYUI_PATH not in sys.path:
-        sys.path.insert(0, COMFYUI_PATH)
+        # appended, not prepended: ComfyUI's top-level nodes.py must not shadow the pack's `nodes` package
+        # for the tests outside this folder (nothing imported in-process here needs ComfyUI's nodes.py)
+        sys.path.append(COMFYUI_PATH)
     try:
         from comfy.cli_args import args
 
         # before comfy.model_management is imported: it probes devices from these
         args.cpu = True
         args.use_pytorch_cross_attention = True
-        import comfy.model_patcher  # noqa: F401
-        import comfy.sample  # noqa: F401
-        import comfy_api.latest  # noqa: F401
-        import folder_paths  # noqa: F401
+        importlib.import_module("comfy_api.latest")  # first: it needs the most dependencies (av), fail early
+        for name in ("comfy.model_patcher", "comfy.sample", "folder_paths"):
+            importlib.import_module(name)
     except Exception as e:  # any missing dependency of ComfyUI means "not importable here"
         # leave no half-imported ComfyUI behind: the repo root's __init__ would see comfy_api and try it
         sys.path.remove(COMFYUI_PATH)
@@ -49,6 +51,15 @@ else:
 
 def pytest_report_header(config):
     return f"ComfyUI integration: {'skipped: ' + SKIP_REASON if SKIP_REASON else COMFYUI_PATH}"
+
+
+@pytest.fixture(autouse=True)
+def inference_mode():
+    """ComfyUI executes every node (and so sampling) under torch.inference_mode(); so do these tests."""
+    import torch
+
+    with torch.inference_mode():
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from sae_core.blocks import blocks, grid_size, resolve_block
+from sae_core.blocks import blocks, family_from_unet_config, grid_size, resolve_block
 
 COMFYUI_PATH = os.environ.get("COMFYUI_PATH")
 pytestmark = pytest.mark.skipif(
@@ -30,7 +30,7 @@ from comfy.cli_args import args
 args.cpu = True
 args.use_pytorch_cross_attention = True
 import torch
-import comfy.ops, comfy.utils
+import comfy.model_detection, comfy.ops, comfy.utils
 from comfy.ldm.modules.attention import SpatialTransformer
 from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 
@@ -63,8 +63,12 @@ for family, cfg in configs.items():
     key_map = comfy.utils.unet_to_diffusers(cfg)
     names = {k[: -len(".proj_out.weight")]: v[: -len(".proj_out.weight")]
              for k, v in key_map.items() if k.endswith(".proj_out.weight") and ".transformer_blocks." not in k}
-    out[family] = {"modules": seen, "diffusers_to_comfy": names}
-print(json.dumps(out))
+    # what ComfyUI itself detects from these weights (the config a loaded model carries)
+    detected = comfy.model_detection.detect_unet_config(unet.state_dict(), "")
+    model_config = comfy.model_detection.model_config_from_unet_config(detected)
+    out[family] = {"modules": seen, "diffusers_to_comfy": names, "detected": detected,
+                   "model_config": type(model_config).__name__}
+print(json.dumps(out, default=str))
 """
 
 
@@ -91,3 +95,10 @@ def test_registry_matches_comfyui_unet(comfy_unets, family):
         spec = resolve_block("diffusion_model." + path, family)
         assert spec.channels == channels, path
         assert grid_size(spec, *LATENT_HW) == (h, w), path
+
+
+@pytest.mark.parametrize("family, comfy_class", [("sd1", "SD15"), ("sdxl", "SDXL")])
+def test_family_from_comfyui_detected_config(comfy_unets, family, comfy_class):
+    got = comfy_unets[family]
+    assert got["model_config"] == comfy_class  # ComfyUI agrees which model these weights are
+    assert family_from_unet_config(got["detected"]) == family

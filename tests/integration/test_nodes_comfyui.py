@@ -21,6 +21,11 @@ SDXL_BLOCK = ("up_blocks.0.attentions.1", "output_blocks.1.1", 128)
 def make_sae(pack, d, M=256, k=8, hook="up_blocks.1.attentions.1", family="sd1", input_space="output", seed=0):
     sc = pack.sae_core
     g = torch.Generator().manual_seed(seed)
+    with torch.inference_mode(False):  # as Load SAE does
+        return _make_sae(sc, g, d, M, k, hook, family, input_space)
+
+
+def _make_sae(sc, g, d, M, k, hook, family, input_space):
     W_dec = torch.randn(M, d, generator=g)
     W_dec = W_dec / W_dec.norm(dim=-1, keepdim=True)
     cfg = sc.SAEConfig(d_in=d, n_latents=M, k=k, activation="relu_topk", input_space=input_space,
@@ -339,7 +344,7 @@ def test_learn_concept_interrupt_leaves_model_clean(pack, sd1):
 def test_save_load_concept_and_load_sae_through_model_folders(pack, sd1, models_dir):
     ext = pack.nodes.extension
     sc = pack.sae_core
-    sae = make_sae(pack, 128, M=64)
+    sae = make_sae(pack, 1280, M=16)  # load_sae checks recorded family/hook against the real block widths
     sc.save_native(sae, models_dir / "sae" / "tiny.safetensors")
     listed = pack.nodes.folders.list_sae_entries(folder_paths)
     assert "tiny.safetensors" in listed
@@ -351,7 +356,7 @@ def test_save_load_concept_and_load_sae_through_model_folders(pack, sd1, models_
                                 input_space="residual", activation="from file").args[0]
     assert other.cfg.hook_point == "up_blocks.1.attentions.2" and other.cfg.input_space == "residual"
 
-    concept = sc.concepts.ConceptDictionary.from_latents([3, 5], 64, threshold=0.5, name="typed",
+    concept = sc.concepts.ConceptDictionary.from_latents([3, 5], 16, threshold=0.5, name="typed",
                                                          sae_fingerprint=sae.fingerprint())
     ext.SaveConcept.execute(concept, filename="cat", overwrite=False)
     with pytest.raises(FileExistsError, match="cat.safetensors exists"):
@@ -359,7 +364,7 @@ def test_save_load_concept_and_load_sae_through_model_folders(pack, sd1, models_
     assert "cat.safetensors" in folder_paths.get_filename_list("sae_concepts")
     back = ext.LoadConcept.execute("cat.safetensors", sae=loaded).args[0]
     torch.testing.assert_close(back.latents, concept.latents)
-    stranger = make_sae(pack, 128, M=64, seed=5)
+    stranger = make_sae(pack, 1280, M=16, seed=5)
     with pytest.raises(sc.concepts.ConceptMismatchError):
         ext.LoadConcept.execute("cat.safetensors", sae=stranger)
 
@@ -375,3 +380,98 @@ def test_compare_grid_node(pack, models_dir):
     torch.testing.assert_close(grid[:, bar:, 60 + gap:120 + gap], b)
     torch.testing.assert_close(grid[:, bar:, 120 + 2 * gap:], c)
     assert F.mse_loss(grid[:, :bar, :60], grid[:, :bar, 60 + gap:120 + gap]) > 0  # labels differ
+
+
+def test_detections_stay_tied_through_downstream_clones(pack, sd1):
+    ext = pack.nodes.extension
+    name, key, d = SD1_BLOCK
+    sae = make_sae(pack, d)
+    m, dets = ext.PatchReplacer.execute(sd1.model, typed_detector(pack, sae, [1, 2]), mode="random", target="output",
+                                        seed=0).args
+    downstream = m.clone().clone()  # what later model nodes (LoRA, FreeU, ...) do: deep copies of model_options
+    downstream.model_options["transformer_options"]["unrelated"] = 1
+    sample(downstream, "sd1", steps=2)
+    assert dets.recorder.keys() == [0, 1] and dets.runs == 1
+
+
+@pytest.fixture(scope="module")
+def sd1_bf16(comfy_threads):
+    from tiny_unets import build_sd1
+
+    with torch.inference_mode(False):
+        return build_sd1(dtype=torch.bfloat16)
+
+
+def test_fp32_sae_on_bf16_model_casts_lazily(pack, sd1_bf16):
+    ext = pack.nodes.extension
+    name, key, d = SD1_BLOCK
+    sae = make_sae(pack, d)
+    assert sd1_bf16.model.model_dtype() == torch.bfloat16
+    captured, cap = with_capture(pack, sd1_bf16.model, key)
+    m, dets = ext.PatchReplacer.execute(captured, typed_detector(pack, sae, [1, 2, 3]), mode="random",
+                                        target="output", seed=0).args
+    out = sample(m, "sd1", steps=2)
+    assert torch.isfinite(out).all() and sae.W_enc.dtype == torch.float32  # the SAE itself is not converted
+    assert cap.calls[0][1].dtype == torch.bfloat16
+    for s, (_, block_out, step) in enumerate(cap.calls):
+        ref = ref_mask(sae, block_out, [1, 2, 3], [0.0] * 3, 1.0, 0)
+        for c, flag in enumerate(step.chunks):
+            keys, masks = dets.recorder.masks("cond" if flag == 0 else "uncond", 0)
+            torch.testing.assert_close(masks[keys.index(s)], ref[c])
+    assert (torch.device("cpu"), torch.bfloat16) in sae._cache  # weights were cast once for the activations
+
+
+def test_schemas_v3_only_with_tooltips_descriptions_and_prefix(pack, models_dir):
+    import asyncio
+
+    ext = pack.nodes.extension
+    assert not hasattr(pack, "NODE_CLASS_MAPPINGS") and not hasattr(ext, "NODE_CLASS_MAPPINGS")
+    nodes = asyncio.run(asyncio.run(pack.comfy_entrypoint()).get_node_list())
+    names = {}
+    for node in nodes:
+        s = node.GET_SCHEMA()
+        assert s.node_id.startswith("SAE") and s.category == "SAE" and s.description
+        assert all(i.tooltip for i in s.inputs), [i.id for i in s.inputs if not i.tooltip]
+        assert all(o.tooltip for o in s.outputs)
+        names[s.node_id] = s.display_name
+    assert sorted(names.values()) == sorted(["Load SAE", "Concept Detector", "Patch Replacer", "SAE Steer",
+                                             "Mask Preview", "Learn Concept", "Save Concept", "Load Concept", "Compare"])
+    exts = folder_paths.folder_names_and_paths
+    assert exts["sae"][1] == {".safetensors"} and exts["sae_concepts"][1] == {".safetensors"}
+
+
+def test_learn_concept_default_contrast_and_errors(pack, sd1):
+    ext = pack.nodes.extension
+    sae = make_sae(pack, 128, M=64)
+    kw = dict(concept_name="cat", concept_prompts="a cat", contrast_prompts="  \n", negative_prompt="", width=64,
+              height=64, steps=1, cfg=1.0, sampler_name="euler", scheduler="normal", seed=1, selection="top_n",
+              percentile=99.0, top_n=1)
+    concept = ext.LearnConcept.execute(sd1.model, FakeClip(), sae, **kw).args[0]
+    assert concept.meta.prompts["__contrast__"] == list(pack.nodes.learn.DEFAULT_CONTRAST)
+    assert concept.meta.hook_point == "up_blocks.1.attentions.1" and concept.meta.model_family == "sd1"
+    assert concept.meta.sae_fingerprint == sae.fingerprint() and concept.timesteps.numel() == 1
+    with pytest.raises(ValueError, match="concept_prompts is empty"):
+        ext.LearnConcept.execute(sd1.model, FakeClip(), sae, **{**kw, "concept_prompts": "# only a comment"})
+    with pytest.raises(ValueError, match="'__contrast__' is empty or reserved"):
+        ext.LearnConcept.execute(sd1.model, FakeClip(), sae, **{**kw, "concept_name": "__contrast__"})
+    wrong = make_sae(pack, 64, M=64)
+    with pytest.raises(ValueError, match=r"has 128 channels in this model, the SAE expects d_in=64"):
+        ext.LearnConcept.execute(sd1.model, FakeClip(), wrong, **kw)
+    assert not sd1.model.object_patches
+
+
+def test_concept_detector_errors(pack):
+    ext = pack.nodes.extension
+    sae = make_sae(pack, 128, M=64)
+    args = dict(latent_ids="", typed_threshold=0.0, threshold_scale=1.0, padding=0, min_region=0,
+                start_percent=0.0, end_percent=1.0, branches="both")
+    with pytest.raises(ValueError, match="no concept connected and no latent ids typed"):
+        ext.ConceptDetectorNode.execute(sae, **args)
+    with pytest.raises(ValueError, match=r"latent ids \[70\] out of range 0..63"):
+        ext.ConceptDetectorNode.execute(sae, **{**args, "latent_ids": "3, 70"})
+    with pytest.raises(ValueError, match="start_percent 0.9 and end_percent 0.1"):
+        ext.ConceptDetectorNode.execute(sae, **{**args, "latent_ids": "3", "start_percent": 0.9, "end_percent": 0.1})
+    other = make_sae(pack, 128, M=64, seed=9)
+    learned = pack.sae_core.concepts.ConceptDictionary.from_latents([1], 64, sae_fingerprint=other.fingerprint())
+    with pytest.raises(pack.sae_core.concepts.ConceptMismatchError):
+        ext.ConceptDetectorNode.execute(sae, concept=learned, **args)

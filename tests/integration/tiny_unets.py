@@ -47,7 +47,7 @@ def _patcher(model):
     return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
 
 
-def build_sd1(seed: int = 1) -> Tiny:
+def build_sd1(seed: int = 1, dtype: torch.dtype = torch.float32) -> Tiny:
     import comfy.supported_models as sm
 
     cfg = {"use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
@@ -58,7 +58,7 @@ def build_sd1(seed: int = 1) -> Tiny:
            "use_temporal_attention": False, "use_temporal_resblock": False}
     mc = sm.SD15(cfg)
     mc.unet_config.update(num_heads=-1, num_head_channels=32)  # SD15 forces 8 heads: 4-wide heads are slow
-    mc.set_inference_dtype(torch.float32, None)
+    mc.set_inference_dtype(dtype, None)
     m = mc.get_model({})
     _fill(m, seed)
     return Tiny(_patcher(m), "sd1", SD1_WIDTHS)
