@@ -434,6 +434,8 @@ def make_intervention(sae, det, method: str, label: str) -> BlockIntervention:
 def growth_check(unet: Unet, sae, det, meter: Meter, steps: int, label: str) -> str:
     iv = make_intervention(sae, det, "steer", label)
     ctx = unet.patched(iv, (1, 0))
+    if not meter.cuda:
+        _mallopt(64 << 10, 0)  # RSS then follows live tensors, not what the heap keeps for reuse
     with torch.inference_mode():
         ctx.__enter__()
         try:
