@@ -7,6 +7,7 @@ small fakes as well as with the real thing (tests/integration).
 
 from __future__ import annotations
 
+import copy
 import logging
 import uuid
 from typing import Any, Callable
@@ -40,6 +41,8 @@ class RunState:
         self.label = label
         self.recorder = recorder
         self.model_sampling = None
+        self.schedule = (None, None)
+        self.window = _UNSET
         self.active = 0
         self.runs = 0
         self.calls = 0  # hooked block calls in the current run (diagnostics only, never used for step identity)
@@ -53,7 +56,9 @@ class RunState:
     def begin(self, model_sampling) -> None:
         if self.recorder is not None:
             self.recorder.reset()
-        self.model_sampling = model_sampling
+        self.model_sampling = host_sampling(model_sampling)
+        self.schedule = (None, None)  # (sample_sigmas object, its host copy), filled by the first call of the run
+        self.window = _UNSET
         self.calls = 0
         self.active += 1
         self.runs += 1
@@ -66,6 +71,23 @@ class RunState:
     def __repr__(self) -> str:
         n = 0 if self.recorder is None else len(self.recorder.records)
         return f"RunState({self.label!r}, runs={self.runs}, records={n})"
+
+
+_UNSET = object()
+
+
+def host_sampling(model_sampling):
+    """A CPU copy of ``model_sampling`` when its schedule lives on an accelerator, so that sigma -> timestep and
+    percent -> sigma need no device synchronisation inside the hook; else ``model_sampling`` itself."""
+    if not isinstance(model_sampling, torch.nn.Module):
+        return model_sampling
+    if all(t.device.type == "cpu" for t in [*model_sampling.buffers(), *model_sampling.parameters()]):
+        return model_sampling
+    try:
+        return copy.deepcopy(model_sampling).to("cpu")
+    except Exception as e:  # an unusual sampling object: the device one is correct, only slower
+        logger.debug("model_sampling stays on its device (%s)", e)
+        return model_sampling
 
 
 # ------------------------------------------------------------------------------------------------
@@ -87,8 +109,11 @@ def step_index(sigma: float, sample_sigmas) -> int | None:
     return int(hit[-1]) if hit.numel() else None
 
 
-def step_info(transformer_options: dict, model_sampling) -> StepInfo:
-    """StepInfo of one UNet call from ComfyUI's transformer_options (sigmas, cond_or_uncond, sample_sigmas)."""
+def step_info(transformer_options: dict, model_sampling, state: RunState | None = None) -> StepInfo:
+    """StepInfo of one UNet call from ComfyUI's transformer_options (sigmas, cond_or_uncond, sample_sigmas).
+
+    One device -> host read (the sigma) when ``model_sampling`` is on the CPU (see host_sampling) and ``state``
+    caches the run's schedule."""
     sigmas = transformer_options.get("sigmas")
     if sigmas is None:
         raise ValueError(
@@ -96,13 +121,22 @@ def step_info(transformer_options: dict, model_sampling) -> StepInfo:
             "Sample with a KSampler / SamplerCustom node"
         )
     sig = torch.as_tensor(sigmas).flatten()[:1]
+    if isinstance(model_sampling, torch.nn.Module) and all(
+            t.device.type == "cpu" for t in model_sampling.buffers()):
+        sig = sig.cpu()
     chunks = tuple(int(c) for c in transformer_options.get("cond_or_uncond") or (0,))
     t = model_sampling.timestep(sig.float())
+    sample_sigmas = transformer_options.get("sample_sigmas")
+    if state is not None and sample_sigmas is not None:
+        if state.schedule[0] is not sample_sigmas:
+            state.schedule = (sample_sigmas, torch.as_tensor(sample_sigmas).detach().cpu())
+        sample_sigmas = state.schedule[1]
+    s = float(sig[0])
     return StepInfo(
         timestep=float(torch.as_tensor(t).flatten()[0]),
-        sigma=float(sig[0]),
+        sigma=s,
         chunks=chunks,
-        step_index=step_index(float(sig[0]), transformer_options.get("sample_sigmas")),
+        step_index=step_index(s, sample_sigmas),
     )
 
 
@@ -155,10 +189,11 @@ def make_forward(prev: Callable, intervention: Intervention, state: RunState, wi
         if not state.active:
             return out
         x, to = _split_call(args, kwargs)
-        step = step_info(to, state.model_sampling)
+        step = step_info(to, state.model_sampling, state)
         if window_of is not None:
-            window = window_of(state.model_sampling)
-            if window is not None and not window.contains(step):
+            if state.window is _UNSET:  # once per run
+                state.window = window_of(state.model_sampling)
+            if state.window is not None and not state.window.contains(step):
                 return out
         state.calls += 1
         return intervention(x, out, step)

@@ -72,10 +72,25 @@ def _check_grid(codes: Tensor, what: str) -> None:
 def score_map(codes: Tensor, latents: Tensor, thresholds: Tensor, scale: float = 1.0) -> Tensor:
     """codes [B, H, W, M], latents [K], thresholds [K] -> [B, H, W] float32 max_i (f_i - scale * tau_i)."""
     _check_grid(codes, "score_map")
-    if latents.numel() == 0:
-        return torch.full(codes.shape[:3], float("-inf"), device=codes.device, dtype=torch.float32)
-    picked = codes.index_select(-1, latents.to(codes.device)).float()  # [B, H, W, K]
-    return (picked - float(scale) * thresholds.to(codes.device, torch.float32)).amax(-1)
+    return score_from_picked(codes.index_select(-1, latents.to(codes.device)), thresholds, scale)
+
+
+def score_from_picked(picked: Tensor, thresholds: Tensor, scale: float = 1.0) -> Tensor:
+    """picked [B, H, W, K] = the codes of the K selected latents -> [B, H, W] float32 max_i (f_i - scale * tau_i)."""
+    if picked.shape[-1] == 0:
+        return torch.full(picked.shape[:3], float("-inf"), device=picked.device, dtype=torch.float32)
+    return (picked.float() - float(scale) * thresholds.to(picked.device, torch.float32)).amax(-1)
+
+
+def pick_topk(values: Tensor, indices: Tensor, latents: Tensor) -> Tensor:
+    """The dense codes' columns ``latents`` [K] from TopK codes (values, indices [..., k]) -> [..., K].
+
+    Equals ``zeros(M).scatter(indices, values)[..., latents]`` exactly: each output is one kept value plus zeros
+    (the indices of a row are distinct), or 0 where the latent was not kept. No [..., M] tensor is built.
+    """
+    lat = latents.to(indices.device)
+    hit = indices.unsqueeze(-1) == lat  # [..., k, K]
+    return torch.where(hit, values.unsqueeze(-1), values.new_zeros(())).sum(-2)
 
 
 def dilate_mask(mask: Tensor, padding: int) -> Tensor:
@@ -117,8 +132,18 @@ def drop_small_regions(mask: Tensor, min_size: int) -> Tensor:
 
 def detect(codes: Tensor, step: ConceptStep, settings: DetectionSettings | None = None) -> Detection:
     """codes [B, H, W, M] + the concept's latents at this step -> Detection(score, mask)."""
+    _check_grid(codes, "detect")
+    return detect_picked(codes.index_select(-1, step.latents.to(codes.device)), step, settings)
+
+
+def detect_picked(picked: Tensor, step: ConceptStep, settings: DetectionSettings | None = None) -> Detection:
+    """Same as ``detect`` from picked [B, H, W, K] = the codes of ``step.latents`` only (see ``pick_topk``)."""
+    _check_grid(picked, "detect_picked")
+    if picked.shape[-1] != step.latents.numel():
+        raise ValueError(f"detect_picked: picked codes have {picked.shape[-1]} latents, the step selects "
+                         f"{step.latents.numel()}; pick the columns step.latents")
     settings = settings or DetectionSettings()
-    score = score_map(codes, step.latents, step.thresholds, settings.threshold_scale)
+    score = score_from_picked(picked, step.thresholds, settings.threshold_scale)
     mask = score > 0
     mask = drop_small_regions(mask, int(settings.min_region))
     mask = dilate_mask(mask, int(settings.padding))
@@ -152,9 +177,22 @@ class ConceptDetector:
                 d.check_compatible(sae)
         self.settings = settings or DetectionSettings()
         self.n_latents = m.pop()
+        self._steps: dict[float, ConceptStep] = {}
 
     def step(self, timestep: float) -> ConceptStep:
-        return ConceptStep.merge([d.at(timestep, names) for d, names in self.sources])
+        """The merged ConceptStep at ``timestep``; cached (a run asks for the same few timesteps at every call)."""
+        key = float(timestep)
+        hit = self._steps.get(key)
+        if hit is None:
+            hit = ConceptStep.merge([d.at(timestep, names) for d, names in self.sources])
+            if len(self._steps) >= 1024:  # continuous-time schedules: keep the cache bounded
+                self._steps.clear()
+            self._steps[key] = hit
+        return hit
+
+    def detect_picked(self, picked: Tensor, step: ConceptStep) -> Detection:
+        """Detection from the codes of ``step.latents`` only, [B, H, W, K] (TopK hot path, see ``pick_topk``)."""
+        return detect_picked(picked, step, self.settings)
 
     def __call__(self, codes: Tensor, timestep: float) -> tuple[Detection, ConceptStep]:
         if codes.shape[-1] != self.n_latents:

@@ -18,9 +18,9 @@ import torch
 from einops import rearrange
 from torch import Tensor
 
-from .detect import ConceptDetector
+from .detect import ConceptDetector, pick_topk
 from .replace import check_mode, replace_patches
-from .steer import SteerSettings, steer
+from .steer import SteerSettings, steer_picked
 
 logger = logging.getLogger(__name__)
 
@@ -232,6 +232,54 @@ def _seed_for(seed: int, step: StepInfo, flag: int, occurrence: int) -> int:
     return int(h[:15], 16)
 
 
+def _row_selection(parts: Sequence[ChunkRows], batch: int) -> slice | list[int]:
+    """The rows of ``parts``: a slice when contiguous (no copy), else a list of row ids."""
+    ids = [i for p in parts for i in range(p.start, p.stop)]
+    if ids == list(range(ids[0], ids[-1] + 1)):
+        return slice(ids[0], ids[-1] + 1)
+    return ids
+
+
+def _take(x: Tensor, rows: slice | list[int]) -> Tensor:
+    if isinstance(rows, slice):
+        return x if rows == slice(0, x.shape[0]) else x[rows]
+    return x.index_select(0, torch.tensor(rows, device=x.device))
+
+
+def _put(block_out: Tensor, rows: slice | list[int], new_rows: Tensor) -> Tensor:
+    """A new tensor: block_out with ``rows`` replaced by new_rows (cast to block_out's dtype)."""
+    new_rows = new_rows.to(block_out.dtype)
+    if isinstance(rows, slice) and rows == slice(0, block_out.shape[0]):
+        if new_rows.stride() == block_out.stride() and new_rows.data_ptr() != block_out.data_ptr():
+            return new_rows
+        return torch.empty_like(block_out).copy_(new_rows)  # block_out's memory layout (steering works channels-last)
+    result = block_out.clone()
+    if isinstance(rows, slice):
+        result[rows] = new_rows
+    else:
+        result.index_copy_(0, torch.tensor(rows, device=block_out.device), new_rows)
+    return result
+
+
+def _to_host(*tensors: Tensor | None) -> list[Tensor | None]:
+    """Host copies with one synchronisation: on CUDA non-blocking copies into pinned buffers, then one stream sync."""
+    devs = [t for t in tensors if t is not None and t.device.type != "cpu"]
+    if not devs:
+        return list(tensors)
+    if devs[0].device.type == "cuda":
+        outs = []
+        for t in tensors:
+            if t is None or t.device.type == "cpu":
+                outs.append(t)
+                continue
+            h = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            h.copy_(t, non_blocking=True)
+            outs.append(h)
+        torch.cuda.current_stream(devs[0].device).synchronize()
+        return outs
+    return [None if t is None else t.cpu() for t in tensors]
+
+
 class BlockIntervention:
     """Detect a concept in one block's output and optionally replace (PER) or steer it.
 
@@ -263,6 +311,7 @@ class BlockIntervention:
         self.sae, self.detector, self.edit = sae, detector, edit
         self.branches = BRANCHES[branches]
         self.window, self.recorder, self.label, self.input_space = window, recorder, label, space
+        self._lat_cache: dict = {}
 
     def __deepcopy__(self, memo):
         # ComfyUI deep-copies model_options on every clone; this object holds SAE weights (or the run's records),
@@ -293,43 +342,76 @@ class BlockIntervention:
         parts = chunk_rows(block_out.shape[0], step.chunks, self.branches)
         if not parts:
             return block_out
-        idx = torch.cat([torch.arange(p.start, p.stop) for p in parts]).to(block_out.device)
-        out_rows = block_out.index_select(0, idx)
-        in_rows = block_in.index_select(0, idx) if self.needs_block_in else None
+        rows = _row_selection(parts, block_out.shape[0])
+        out_rows = _take(block_out, rows)
+        in_rows = _take(block_in, rows) if self.needs_block_in else None
         a = out_rows if self.input_space == "output" else out_rows - in_rows
         tokens = rearrange(a, "b c h w -> b h w c")
-        codes, norm = self.sae.encode_with_norm(tokens)
-        det, cstep = self.detector(codes, step.timestep)
+        cstep = self.detector.step(step.timestep)
+        sub, dense_codes, norm = self._encode(tokens, cstep, step.timestep)
+        det = self.detector.detect_picked(sub, cstep)
         mask = det.mask
-        all_detected = mask.flatten(1).all(-1).cpu()
+        res = None
+        if isinstance(self.edit, SteerSettings) and cstep.latents.numel():
+            res = steer_picked(self.sae, tokens, sub, dense_codes, norm, cstep, mask, self.edit,
+                               self.detector.settings.threshold_scale)
+        # Everything the host must see comes over in one device -> host transfer (one synchronisation per call):
+        # the mask (PER draws its sources on the CPU; the recorder), the score (recorder), whether steering changed
+        # anything (to return block_out itself otherwise).
+        record = self.recorder is not None
+        want_mask = record or isinstance(self.edit, ReplaceSettings)
+        score = det.score.to(torch.float16) if record and self.recorder.record_scores else None
+        host = _to_host(mask if want_mask else None, score, None if res is None else res.changed.any())
+        mask_h, score_h, changed_h = host
         new_rows = None
 
-        if isinstance(self.edit, ReplaceSettings) and bool(mask.any()):
-            new_rows, all_detected = self._replace(in_rows, out_rows, a, mask, parts, step)
-        elif isinstance(self.edit, SteerSettings) and cstep.latents.numel():
-            res = steer(self.sae, tokens, codes, norm, cstep, mask, self.edit, self.detector.settings.threshold_scale)
-            if bool(res.changed.any()):
-                new_a = rearrange(res.values, "b h w c -> b c h w")
-                if self.input_space == "output":
-                    new_rows = new_a
-                else:
-                    changed = res.changed[:, None]
-                    new_rows = torch.where(changed, in_rows + new_a, out_rows)
+        if isinstance(self.edit, ReplaceSettings) and bool(mask_h.any()):
+            new_rows = self._replace(in_rows, out_rows, a, mask, mask_h, parts, step)
+        elif res is not None and bool(changed_h):
+            new_a = rearrange(res.values, "b h w c -> b c h w")
+            if self.input_space == "output":
+                new_rows = new_a
+            else:
+                new_rows = torch.where(res.changed[:, None], in_rows + new_a, out_rows)
 
-        if self.recorder is not None:
+        if record:
+            all_detected = mask_h.flatten(1).all(-1)
             off = 0
             for p in parts:
                 n = p.stop - p.start
-                self.recorder.add(self.label, step, p.flag, p.chunk, mask[off:off + n], det.score[off:off + n],
-                                  all_detected[off:off + n])
+                self.recorder.add(self.label, step, p.flag, p.chunk, mask_h[off:off + n],
+                                  None if score_h is None else score_h[off:off + n], all_detected[off:off + n])
                 off += n
         if new_rows is None:
             return block_out
-        result = block_out.clone()
-        result.index_copy_(0, idx, new_rows.to(block_out.dtype))
-        return result
+        return _put(block_out, rows, new_rows)
 
-    def _replace(self, in_rows, out_rows, a, mask, parts, step):
+    def _encode(self, tokens: Tensor, cstep, timestep: float):
+        """(codes of the selected latents [..., K], () -> dense codes [..., M], norm state). TopK SAEs build no
+        [..., M] codes unless a caller asks for them (legacy error modes); the picked values equal the dense ones."""
+        sae = self.sae
+        lat = self._latents_on(cstep, timestep, tokens.device)
+        if getattr(sae.cfg, "is_topk", False) and hasattr(sae, "encode_topk"):
+            tk = sae.encode_topk(tokens)
+
+            def dense() -> Tensor:
+                shape = (*tk.values.shape[:-1], int(sae.cfg.n_latents))
+                return tk.values.new_zeros(shape).scatter_(-1, tk.indices, tk.values)
+
+            return pick_topk(tk.values, tk.indices, lat), dense, tk.norm
+        codes, norm = sae.encode_with_norm(tokens)
+        return codes.index_select(-1, lat), (lambda: codes), norm
+
+    def _latents_on(self, cstep, timestep: float, device: torch.device) -> Tensor:
+        key = (float(timestep), device)
+        hit = self._lat_cache.get(key)
+        if hit is None or hit[0] is not cstep:
+            if len(self._lat_cache) >= 1024:
+                self._lat_cache.clear()
+            hit = self._lat_cache[key] = (cstep, cstep.latents.to(device))
+        return hit[1]
+
+    def _replace(self, in_rows, out_rows, a, mask, mask_h, parts, step):
         e = self.edit
         if e.target == "output":
             values = rearrange(out_rows, "b c h w -> b h w c")
@@ -337,24 +419,28 @@ class BlockIntervention:
             values = rearrange(a if self.input_space == "residual" else out_rows - in_rows, "b c h w -> b h w c")
         pieces, flags = [], []
         off = 0
+        changed = False
         seen: dict[int, int] = {}
         for p in parts:
             n = p.stop - p.start
             occ = seen[p.flag] = seen.get(p.flag, -1) + 1
             gen = torch.Generator().manual_seed(_seed_for(e.seed, step, p.flag, occ))
-            r = replace_patches(values[off:off + n], mask[off:off + n], e.mode, gen)
+            piece = values[off:off + n]
+            # the mask on the host: PER's draws and index lists need no device synchronisation
+            r = replace_patches(piece, mask_h[off:off + n], e.mode, gen)
+            changed = changed or r.values is not piece
             pieces.append(r.values)
             flags.append(r.all_detected)
             off += n
-        new_vals = rearrange(torch.cat(pieces), "b h w c -> b c h w")
-        all_detected = torch.cat(flags)
+        if not changed:  # every detected map was detected everywhere: nothing to copy from
+            return None
+        new_vals = rearrange(pieces[0] if len(pieces) == 1 else torch.cat(pieces), "b h w c -> b c h w")
         if e.target == "output":
-            new_rows = new_vals
-        else:
-            # fully detected maps stay exactly as they were: in + (out - in) need not round to out
-            edited = mask & ~all_detected.to(mask.device)[:, None, None]
-            new_rows = torch.where(edited[:, None], in_rows + new_vals, out_rows)
-        return new_rows, all_detected
+            return new_vals
+        # fully detected maps stay exactly as they were: in + (out - in) need not round to out
+        all_detected = torch.cat(flags)
+        edited = mask & ~all_detected.to(mask.device, non_blocking=True)[:, None, None]
+        return torch.where(edited[:, None], in_rows + new_vals, out_rows)
 
 
 class ConceptCollector:

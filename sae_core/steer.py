@@ -129,15 +129,38 @@ def steer(sae, x: Tensor, codes: Tensor, norm, step: ConceptStep, mask: Tensor, 
         raise ValueError(
             f"steer: x {tuple(x.shape)}, codes {tuple(codes.shape)} and mask {tuple(mask.shape)} must share leading dims"
         )
+    sub = codes.index_select(-1, step.latents.to(codes.device))
+    return steer_picked(sae, x, sub, lambda: codes, norm, step, mask, settings, threshold_scale)
+
+
+def steer_picked(sae, x: Tensor, sub: Tensor, dense_codes, norm, step: ConceptStep, mask: Tensor,
+                 settings: SteerSettings, threshold_scale: float = 1.0) -> SteerResult:
+    """``steer`` from sub [..., K] = the codes of ``step.latents`` only (the TopK hot path builds no [..., M] codes).
+
+    ``dense_codes()`` returns the full codes [..., M]; it is called only where the whole reconstruction is needed
+    (error modes legacy_saeuron and none, or a normalisation state without ``out_scale``). No host synchronisation:
+    ``values`` is a new tensor even when ``changed`` is all false (rows not changed are bit-identical to x).
+    """
+    if sub.shape[:-1] != x.shape[:-1] or mask.shape != x.shape[:-1] or sub.shape[-1] != step.latents.numel():
+        raise ValueError(
+            f"steer: x {tuple(x.shape)}, picked codes {tuple(sub.shape)} (one column per selected latent, "
+            f"{step.latents.numel()}) and mask {tuple(mask.shape)} must share leading dims"
+        )
     s = settings
     region = mask if s.detected_only else None
     lat = step.latents
-    edited = codes
+    new_sub = None
     delta = None
-    if s.method == "saeuron_scale":
-        edited = scale_codes(codes, lat, step.thresholds * float(threshold_scale), step.means, s.strength, region)
-    elif s.method == "set":
-        edited = set_codes(codes, lat, s.strength, region)
+    if lat.numel() and s.method == "saeuron_scale":
+        fire = sub > (step.thresholds * float(threshold_scale)).to(sub.device, sub.dtype)
+        if region is not None:
+            fire = fire & region[..., None]
+        factor = (float(s.strength) * step.means.to(sub.device, torch.float32)).to(sub.dtype)
+        new_sub = torch.where(fire, sub * factor, sub)
+    elif lat.numel() and s.method == "set":
+        new_sub = torch.full_like(sub, float(s.strength))
+        if region is not None:
+            new_sub = torch.where(region[..., None], new_sub, sub)
     elif lat.numel():
         dirs = sae.W_dec.detach()[lat.to(sae.W_dec.device)].to(x.device)
         if s.method == "unbox_add":
@@ -150,22 +173,18 @@ def steer(sae, x: Tensor, codes: Tensor, norm, step: ConceptStep, mask: Tensor, 
 
     code_delta = None
     rows = torch.zeros_like(mask)
-    if edited is not codes:
-        lat_d = lat.to(codes.device)
-        rows = (edited.index_select(-1, lat_d) != codes.index_select(-1, lat_d)).any(-1)
-        if bool(rows.any()):
-            code_delta = decode_delta(sae, codes, edited, lat, norm)
+    if new_sub is not None:
+        rows = (new_sub != sub).any(-1)
+        code_delta = _picked_delta(sae, sub, new_sub, lat, norm, dense_codes)
 
     if s.error == "preserve":
         out = x if code_delta is None else x + code_delta
         if delta is not None:
             out = out + delta
             rows = rows | add_rows
-        if not bool(rows.any()):
-            return SteerResult(x, rows)
         return SteerResult(torch.where(rows[..., None], out, x), rows)
 
-    recon = sae.decode(codes, norm)
+    recon = sae.decode(dense_codes(), norm)
     recon2 = recon if code_delta is None else recon + code_delta
     out = recon2 + (recon - x) if s.error == "legacy_saeuron" else recon2
     if delta is not None:
@@ -174,3 +193,20 @@ def steer(sae, x: Tensor, codes: Tensor, norm, step: ConceptStep, mask: Tensor, 
         out = torch.where(mask[..., None], out, x)
         return SteerResult(out, mask.clone())
     return SteerResult(out, torch.ones_like(mask))
+
+
+def _picked_delta(sae, sub: Tensor, new_sub: Tensor, latents: Tensor, norm, dense_codes) -> Tensor:
+    """decode(edited) - decode(codes) where only the ``latents`` columns changed from sub to new_sub: the same
+    arithmetic as ``decode_delta``."""
+    lat = latents.to(sub.device)
+    W = sae.weights(sub.device, sub.dtype).W_dec
+    delta = (new_sub - sub) @ W.index_select(0, lat)
+    if norm is not None:
+        scale = getattr(norm, "out_scale", None)
+        if scale is None:  # an unknown normalisation state: the two full decodes
+            codes = dense_codes()
+            edited = codes.clone()
+            edited[..., lat] = new_sub
+            return sae.decode(edited, norm) - sae.decode(codes, norm)
+        delta = delta * scale
+    return delta
