@@ -15,6 +15,15 @@ from shapes_world.text import TextEncoderConfig  # noqa: E402
 from shapes_world.train import TrainConfig, loss_on_batch, lr_at, make_batch, train  # noqa: E402
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # The machines running this suite are small and shared: intra-op threads only add contention here.
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 def tiny_config(**kw) -> ModelConfig:
     base = dict(
         sample_size=16, block_out_channels=(8, 16, 16), norm_num_groups=4, attention_heads=2,

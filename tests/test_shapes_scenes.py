@@ -19,6 +19,15 @@ from shapes_world.scenes import (
 )
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # The machines running this suite are small and shared: intra-op threads only add contention here.
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 @pytest.fixture(scope="module")
 def scenes():
     return generate_scenes(256, seed=123)

@@ -8,6 +8,15 @@ from shapes_world.scenes import generate_scenes
 from shapes_world.text import VOCAB, TextEncoder, TextEncoderConfig, Tokenizer
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # The machines running this suite are small and shared: intra-op threads only add contention here.
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 def test_tokenizer_ids_and_padding():
     tok = Tokenizer(max_length=8)
     ids = tok.encode(["a red circle", ""])
