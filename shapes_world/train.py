@@ -38,6 +38,11 @@ class TrainConfig:
     ema: float = 0.999
     cond_drop: float = 0.1  # share of captions replaced by "" so CFG has an unconditional branch
     min_snr_gamma: float = 5.0  # Min-SNR loss weighting (0 disables)
+    # Offset noise: std of a per-image, per-channel constant added to the noise. The scaled_linear
+    # schedule leaks sqrt(alphas_cumprod[999]) = 0.07 of the image into x_999, and in pixel space the
+    # image mean (the background) is readable from it: a model trained without offset takes the
+    # background from the (zero-mean) starting noise, so black and white backgrounds come out grey.
+    offset_noise: float = 0.1
     grad_clip: float = 1.0
     seed: int = 0
 
@@ -65,12 +70,14 @@ def make_batch(step: int, tc: TrainConfig, size: int) -> tuple[torch.Tensor, lis
 
 def loss_on_batch(
     model: ShapesModel, scheduler, x0: torch.Tensor, captions: list[str], gen: torch.Generator,
-    min_snr_gamma: float = 0.0,
+    min_snr_gamma: float = 0.0, offset_noise: float = 0.0,
 ) -> torch.Tensor:
     """Epsilon-prediction loss at uniform random timesteps (Min-SNR weighted when gamma > 0)."""
     b = x0.shape[0]
     t = torch.randint(scheduler.config.num_train_timesteps, (b,), generator=gen)
     noise = torch.randn(x0.shape, generator=gen)
+    if offset_noise > 0:
+        noise = noise + offset_noise * torch.randn((b, x0.shape[1], 1, 1), generator=gen)
     x_t = scheduler.add_noise(x0, noise, t)
     pred = model(x_t, t, model.encode_text(captions))
     per = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))
@@ -141,7 +148,7 @@ def train(out: Path, mc: ModelConfig, tc: TrainConfig, max_minutes: float | None
         for g in opt.param_groups:
             g["lr"] = lr_at(step, tc, time_frac)
         x0, captions, gen = make_batch(step, tc, mc.sample_size)
-        loss = loss_on_batch(model, scheduler, x0, captions, gen, tc.min_snr_gamma)
+        loss = loss_on_batch(model, scheduler, x0, captions, gen, tc.min_snr_gamma, tc.offset_noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if tc.grad_clip > 0:
@@ -187,6 +194,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--warmup", type=int, default=TrainConfig.warmup)
     p.add_argument("--ema", type=float, default=TrainConfig.ema)
     p.add_argument("--min-snr-gamma", type=float, default=TrainConfig.min_snr_gamma)
+    p.add_argument("--offset-noise", type=float, default=TrainConfig.offset_noise)
     p.add_argument("--channels", type=int, nargs=3, default=list(ModelConfig.block_out_channels))
     p.add_argument("--layers-per-block", type=int, default=ModelConfig.layers_per_block)
     p.add_argument("--text-dim", type=int, default=TextEncoderConfig.dim)
@@ -201,7 +209,7 @@ def main(argv: list[str] | None = None) -> None:
     mc = ModelConfig(block_out_channels=tuple(a.channels), layers_per_block=a.layers_per_block,
                      text=TextEncoderConfig(dim=a.text_dim, layers=a.text_layers))
     tc = TrainConfig(steps=a.steps, batch=a.batch, lr=a.lr, warmup=a.warmup, ema=a.ema,
-                     min_snr_gamma=a.min_snr_gamma, seed=a.seed)
+                     min_snr_gamma=a.min_snr_gamma, offset_noise=a.offset_noise, seed=a.seed)
     train(a.out, mc, tc, a.max_minutes, a.log_every, a.save_minutes, a.snapshot_every)
 
 
