@@ -96,16 +96,19 @@ def test_a_few_training_steps_reduce_loss_on_a_fixed_batch():
     assert after < 0.6 * before, (before, after)
 
 
-def test_min_snr_loss_matches_reference(tiny_model):
+@pytest.mark.parametrize("offset", [0.0, 0.1])
+def test_min_snr_loss_matches_reference(tiny_model, offset):
     sched = tiny_model.train_scheduler()
     x0 = torch.rand(4, 3, 16, 16) * 2 - 1
     caps = ["a red circle", "", "a blue square on a grey background", "a cyan cross"]
     with torch.no_grad():
-        got = loss_on_batch(tiny_model, sched, x0, caps, torch.Generator().manual_seed(5), 5.0)
+        got = loss_on_batch(tiny_model, sched, x0, caps, torch.Generator().manual_seed(5), 5.0, offset)
         # Reference: replay the same draws and weight by min(snr, 5) / snr by hand.
         g = torch.Generator().manual_seed(5)
         t = torch.randint(1000, (4,), generator=g)
         noise = torch.randn(x0.shape, generator=g)
+        if offset:  # one constant per image and channel, drawn after the pixel noise
+            noise = noise + offset * torch.randn(4, 3, 1, 1, generator=g)
         betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
         ab = torch.cumprod(1 - betas, 0).float()[t]
         x_t = ab.sqrt().view(4, 1, 1, 1) * x0 + (1 - ab).sqrt().view(4, 1, 1, 1) * noise
