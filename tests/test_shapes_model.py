@@ -3,6 +3,7 @@ checkpoint save/load/resume and their errors."""
 
 import json
 import math
+import pathlib
 
 import pytest
 import torch
@@ -286,3 +287,31 @@ def test_resume_with_other_model_config_is_refused(tmp_path):
     train(tmp_path, tiny_config(), TrainConfig(steps=1, batch=2, warmup=1), None, 1, 100, 100)
     with pytest.raises(ValueError, match="saved model config"):
         train(tmp_path, tiny_config(layers_per_block=2), TrainConfig(steps=2, batch=2), None, 1, 100, 100)
+
+
+def test_export_fp16_round_trip(tiny_model, tmp_path):
+    from shapes_world.export import export
+
+    save_model(tiny_model, tmp_path / "src", {"step": 7, "train": {"seed": 3}})
+    export(tmp_path / "src", tmp_path / "dst")
+    loaded, config = load_model(tmp_path / "dst")
+    assert config["step"] == 7 and config["train"] == {"seed": 3} and config["dtype"] == "float16"
+    for k, v in tiny_model.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[k], v.half().float(), rtol=0, atol=0)
+
+
+SHIPPED = pathlib.Path(__file__).resolve().parents[1] / "shapes_world" / "weights"
+
+
+@pytest.mark.skipif(not (SHIPPED / "model.safetensors").is_file(), reason="no shipped shapes-world model")
+def test_shipped_model_draws_the_named_colour():
+    from shapes_world.evaluator import load_evaluator
+    from shapes_world.score import prompt_adherence
+
+    model, _ = load_model(SHIPPED)
+    caps = ["a red circle on a black background", "a blue square on a white background",
+            "a yellow triangle on a grey background", "a green cross on a grey background"]
+    images = sample(model, caps, seed=0, steps=20, cfg=3.0)
+    torch.testing.assert_close(images, sample(model, caps, seed=0, steps=20, cfg=3.0), rtol=0, atol=0)
+    got = prompt_adherence(load_evaluator(), images, caps)
+    assert got.colours_drawn >= 0.75 and got.extra_colour <= 0.25
