@@ -251,8 +251,13 @@ def build_diffusers(arch: str, quick: bool, device: torch.device, dtype: torch.d
 
     def patched(intervention, chunks):
         holder = StepHolder(StepInfo(500.0, None, tuple(chunks), 10))
-        cm = attach_interventions(unet, {name: intervention}, holder)
-        return _Patched(cm.__enter__, lambda: cm.__exit__(None, None, None))
+        live = []
+
+        def enter():  # a fresh context per activation: generator context managers enter once
+            live.append(attach_interventions(unet, {name: intervention}, holder))
+            live[-1].__enter__()
+
+        return _Patched(enter, lambda: live.pop().__exit__(None, None, None))
 
     return Unet(unet, block, run, patched, "diffusers (UNet2DConditionModel + sae_core.torch_hooks)")
 
