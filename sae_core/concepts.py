@@ -16,7 +16,7 @@ import json
 import logging
 import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Iterable, Mapping, NamedTuple, Sequence
 
 import torch
@@ -31,6 +31,7 @@ FORMAT_VERSION = 1
 METADATA_KEY = "sae_concepts"
 SCORE_EPS = 1e-8  # SAeUron's denominator guard
 _TENSOR_KEYS = ("timesteps", "latents", "scores", "thresholds", "means")
+METHODS = ("percentile", "top_n", "specific")
 
 
 class ConceptFileError(SAEError, ValueError):
@@ -55,22 +56,36 @@ class SelectionRule:
     top_n: number of latents per timestep for "top_n".
     fixed_threshold: None gives SAeUron's tau_i(t) = mean over all concepts of mu_c,i(t); a number
         gives that threshold to every selected latent.
+
+    method "specific" (this pack's rule for localised detection; needs firing rates, which
+    ConceptStatsAccumulator records): with r_c,i(t) the share of the concept prompts' patches where latent
+    i is active and r_notc,i(t) the same over the other prompts, keep {i : r_notc,i <= max_ratio * r_c,i and
+    r_c,i >= min_rate}, best r_c,i - r_notc,i first, at most top_n. SAeUron's score averages code
+    magnitudes over the whole map, so latents that carry the prompt's context on every patch outrank the
+    ones that fire on the object's patches only; requiring the latent to be (almost) silent without the
+    concept keeps the localised ones.
     """
 
     method: str = "percentile"
     percentile: float = 99.99
     top_n: int = 1
     fixed_threshold: float | None = None
+    max_ratio: float = 0.2
+    min_rate: float = 0.002
 
     def __post_init__(self):
-        if self.method not in ("percentile", "top_n"):
-            raise ValueError(f"SelectionRule.method is {self.method!r}, expected 'percentile' or 'top_n'")
+        if self.method not in METHODS:
+            raise ValueError(f"SelectionRule.method is {self.method!r}, expected one of {list(METHODS)}")
+        if not (0.0 <= float(self.max_ratio) <= 1.0):
+            raise ValueError(f"SelectionRule.max_ratio is {self.max_ratio}, expected a value in [0, 1] (e.g. 0.2)")
+        if not (0.0 <= float(self.min_rate) < 1.0):
+            raise ValueError(f"SelectionRule.min_rate is {self.min_rate}, expected a share of patches in [0, 1)")
         if self.method == "percentile" and not (0.0 < float(self.percentile) < 100.0):
             raise ValueError(
                 f"SelectionRule.percentile is {self.percentile}, expected a value in (0, 100), "
                 "e.g. 99.99 (SAeUron objects) or 99.999 (styles)"
             )
-        if self.method == "top_n" and int(self.top_n) < 1:
+        if self.method in ("top_n", "specific") and int(self.top_n) < 1:
             raise ValueError(f"SelectionRule.top_n is {self.top_n}, expected an integer >= 1")
         if self.fixed_threshold is not None and not math.isfinite(float(self.fixed_threshold)):
             raise ValueError(f"SelectionRule.fixed_threshold is {self.fixed_threshold}, expected a finite number or None")
@@ -80,9 +95,9 @@ class SelectionRule:
 
     @classmethod
     def from_dict(cls, d: Mapping) -> SelectionRule:
-        unknown = set(d) - {"method", "percentile", "top_n", "fixed_threshold"}
+        unknown = set(d) - {f.name for f in fields(cls)}
         if unknown:
-            raise ValueError(f"SelectionRule: unknown keys {sorted(unknown)}; expected method, percentile, top_n, fixed_threshold")
+            raise ValueError(f"SelectionRule: unknown keys {sorted(unknown)}; expected {[f.name for f in fields(cls)]}")
         return cls(**dict(d))
 
 
@@ -117,6 +132,22 @@ def select_latents(scores: Tensor, rule: SelectionRule) -> list[Tensor]:
     return out
 
 
+def specific_latents(rate_c: Tensor, rate_notc: Tensor, rule: SelectionRule) -> tuple[Tensor, list[Tensor]]:
+    """The "specific" rule: rate_c, rate_notc [T, M] firing rates -> (scores r_c - r_notc [T, M] float64,
+    per timestep the kept latent ids, best score first, at most rule.top_n)."""
+    if rate_c.shape != rate_notc.shape or rate_c.ndim != 2:
+        raise ValueError(f"specific_latents: rates {tuple(rate_c.shape)} and {tuple(rate_notc.shape)} must both be [T, M]")
+    rc, rn = rate_c.double(), rate_notc.double()
+    scores = rc - rn
+    keep = (rn <= float(rule.max_ratio) * rc) & (rc >= float(rule.min_rate)) & (rc > 0)
+    out = []
+    for row, ok in zip(scores, keep):
+        ids = torch.nonzero(ok).flatten()
+        order = torch.argsort(row[ids], descending=True, stable=True)
+        out.append(ids[order][: int(rule.top_n)])
+    return scores, out
+
+
 def concept_thresholds(means: Tensor) -> Tensor:
     """SAeUron's tau_i(t): mean over all concepts of mu_c,i(t). means [C, T, M] -> [T, M]."""
     return means.double().mean(0)
@@ -129,6 +160,7 @@ class ConceptStats(NamedTuple):
     timesteps: Tensor  # [T] float64
     means: Tensor  # [C, T, M] float64
     counts: Tensor  # [C, T] float64: rows averaged (weights mu_notc by prompts, as a mean over all prompts)
+    rates: Tensor | None = None  # [C, T, M] float64 share of rows where each latent is active (rule "specific")
 
 
 class ConceptStatsAccumulator:
@@ -143,6 +175,7 @@ class ConceptStatsAccumulator:
             raise ValueError(f"ConceptStatsAccumulator: n_latents is {n_latents}, expected >= 1")
         self.n_latents = int(n_latents)
         self._sums: dict[str, dict[float, Tensor]] = {}
+        self._fires: dict[str, dict[float, Tensor]] = {}
         self._counts: dict[str, dict[float, int]] = {}
 
     def add(self, concept: str, timestep: float, codes: Tensor) -> None:
@@ -156,13 +189,17 @@ class ConceptStatsAccumulator:
         rows = codes.reshape(-1, self.n_latents)
         s = rows.sum(0, dtype=torch.float32 if rows.device.type == "mps" else torch.float64)
         s = s.detach().to("cpu", torch.float64)
+        f = (rows > 0).sum(0).detach().to("cpu", torch.float64)
         per_t = self._sums.setdefault(concept, {})
+        fires = self._fires.setdefault(concept, {})
         cnt = self._counts.setdefault(concept, {})
         if key in per_t:
             per_t[key] += s
+            fires[key] += f
             cnt[key] += rows.shape[0]
         else:
             per_t[key] = s
+            fires[key] = f
             cnt[key] = rows.shape[0]
 
     @property
@@ -185,8 +222,10 @@ class ConceptStatsAccumulator:
                     f"(differing: {missing[:8]}); sample every concept with the same sampler and steps"
                 )
         sums = torch.stack([torch.stack([self._sums[n][k] for k in keys]) for n in names])
+        fires = torch.stack([torch.stack([self._fires[n][k] for k in keys]) for n in names])
         counts = torch.tensor([[float(self._counts[n][k]) for k in keys] for n in names], dtype=torch.float64)
-        return ConceptStats(names, torch.tensor(keys, dtype=torch.float64), sums / counts[..., None], counts)
+        return ConceptStats(names, torch.tensor(keys, dtype=torch.float64), sums / counts[..., None], counts,
+                            fires / counts[..., None])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -504,9 +543,22 @@ def build_concept_dictionary(
     tau_all = concept_thresholds(means) if rule.fixed_threshold is None else None
     total = (means * w).sum(0)
     wsum = w.sum(0)
+    if rule.method == "specific":
+        if stats.rates is None or stats.rates.shape != means.shape:
+            raise ValueError(
+                "build_concept_dictionary: selection 'specific' needs firing rates [C, T, M] in the stats (recorded by "
+                "ConceptStatsAccumulator); these stats have none (e.g. imported SAeUron means). Use 'percentile' or 'top_n'"
+            )
+        rates = stats.rates.double()
+        rate_total = (rates * w).sum(0)
     per_concept = []
     for name in keep:
         c = names.index(name)
+        if rule.method == "specific":
+            rate_notc = (rate_total - rates[c] * w[c]) / (wsum - w[c])
+            scores, sel = specific_latents(rates[c], rate_notc, rule)
+            per_concept.append((c, scores, sel))
+            continue
         mu_notc = (total - means[c] * w[c]) / (wsum - w[c])
         scores = saeuron_scores(means[c], mu_notc)
         per_concept.append((c, scores, select_latents(scores, rule)))
@@ -524,8 +576,9 @@ def build_concept_dictionary(
     logger.info("built concept dictionary %s: %d timesteps, %s..%s latents per step", keep, T, min(counts), max(counts))
     if min(counts) == 0:
         logger.warning(
-            "concept dictionary %s selects no latent at some timesteps (all scores tied at the quantile); nothing will be "
-            "detected there. Use a lower percentile or top_n selection", keep,
+            "concept dictionary %s selects no latent at some timesteps (all scores tied at the quantile, or no latent "
+            "specific enough for 'specific'); nothing will be detected there. Use a lower percentile, top_n, or a larger "
+            "max_ratio", keep,
         )
     return ConceptDictionary(
         tuple(keep), M, stats.timesteps.float(), lat, sc, th, mu,

@@ -158,6 +158,9 @@ def test_build_bad_inputs():
     ({"percentile": 0.0}, "percentile is 0.0"),
     ({"method": "top_n", "top_n": 0}, "top_n is 0"),
     ({"fixed_threshold": float("nan")}, "fixed_threshold is nan"),
+    ({"method": "specific", "max_ratio": 1.5}, "max_ratio is 1.5"),
+    ({"method": "specific", "min_rate": -0.1}, "min_rate is -0.1"),
+    ({"method": "specific", "top_n": 0}, "top_n is 0"),
 ])
 def test_selection_rule_rejects(kwargs, msg):
     with pytest.raises(ValueError, match=msg):
@@ -250,7 +253,8 @@ def test_save_load_round_trip(tmp_path):
         torch.testing.assert_close(getattr(e, k), getattr(d, k), rtol=0, atol=0)
     assert e.meta.sae_fingerprint == sae.fingerprint()
     assert e.meta.prompts == {"c0": ["a cat"], "c2": ["a dog", "dogs"]}
-    assert e.meta.selection == {"method": "percentile", "percentile": 90.0, "top_n": 1, "fixed_threshold": None}
+    assert e.meta.selection == {"method": "percentile", "percentile": 90.0, "top_n": 1, "fixed_threshold": None,
+                               "max_ratio": 0.2, "min_rate": 0.002}
     assert e.meta.hook_point == "up_blocks.1.attentions.1" and e.meta.model_family == "sd1"
     assert e.meta.extra["source"] == str(p)  # where it came from, for error messages ...
     q = tmp_path / "again.safetensors"
@@ -395,3 +399,58 @@ def test_empty_selection_warns_and_round_trips(tmp_path, caplog):
     d.save(tmp_path / "empty.safetensors")
     e = load_concepts(tmp_path / "empty.safetensors")
     assert e.at(0.5).latents.numel() == 0 and e.at(0.5).timestep == 1.0  # a tie goes to the first stored step
+
+
+# -- the "specific" rule ---------------------------------------------------------------------------
+
+
+def ref_specific(rows_by_concept, c, max_ratio, min_rate, top_n):
+    """Independent NumPy version from the rule's definition: rows_by_concept[name] = list of [n, M] arrays
+    (one per prompt) at one timestep -> selected ids, best r_c - r_notc first."""
+    names = list(rows_by_concept)
+    pos = np.concatenate(rows_by_concept[names[c]])
+    neg = np.concatenate([r for i, n in enumerate(names) if i != c for r in rows_by_concept[n]])
+    rc, rn = (pos > 0).mean(0), (neg > 0).mean(0)
+    ok = np.nonzero((rn <= max_ratio * rc) & (rc >= min_rate) & (rc > 0))[0]
+    return ok[np.argsort(-(rc - rn)[ok], kind="stable")][:top_n].tolist()
+
+
+@pytest.mark.parametrize("max_ratio,min_rate,top_n", [(0.2, 0.0, 50), (0.5, 0.1, 3), (0.0, 0.0, 50)])
+def test_specific_rule_matches_reference(max_ratio, min_rate, top_n):
+    M = 40
+    acc = ConceptStatsAccumulator(M)
+    g = torch.Generator().manual_seed(5)
+    rows = {}
+    for name, n_prompts in (("red", 3), ("contrast", 4)):
+        for t in (999.0, 1.0):
+            for _ in range(n_prompts):
+                # sparse codes: each latent active with its own probability, larger for "red" on latents 0..9
+                p = torch.full((M,), 0.15)
+                if name == "red":
+                    p[:10] = torch.linspace(0.05, 0.6, 10)
+                else:
+                    p[:10] = torch.linspace(0.0, 0.3, 10)
+                codes = torch.rand(5, 4, M, generator=g) * (torch.rand(5, 4, M, generator=g) < p)
+                acc.add(name, t, codes)
+                rows.setdefault(t, {}).setdefault(name, []).append(codes.reshape(-1, M).numpy())
+    stats = acc.stats()
+    for ci, name in enumerate(stats.names):
+        for ti, t in enumerate(stats.timesteps.tolist()):
+            allrows = np.concatenate(rows[t][name])
+            np.testing.assert_allclose(stats.rates[ci, ti].numpy(), (allrows > 0).mean(0))
+    rule = SelectionRule("specific", top_n=top_n, max_ratio=max_ratio, min_rate=min_rate)
+    d = build_concept_dictionary(stats, rule, keep=["red"])
+    for ti, t in enumerate(stats.timesteps.tolist()):
+        got = d.latents[0, ti][d.latents[0, ti] >= 0].tolist()
+        assert got == ref_specific(rows[t], 0, max_ratio, min_rate, top_n)
+        # SAeUron thresholds (mean over concepts of the mean codes) for the selected latents
+        tau = (stats.means[0, ti] + stats.means[1, ti]) / 2
+        torch.testing.assert_close(d.thresholds[0, ti, :len(got)], tau[got].float())
+    if max_ratio == 0.2:
+        assert d.latents.ge(0).any(), "the planted specific latents should be found"
+
+
+def test_specific_rule_needs_rates():
+    stats = random_stats(C=2)  # means only, as imported SAeUron statistics
+    with pytest.raises(ValueError, match="needs firing rates"):
+        build_concept_dictionary(stats, SelectionRule("specific"))
