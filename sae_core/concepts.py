@@ -141,7 +141,7 @@ def specific_latents(rate_c: Tensor, rate_notc: Tensor, rule: SelectionRule) -> 
     scores = rc - rn
     keep = (rn <= float(rule.max_ratio) * rc) & (rc >= float(rule.min_rate)) & (rc > 0)
     out = []
-    for row, ok in zip(scores, keep):
+    for row, ok in zip(scores, keep, strict=True):
         ids = torch.nonzero(ok).flatten()
         order = torch.argsort(row[ids], descending=True, stable=True)
         out.append(ids[order][: int(rule.top_n)])

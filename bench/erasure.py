@@ -1,0 +1,120 @@
+"""Erasure quality on the shapes world: PER modes against a sweep of steering strengths.
+
+    python bench/erasure.py --json erasure.json            # the README table (about 25 min on 2 CPU cores)
+    python bench/erasure.py --concepts red --targets 4 --others 2 --steps 8   # a quick look
+
+Per target concept: fixed prompt sets from the scene generator (seeded), the original images, detection alone,
+every PER mode and every steering strength from the same seeds; metrics as defined in shapes_world/erasure.py.
+The artifact threshold is calibrated once per run on the unedited images of a separate prompt set.
+Averages over concepts are printed per method; for steering, the strength with the best balance
+(the largest erasure_rate + preservation, ties to the smaller |strength|) and the one whose erasure rate is
+closest to PER random's (for the artifact comparison) are reported along with the full sweep.
+Same weights and arguments -> the same numbers (every draw is seeded; one CPU thread by default).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from shapes_world.erasure import (  # noqa: E402
+    WEIGHTS,
+    artifact_threshold,
+    evaluate_concept,
+    load_world,
+    methods_for,
+    prompt_sets,
+    unrecognised,
+)
+from shapes_world.render import render  # noqa: E402
+from shapes_world.scenes import COLOURS, generate_scenes  # noqa: E402
+
+KEYS = ("erasure_rate", "preservation", "unchanged_psnr_db", "artifact_rate", "ood_distance")
+
+
+def average(per_concept: dict, method: str) -> dict:
+    out = {}
+    for k in KEYS:
+        vals = [r["methods"][method][k] for r in per_concept.values() if not math.isnan(r["methods"][method][k])]
+        out[k] = sum(vals) / len(vals) if vals else float("nan")
+    out["detection_iou"] = sum(r["detection_iou"] for r in per_concept.values()) / len(per_concept)
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--weights", type=Path, default=WEIGHTS)
+    p.add_argument("--concepts", nargs="+", default=list(COLOURS), help="target concepts (default: the six colours)")
+    p.add_argument("--targets", type=int, default=16, help="prompts naming the target, per concept")
+    p.add_argument("--others", type=int, default=8, help="prompts without the target, per concept")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--cfg", type=float, default=3.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--scale", type=float, nargs="*", default=[-1.0, -4.0, -16.0, -64.0],
+                   help="SAeUron gamma sweep (saeuron_scale)")
+    p.add_argument("--add", type=float, nargs="*", default=[-1.0, -2.0, -4.0, -8.0],
+                   help="sdxl-unbox strength sweep (unbox_add on the detected patches)")
+    p.add_argument("--calibration", type=int, default=64, help="unedited images that set the artifact threshold")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--json", type=Path, default=None)
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    torch.set_num_threads(a.threads)
+    t0 = time.time()
+    world = load_world(a.weights, a.concepts)
+    calib = generate_scenes(a.calibration, seed=60_000_011).captions
+    calib_imgs = render(world.model, calib, seed=a.seed, steps=a.steps, cfg=a.cfg)
+    artifact_pixels = artifact_threshold(unrecognised(world.evaluator, calib_imgs))
+    methods = methods_for(a.scale, a.add)
+    per_concept = {}
+    for c in a.concepts:
+        tc, oc = prompt_sets(c, a.targets, a.others)
+        res, _ = evaluate_concept(world, c, tc, oc, methods, seed=a.seed, steps=a.steps, cfg=a.cfg,
+                                  artifact_pixels=artifact_pixels)
+        per_concept[c] = {"detection_iou": res.detection_iou, "methods": res.methods}
+        print(f"[{time.time() - t0:5.0f} s] {c}: detection IoU {res.detection_iou:.3f}", flush=True)
+
+    rows = {m: average(per_concept, m) for m in methods}
+    per_names = [m for m in methods if m.startswith("PER")]
+    steer_names = [m for m in methods if not m.startswith("PER")]
+    best = max(steer_names, key=lambda m: (rows[m]["erasure_rate"] + rows[m]["preservation"], -abs(methods[m].strength)))
+    ref = rows["PER random"]["erasure_rate"]
+    matched = min(steer_names, key=lambda m: (abs(rows[m]["erasure_rate"] - ref), abs(methods[m].strength)))
+    baseline_artifacts = sum(r["methods"]["original"]["artifact_rate"] for r in per_concept.values()) / len(per_concept)
+
+    print(f"\nshapes world erasure, concepts {a.concepts}, {a.targets}+{a.others} prompts each, {a.steps} DDIM steps, "
+          f"CFG {a.cfg:g}; artifact threshold {artifact_pixels} unrecognised pixels (unedited images over it: "
+          f"{baseline_artifacts:.3f})")
+    print(f"{'method':22s} {'erasure':>8s} {'preserv.':>8s} {'PSNR dB':>8s} {'det IoU':>8s} {'artifact':>8s} {'OOD W1':>8s}")
+    for m in methods:
+        r = rows[m]
+        tag = " *best" if m == best else (" *matched" if m == matched else "")
+        print(f"{m:22s} {r['erasure_rate']:8.3f} {r['preservation']:8.3f} {r['unchanged_psnr_db']:8.2f} "
+              f"{r['detection_iou']:8.3f} {r['artifact_rate']:8.3f} {r['ood_distance']:8.4f}{tag}")
+    print("per concept detection IoU: " + ", ".join(f"{c} {per_concept[c]['detection_iou']:.3f}" for c in a.concepts))
+    print(f"[{time.time() - t0:.0f} s]")
+
+    out = {
+        "per": {**rows["PER random"], "modes": {m: rows[m] for m in per_names}},
+        "steer": {**rows[best], "best": best, "strength": methods[best].strength,
+                  "matched_to_per_erasure": matched, "sweep": {m: rows[m] for m in steer_names}},
+        "artifact_pixels": artifact_pixels, "unedited_artifact_rate": baseline_artifacts,
+        "per_concept": per_concept,
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items() if k != "json"},
+    }
+    if a.json:
+        a.json.write_text(json.dumps(out, indent=1))
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,235 @@
+"""Erasure on the shapes world, measured by the pixel evaluator: PER against SAE steering.
+
+Used by ``bench/erasure.py`` (the quality benchmark) and ``python -m shapes_world.demo`` (the main job).
+Every method runs through ``sae_core.intervention.BlockIntervention`` on the hooked block, attached with
+``sae_core.torch_hooks``, on both CFG branches, from the same seeds as the original images.
+
+Metrics for one target concept (a colour or a shape), over prompts that name it ("target prompts") and
+prompts that do not ("other prompts"):
+  erasure_rate      target prompts whose edited image has fewer than MIN_PIXELS pixels of the target
+                    (colour label for a colour, shape label for a shape), among those whose original had it;
+  preservation      the other named objects drawn in the original (shape and colour right on MIN_PIXELS
+                    pixels) that are still drawn after the edit;
+  unchanged_psnr_db PSNR of the edited against the original image on other prompts (capped at PSNR_CAP);
+  detection_iou     detection alone on the original trajectory: the patches detected on at least half of
+                    the steps against the evaluator's target pixels in the original image (16x16, a patch
+                    counts when half its pixels do), intersection over union pooled over target prompts;
+  artifact_rate     images with at least `artifact_pixels` pixels the evaluator cannot name with confidence
+                    (see ``unrecognised``); the threshold is the count exceeded by only 5 % of the model's own
+                    unedited images in the same run, so the rate measures what the edit adds;
+  ood_distance      Wasserstein-1 distance between the token norms of the edited block outputs and those of
+                    the unedited run (cond branch, every step): how far the edit moves the activations.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from sae_core.concepts import ConceptDictionary, load_concepts
+from sae_core.detect import ConceptDetector, DetectionSettings
+from sae_core.formats import load_sae
+from sae_core.intervention import BlockIntervention, Recorder, ReplaceSettings
+from sae_core.sae import SparseAutoencoder
+from sae_core.stats import activation_shift
+from sae_core.steer import SteerSettings
+
+from .evaluator import PixelEvaluator, load_evaluator
+from .learn import BLOCK, CONCEPT_DIR, SAE_NAME, ActivationTap, names_in
+from .model import ShapesModel, load_model
+from .render import render
+from .scenes import COLOURS, SHAPES, generate_scenes, parse_caption
+
+logger = logging.getLogger(__name__)
+
+WEIGHTS = Path(__file__).parent / "weights"
+MIN_PIXELS = 8
+PSNR_CAP = 99.0
+CONFIDENT = 0.6
+DETECTION = DetectionSettings(threshold_scale=1.0, padding=1, min_region=2)
+
+
+@dataclass
+class World:
+    model: ShapesModel
+    evaluator: PixelEvaluator
+    sae: SparseAutoencoder
+    concepts: dict[str, ConceptDictionary]
+    block: str = BLOCK
+
+
+def load_world(weights: str | Path = WEIGHTS, concepts: Sequence[str] | None = None,
+               model_dir: str | Path = WEIGHTS) -> World:
+    """The shipped model and evaluator with the SAE and concept files under ``weights`` (default: shipped)."""
+    weights = Path(weights)
+    model, _ = load_model(model_dir)
+    sae = load_sae(weights / SAE_NAME)
+    cdir = weights / CONCEPT_DIR
+    files = sorted(cdir.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{cdir}: no concept files; build them with python -m shapes_world.learn --out {weights}")
+    found = {f.stem: f for f in files}
+    wanted = list(found) if concepts is None else list(concepts)
+    missing = [c for c in wanted if c not in found]
+    if missing:
+        raise KeyError(f"{cdir}: no concept file for {missing}; found {sorted(found)}")
+    block = sae.cfg.provenance.get("block", BLOCK)
+    return World(model, load_evaluator(), sae, {c: load_concepts(found[c], sae=sae) for c in wanted}, block)
+
+
+# -- evaluator readings ------------------------------------------------------------------------------
+
+
+def target_pixels(shape_map: Tensor, colour_map: Tensor, concept: str) -> Tensor:
+    """[B, H, W] bool: the pixels the evaluator labels with ``concept`` (a shape or a colour)."""
+    if concept in SHAPES:
+        return shape_map == SHAPES.index(concept) + 1
+    if concept in COLOURS:
+        return colour_map == COLOURS.index(concept) + 1
+    raise KeyError(f"unknown concept {concept!r}; expected a shape {SHAPES} or a colour {COLOURS}")
+
+
+def object_drawn(shape_map: Tensor, colour_map: Tensor, colour: str, shape: str) -> bool:
+    both = (shape_map == SHAPES.index(shape) + 1) & (colour_map == COLOURS.index(colour) + 1)
+    return int(both.sum()) >= MIN_PIXELS
+
+
+@torch.no_grad()
+def unrecognised(evaluator: PixelEvaluator, images: Tensor) -> Tensor:
+    """[B] count of pixels the evaluator cannot name: shape or colour probability below CONFIDENT, or the
+    shape and colour heads disagree on background vs object."""
+    out = evaluator(images)
+    ps, pc = out.shape_logits.softmax(1), out.colour_logits.softmax(1)
+    unsure = (ps.amax(1) < CONFIDENT) | (pc.amax(1) < CONFIDENT)
+    disagree = (ps.argmax(1) == 0) != (pc.argmax(1) == 0)
+    return (unsure | disagree).flatten(1).sum(-1)
+
+
+def psnr(a: Tensor, b: Tensor) -> Tensor:
+    mse = (a - b).pow(2).flatten(1).mean(-1)
+    return torch.where(mse > 0, 10 * torch.log10(1.0 / mse.clamp_min(1e-20)), torch.full_like(mse, PSNR_CAP)).clamp(max=PSNR_CAP)
+
+
+def patch_mask(pixels: Tensor, hw: tuple[int, int]) -> Tensor:
+    """[B, S, S] bool pixels -> [B, h, w] bool patches (a patch counts when half its pixels do)."""
+    return F.adaptive_avg_pool2d(pixels.float()[:, None], hw)[:, 0] >= 0.5
+
+
+# -- methods -------------------------------------------------------------------------------------------
+
+
+def methods_for(steer_scale: Sequence[float], steer_add: Sequence[float]) -> dict[str, ReplaceSettings | SteerSettings]:
+    m: dict[str, ReplaceSettings | SteerSettings] = {
+        "PER random": ReplaceSettings("random", seed=0),
+        "PER nearest": ReplaceSettings("nearest"),
+        "PER mean": ReplaceSettings("mean"),
+    }
+    for g in steer_scale:
+        m[f"SAeUron scale {g:g}"] = SteerSettings("saeuron_scale", g)
+    for s in steer_add:
+        m[f"unbox add {s:g}"] = SteerSettings("unbox_add", s, detected_only=True)
+    return m
+
+
+def intervention(world: World, concept: str, edit, recorder: Recorder | None = None,
+                 detection: DetectionSettings = DETECTION) -> BlockIntervention:
+    det = ConceptDetector(world.concepts[concept], detection, sae=world.sae)
+    return BlockIntervention(world.sae, det, edit, branches="both", recorder=recorder, label=concept)
+
+
+class Run:
+    """Images of one method for a prompt set, with the edited block outputs (cond branch) and, optionally, masks."""
+
+    def __init__(self, world: World, captions: list[str], seed: int, iv: BlockIntervention | None, steps: int, cfg: float):
+        tap = ActivationTap()
+        chain = [tap] if iv is None else [iv, tap]
+        self.images = render(world.model, captions, seed=seed, steps=steps, cfg=cfg, interventions={world.block: chain})
+        acts = tap.tensor()  # [(steps * B * h * w), C] in step order
+        self.acts = acts.float().T[None, :, :, None]  # [1, C, N, 1] for activation_shift
+
+
+@dataclass
+class ConceptResult:
+    concept: str
+    detection_iou: float
+    methods: dict[str, dict[str, float]] = field(default_factory=dict)
+
+
+def _mean(xs: list[float]) -> float:
+    return float(sum(xs) / len(xs)) if xs else float("nan")
+
+
+def evaluate_concept(world: World, concept: str, target_caps: list[str], other_caps: list[str],
+                     methods: Mapping[str, ReplaceSettings | SteerSettings], seed: int = 0, steps: int = 20,
+                     cfg: float = 3.0, artifact_pixels: int | None = None) -> tuple[ConceptResult, dict]:
+    """All metrics of every method for one concept; also returns the images (for grids)."""
+    caps = target_caps + other_caps
+    nt = len(target_caps)
+    orig = Run(world, caps, seed, None, steps, cfg)
+    sm0, cm0 = world.evaluator.label(orig.images)
+    base_unrec = unrecognised(world.evaluator, orig.images)
+    if artifact_pixels is None:
+        artifact_pixels = artifact_threshold(base_unrec)
+    # detection alone, on the original trajectory
+    rec = Recorder()
+    Run(world, target_caps, seed, intervention(world, concept, None, rec), steps, cfg)
+    tgt = target_pixels(sm0[:nt], cm0[:nt], concept)
+    inter = union = 0
+    for i in range(nt):
+        agg = rec.aggregate("cond", i) >= 0.5
+        g = patch_mask(tgt[i:i + 1], tuple(agg.shape))[0]
+        inter += int((agg & g).sum())
+        union += int((agg | g).sum())
+    result = ConceptResult(concept, inter / union if union else float("nan"))
+    images = {"original": orig.images}
+    had = [int(tgt[i].sum()) >= MIN_PIXELS for i in range(nt)]
+    for name, edit in methods.items():
+        run = Run(world, caps, seed, intervention(world, concept, edit), steps, cfg)
+        images[name] = run.images
+        sm, cm = world.evaluator.label(run.images)
+        gone = [int(target_pixels(sm[i:i + 1], cm[i:i + 1], concept).sum()) < MIN_PIXELS for i in range(nt) if had[i]]
+        kept = []
+        for i in range(nt):
+            for colour, shape in parse_caption(caps[i]).objects:
+                if concept in (colour, shape) or not object_drawn(sm0[i], cm0[i], colour, shape):
+                    continue
+                kept.append(object_drawn(sm[i], cm[i], colour, shape))
+        unrec = unrecognised(world.evaluator, run.images)
+        result.methods[name] = {
+            "erasure_rate": _mean([float(x) for x in gone]),
+            "preservation": _mean([float(x) for x in kept]),
+            "unchanged_psnr_db": float(psnr(run.images[nt:], orig.images[nt:]).mean()) if other_caps else float("nan"),
+            "artifact_rate": float((unrec >= artifact_pixels).float().mean()),
+            "ood_distance": activation_shift(run.acts, orig.acts).norm_w1,
+        }
+    result.methods["original"] = {"artifact_rate": float((base_unrec >= artifact_pixels).float().mean()),
+                                  "artifact_pixels": float(artifact_pixels)}
+    return result, images
+
+
+def artifact_threshold(counts: Tensor, quantile: float = 0.95) -> int:
+    """The unrecognised-pixel count exceeded by (at most) 1 - quantile of the unedited images, at least MIN_PIXELS."""
+    q = torch.quantile(counts.float(), quantile)
+    return max(MIN_PIXELS, int(math.floor(float(q))) + 1)
+
+
+def prompt_sets(concept: str, n_target: int, n_other: int, seed: int = 50_000_017) -> tuple[list[str], list[str]]:
+    """Deterministic prompts from the scene generator that name ``concept`` and that do not."""
+    target, other = [], []
+    s = seed
+    while len(target) < n_target or len(other) < n_other:
+        for cap in generate_scenes(256, seed=s).captions:
+            if concept in names_in(cap):
+                if len(target) < n_target:
+                    target.append(cap)
+            elif len(other) < n_other:
+                other.append(cap)
+        s += 1
+    return target, other

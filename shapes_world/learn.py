@@ -1,0 +1,186 @@
+"""Train the shapes model's SAE and learn a concept dictionary for every shape and colour.
+
+    python -m shapes_world.learn --out shapes_world/weights            # what the shipped files came from
+
+1. Sample captions from the scene generator with the shipped model and record the cond-branch outputs of
+   one 16x16 transformer block at every DDIM step (``ActivationTap`` through ``sae_core.torch_hooks``).
+2. Train a ReLU-TopK SAE on them with ``sae_core.train`` and write it in the pack's native format.
+3. Learn each concept the way the Learn Concept node does: ``ConceptCollector`` hooks the block, a
+   ``ConceptStatsAccumulator`` per concept receives the codes of the prompts that name it (label = the
+   concept) and of the prompts that do not (label = "contrast"), and ``build_concept_dictionary`` selects
+   the latents. One concept file per shape and colour, bound to the SAE's fingerprint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from einops import rearrange
+from torch import Tensor
+
+from sae_core.concepts import (
+    ConceptDictionary,
+    ConceptStatsAccumulator,
+    SelectionRule,
+    build_concept_dictionary,
+)
+from sae_core.formats import save_native
+from sae_core.intervention import ConceptCollector, StepInfo, chunk_rows
+from sae_core.sae import SparseAutoencoder
+from sae_core.train import TrainConfig, fraction_of_variance_unexplained, train_sae
+
+from .model import ShapesModel, load_model
+from .render import render
+from .scenes import COLOURS, SHAPES, generate_scenes, parse_caption
+
+logger = logging.getLogger(__name__)
+
+BLOCK = "up_blocks.1.attentions.1"
+CONCEPTS: tuple[str, ...] = SHAPES + COLOURS
+CONTRAST = "contrast"
+SAE_NAME = "sae.safetensors"
+CONCEPT_DIR = "concepts"
+# The rule measured best for the shapes SAE (README "Shapes world"): at most 8 latents per step, each active on
+# at least 0.2 % of the concept prompts' patches and at most a fifth as often on the other prompts.
+RULE = SelectionRule("specific", top_n=8, max_ratio=0.2, min_rate=0.002)
+
+
+def names_in(caption: str) -> set[str]:
+    """The shapes and colours a caption names."""
+    return {x for pair in parse_caption(caption).objects for x in pair}
+
+
+class ActivationTap:
+    """A block intervention that stores the rows of the cond branch (fp16, on the CPU) and changes nothing."""
+
+    def __init__(self):
+        self.rows: list[Tensor] = []
+
+    def __call__(self, block_in: Tensor | None, block_out: Tensor, step: StepInfo) -> Tensor:
+        for p in chunk_rows(block_out.shape[0], step.chunks, (0,)):
+            self.rows.append(rearrange(block_out[p.start:p.stop], "b c h w -> (b h w) c").detach().to("cpu", torch.float16))
+        return block_out
+
+    def tensor(self) -> Tensor:
+        if not self.rows:
+            raise RuntimeError("ActivationTap: nothing recorded; was the block run with the tap attached?")
+        return torch.cat(self.rows)
+
+
+def collect_activations(model: ShapesModel, captions: list[str], block: str = BLOCK, seed: int = 0,
+                        steps: int = 20, cfg: float = 3.0, batch: int = 32) -> Tensor:
+    """[rows, C] fp16 block outputs of the cond branch, every step, for every caption."""
+    tap = ActivationTap()
+    for i in range(0, len(captions), batch):
+        render(model, captions[i:i + batch], seed=seed + i, steps=steps, cfg=cfg, interventions={block: tap})
+    return tap.tensor()
+
+
+class _Fanout:
+    """Feeds one block call's codes to one collector per concept (each with its own label and accumulator)."""
+
+    def __init__(self, collectors: dict[str, ConceptCollector]):
+        self.collectors = collectors
+
+    def label(self, caption: str) -> None:
+        present = names_in(caption)
+        for name, col in self.collectors.items():
+            col.concept = name if name in present else CONTRAST
+
+    def __call__(self, block_in, block_out, step):
+        for col in self.collectors.values():
+            col(block_in, block_out, step)
+        return block_out
+
+
+def learn_concepts(model: ShapesModel, sae: SparseAutoencoder, captions: list[str], block: str = BLOCK,
+                   rule: SelectionRule = RULE, seed: int = 0, steps: int = 20, cfg: float = 3.0,
+                   concepts: tuple[str, ...] = CONCEPTS) -> dict[str, ConceptDictionary]:
+    """One dictionary per concept, learned from the prompts that name it against the ones that do not.
+
+    Each caption is sampled once (batch 1, so every model call carries one prompt's rows and one label per
+    concept) with all concepts' collectors on the block.
+    """
+    accs = {c: ConceptStatsAccumulator(int(sae.cfg.n_latents)) for c in concepts}
+    fan = _Fanout({c: ConceptCollector(sae, accs[c], branches="cond", label=block) for c in concepts})
+    for i, caption in enumerate(captions):
+        fan.label(caption)
+        render(model, [caption], seed=seed + i, steps=steps, cfg=cfg, interventions={block: fan})
+    out = {}
+    for c in concepts:
+        if len(accs[c].names) < 2:
+            raise ValueError(
+                f"learn_concepts: concept {c!r} has prompts only on one side ({accs[c].names}); use more captions"
+            )
+        out[c] = build_concept_dictionary(
+            accs[c].stats(), rule, keep=[c], sae_fingerprint=sae.fingerprint(), hook_point=block,
+            prompts={c: [p for p in captions if c in names_in(p)], CONTRAST: [p for p in captions if c not in names_in(p)]},
+        )
+    return out
+
+
+@dataclass
+class LearnSettings:
+    activation_captions: int = 768
+    concept_captions: int = 384
+    caption_seed: int = 30_000_001
+    concept_caption_seed: int = 40_000_003
+    n_latents: int = 1024
+    k: int = 4
+    sae_steps: int = 3000
+    sae_batch: int = 2048
+    sae_rows: int = 1_000_000
+    block: str = BLOCK
+
+
+def build(model: ShapesModel, out: Path, s: LearnSettings) -> dict:
+    """Everything: activations -> SAE -> concept files under ``out``; returns a summary (also written as JSON)."""
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    caps = generate_scenes(s.activation_captions, seed=s.caption_seed).captions
+    acts = collect_activations(model, caps, s.block)
+    g = torch.Generator().manual_seed(0)
+    rows = acts[torch.randint(0, acts.shape[0], (min(s.sae_rows, acts.shape[0]),), generator=g)].float()
+    logger.info("collected %d rows x %d channels at %s in %.0f s", acts.shape[0], acts.shape[1], s.block, time.time() - t0)
+    res = train_sae(rows, TrainConfig(n_latents=s.n_latents, k=s.k, steps=s.sae_steps, batch_size=s.sae_batch),
+                    sae_config={"provenance": {"model": "shapes_world", "block": s.block, "trained_with": "sae_core.train"}})
+    sae = res.sae
+    fvu = fraction_of_variance_unexplained(sae, rows[:200_000])
+    save_native(sae, out / SAE_NAME)
+    logger.info("SAE M=%d k=%d: FVU %.4f, dead %.3f", s.n_latents, s.k, fvu, res.log[-1]["dead_fraction"])
+    concept_caps = generate_scenes(s.concept_captions, seed=s.concept_caption_seed).captions
+    dicts = learn_concepts(model, sae, concept_caps, s.block)
+    (out / CONCEPT_DIR).mkdir(exist_ok=True)
+    for name, d in dicts.items():
+        d.save(out / CONCEPT_DIR / f"{name}.safetensors")
+    summary = {"settings": s.__dict__, "fvu": fvu, "dead_fraction": res.log[-1]["dead_fraction"],
+               "latents_per_step": {n: float((d.latents >= 0).sum(-1).float().mean()) for n, d in dicts.items()},
+               "seconds": time.time() - t0}
+    (out / "sae_summary.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", type=Path, default=Path(__file__).parent / "weights")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--threads", type=int, default=2)
+    for f, v in LearnSettings().__dict__.items():
+        p.add_argument("--" + f.replace("_", "-"), type=type(v), default=v)
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    torch.set_num_threads(a.threads)
+    model, _ = load_model(a.ckpt)
+    s = LearnSettings(**{f: getattr(a, f) for f in LearnSettings().__dict__})
+    summary = build(model, a.out, s)
+    logger.info("wrote %s: %s", a.out, json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()

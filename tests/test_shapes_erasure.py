@@ -1,0 +1,187 @@
+"""Shapes world SAE, concepts, erasure metrics and demo, end to end at reduced size on the shipped model."""
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+
+from sae_core.concepts import load_concepts  # noqa: E402
+from sae_core.formats import load_sae  # noqa: E402
+from sae_core.intervention import ReplaceSettings  # noqa: E402
+from shapes_world import erasure, learn  # noqa: E402
+from shapes_world.demo import run_demo  # noqa: E402
+from shapes_world.model import load_model  # noqa: E402
+from shapes_world.render import render  # noqa: E402
+from shapes_world.sample import sample  # noqa: E402
+from shapes_world.scenes import COLOURS, SHAPES, generate_scenes  # noqa: E402
+
+WEIGHTS = Path(learn.__file__).parent / "weights"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_model(WEIGHTS)[0]
+
+
+@pytest.fixture(scope="module")
+def tiny_world_dir(model, tmp_path_factory):
+    """A reduced SAE (64 latents) and concept files built by the same code as the shipped ones."""
+    out = tmp_path_factory.mktemp("world")
+    s = learn.LearnSettings(activation_captions=4, concept_captions=16, n_latents=64, k=4, sae_steps=30,
+                            sae_batch=256, sae_rows=20_000)
+    summary = learn.build(model, out, s)
+    return out, summary
+
+
+def test_tap_records_cond_rows_of_every_step(model):
+    caps = generate_scenes(3, seed=1).captions
+    tap = learn.ActivationTap()
+    render(model, caps, steps=4, interventions={learn.BLOCK: tap})
+    acts = tap.tensor()
+    assert acts.shape == (4 * 3 * 16 * 16, 64)
+    # the first call's rows are the cond rows of step 1: compare with a plain forward hook
+    seen = []
+    h = dict(model.unet.named_modules())[learn.BLOCK].register_forward_hook(lambda m, a, o: seen.append(o[0][:3].clone()))
+    try:
+        sample(model, caps, steps=4)
+    finally:
+        h.remove()
+    ref = seen[0].permute(0, 2, 3, 1).reshape(-1, 64).half()
+    torch.testing.assert_close(acts[: ref.shape[0]], ref, rtol=0, atol=0)
+
+
+def test_render_detect_only_is_bit_identical_and_leaves_no_hook(model, tiny_world_dir):
+    world = erasure.load_world(tiny_world_dir[0], ["red"])
+    caps = generate_scenes(2, seed=3).captions
+    plain = sample(model, caps, seed=5, steps=3)
+    with_det = render(world.model, caps, seed=5, steps=3,
+                      interventions={world.block: erasure.intervention(world, "red", None)})
+    torch.testing.assert_close(with_det, plain, rtol=0, atol=0)
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in world.model.unet.modules())
+
+
+def test_render_removes_hooks_after_an_error(model):
+    def boom(block_in, block_out, step):
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        render(model, ["a red circle"], steps=2, interventions={learn.BLOCK: boom})
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.unet.modules())
+
+
+def test_build_writes_loadable_sae_and_concepts(tiny_world_dir):
+    out, summary = tiny_world_dir
+    sae = load_sae(out / learn.SAE_NAME)
+    assert (sae.cfg.n_latents, sae.cfg.k, sae.cfg.d_in) == (64, 4, 64)
+    assert sae.cfg.provenance["block"] == learn.BLOCK
+    for c in SHAPES + COLOURS:
+        d = load_concepts(out / learn.CONCEPT_DIR / f"{c}.safetensors", sae=sae)
+        assert d.names == (c,)
+        assert d.meta.selection["method"] == "specific"
+        assert all(c in learn.names_in(p) for p in d.meta.prompts[c])
+        assert not any(c in learn.names_in(p) for p in d.meta.prompts[learn.CONTRAST])
+    assert json.loads((out / "sae_summary.json").read_text())["fvu"] == pytest.approx(summary["fvu"])
+
+
+def test_metric_helpers_against_numpy():
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.rand(3, 3, 8, 8, generator=g), torch.rand(3, 3, 8, 8, generator=g)
+    b[1] = a[1]
+    mse = ((a.numpy() - b.numpy()) ** 2).reshape(3, -1).mean(-1)
+    ref = [10 * math.log10(1 / m) if m > 0 else erasure.PSNR_CAP for m in mse]
+    np.testing.assert_allclose(erasure.psnr(a, b).numpy(), ref, rtol=1e-5)
+    pix = torch.zeros(1, 4, 4, dtype=torch.bool)
+    pix[0, 0, :2] = True  # half of the top-left 2x2 patch
+    pix[0, 2:, 2:] = True  # all of the bottom-right one
+    assert erasure.patch_mask(pix, (2, 2))[0].tolist() == [[True, False], [False, True]]
+    counts = torch.tensor([0, 1, 2, 3, 50] + [0] * 15)
+    assert erasure.artifact_threshold(counts) == max(erasure.MIN_PIXELS, int(np.quantile(counts.numpy(), 0.95)) + 1)
+    sm = torch.tensor([[[1, 2], [0, 1]]])
+    cm = torch.tensor([[[3, 3], [0, 1]]])
+    assert erasure.target_pixels(sm, cm, "circle").tolist() == [[[True, False], [False, True]]]
+    assert erasure.target_pixels(sm, cm, "blue").tolist() == [[[True, True], [False, False]]]
+    with pytest.raises(KeyError, match="unknown concept 'dog'"):
+        erasure.target_pixels(sm, cm, "dog")
+
+
+def test_prompt_sets_are_deterministic_and_split_by_concept():
+    t, o = erasure.prompt_sets("cross", 5, 3)
+    assert (t, o) == erasure.prompt_sets("cross", 5, 3)
+    assert len(t) == 5 and len(o) == 3
+    assert all("cross" in learn.names_in(c) for c in t) and not any("cross" in learn.names_in(c) for c in o)
+
+
+def test_evaluate_concept_is_repeatable_and_in_range(tiny_world_dir):
+    world = erasure.load_world(tiny_world_dir[0], ["red"])
+    t, o = erasure.prompt_sets("red", 2, 1)
+    methods = erasure.methods_for([-4.0], [-2.0])
+    methods = {k: v for k, v in methods.items() if k in ("PER random", "SAeUron scale -4", "unbox add -2")}
+    r1, imgs = erasure.evaluate_concept(world, "red", t, o, methods, steps=3, artifact_pixels=40)
+    r2, _ = erasure.evaluate_concept(world, "red", t, o, methods, steps=3, artifact_pixels=40)
+    assert r1 == r2
+    assert set(imgs) == {"original", *methods}
+    for name in methods:
+        m = r1.methods[name]
+        for k in ("erasure_rate", "preservation", "artifact_rate"):
+            assert math.isnan(m[k]) or 0.0 <= m[k] <= 1.0
+        assert m["ood_distance"] >= 0.0 and m["unchanged_psnr_db"] <= erasure.PSNR_CAP
+
+
+def test_load_world_errors(tmp_path, tiny_world_dir):
+    with pytest.raises(KeyError, match=r"no concept file for \['zebra'\]"):
+        erasure.load_world(tiny_world_dir[0], ["zebra"])
+    (tmp_path / learn.CONCEPT_DIR).mkdir()
+    (tmp_path / learn.SAE_NAME).write_bytes((tiny_world_dir[0] / learn.SAE_NAME).read_bytes())
+    with pytest.raises(FileNotFoundError, match="no concept files; build them"):
+        erasure.load_world(tmp_path)
+
+
+def test_demo_end_to_end_at_reduced_size(tiny_world_dir, tmp_path):
+    import io
+
+    buf = io.StringIO()
+    res = run_demo(tmp_path / "demo", "red", targets=2, others=1, steps=3, weights=tiny_world_dir[0], out=buf)
+    assert (tmp_path / "demo" / "comparison.png").is_file()
+    assert sorted(p.name for p in (tmp_path / "demo").glob("masks_*.png")) == ["masks_0.png", "masks_1.png"]
+    text = buf.getvalue()
+    assert "Patch Replacer (PER random)" in text and "SAE Steer unbox" in text
+    assert set(res["methods"]) == {k for k in res["methods"]}  # keys present
+    assert len(res["methods"]) == 3
+
+
+def test_shipped_world_loads_when_built():
+    if not (WEIGHTS / learn.SAE_NAME).is_file():
+        pytest.skip("no shipped SAE yet")
+    world = erasure.load_world()
+    assert set(world.concepts) == set(SHAPES + COLOURS)
+    for d in world.concepts.values():
+        d.check_compatible(world.sae)
+
+
+def test_bench_erasure_quick_run_writes_json(tiny_world_dir, tmp_path):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import erasure as bench  # bench/erasure.py
+
+    out = bench.main(["--weights", str(tiny_world_dir[0]), "--concepts", "red", "--targets", "2", "--others", "1",
+                      "--steps", "2", "--scale", "-4", "--add", "-2", "--calibration", "4", "--json", str(tmp_path / "e.json")])
+    data = json.loads((tmp_path / "e.json").read_text())
+    for part in ("per", "steer"):
+        for k in ("erasure_rate", "preservation", "unchanged_psnr_db", "detection_iou", "artifact_rate", "ood_distance"):
+            assert k in data[part]
+    assert data["steer"]["best"] in data["steer"]["sweep"]
+    assert out["per"]["detection_iou"] == data["per"]["detection_iou"]
+    assert isinstance(ReplaceSettings("random"), ReplaceSettings)
