@@ -23,7 +23,7 @@ test: lint
 	@if command -v node >/dev/null; then node --test js/tests/; else echo "node not found: js tests skipped"; fi
 
 demo: setup
-	$(BIN)/python -m sae_core demo
+	$(BIN)/python -m shapes_world.demo
 
 # The ComfyUI integration tests: need a ComfyUI checkout and a Python that can import it.
 COMFYUI_PATH ?= /work/comfyui

@@ -343,11 +343,13 @@ class LearnConcept(io.ComfyNode):
                                tooltip="Scheduler used for the recording runs."),
                 io.Int.Input("seed", default=188, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=False,
                              tooltip="Noise seed of every run (SAeUron uses 188)."),
-                io.Combo.Input("selection", options=["percentile", "top_n"], default="top_n",
-                               tooltip="percentile: latents above a score quantile (SAeUron); top_n: the n best."),
+                io.Combo.Input("selection", options=["percentile", "top_n", "specific"], default="top_n",
+                               tooltip="percentile: latents above a score quantile (SAeUron); top_n: the n best; "
+                                       "specific: up to top_n latents active on the concept's patches and at most a "
+                                       "fifth as often without it (sharper masks for small objects)."),
                 io.Float.Input("percentile", default=99.99, min=0.01, max=99.9999, step=0.001,
                                tooltip="For 'percentile': higher keeps fewer latents (99.99 of 20480 keeps 3)."),
-                io.Int.Input("top_n", default=3, min=1, max=1000, tooltip="For 'top_n': latents kept per timestep."),
+                io.Int.Input("top_n", default=3, min=1, max=1000, tooltip="For 'top_n' and 'specific': latents kept per timestep (at most)."),
             ],
             outputs=[ConceptType.Output(display_name="CONCEPT", tooltip="Connect to Concept Detector or Save Concept.")],
         )

@@ -53,7 +53,10 @@ WEIGHTS = Path(__file__).parent / "weights"
 MIN_PIXELS = 8
 PSNR_CAP = 99.0
 CONFIDENT = 0.6
-DETECTION = DetectionSettings(threshold_scale=1.0, padding=1, min_region=2)
+# How the edits see the concept. Detection IoU is measured on the detector's own mask (no padding, no region
+# filter): the localisation of the SAE; the edits may widen it (padding) or drop specks (min_region).
+DETECTION = DetectionSettings(threshold_scale=1.0, padding=1, min_region=3)
+RAW_DETECTION = DetectionSettings()
 
 
 @dataclass
@@ -168,7 +171,8 @@ def _mean(xs: list[float]) -> float:
 
 def evaluate_concept(world: World, concept: str, target_caps: list[str], other_caps: list[str],
                      methods: Mapping[str, ReplaceSettings | SteerSettings], seed: int = 0, steps: int = 20,
-                     cfg: float = 3.0, artifact_pixels: int | None = None) -> tuple[ConceptResult, dict]:
+                     cfg: float = 3.0, artifact_pixels: int | None = None,
+                     detection: DetectionSettings = DETECTION) -> tuple[ConceptResult, dict]:
     """All metrics of every method for one concept; also returns the images (for grids)."""
     caps = target_caps + other_caps
     nt = len(target_caps)
@@ -179,7 +183,7 @@ def evaluate_concept(world: World, concept: str, target_caps: list[str], other_c
         artifact_pixels = artifact_threshold(base_unrec)
     # detection alone, on the original trajectory
     rec = Recorder()
-    Run(world, target_caps, seed, intervention(world, concept, None, rec), steps, cfg)
+    Run(world, target_caps, seed, intervention(world, concept, None, rec, RAW_DETECTION), steps, cfg)
     tgt = target_pixels(sm0[:nt], cm0[:nt], concept)
     inter = union = 0
     for i in range(nt):
@@ -191,7 +195,7 @@ def evaluate_concept(world: World, concept: str, target_caps: list[str], other_c
     images = {"original": orig.images}
     had = [int(tgt[i].sum()) >= MIN_PIXELS for i in range(nt)]
     for name, edit in methods.items():
-        run = Run(world, caps, seed, intervention(world, concept, edit), steps, cfg)
+        run = Run(world, caps, seed, intervention(world, concept, edit, None, detection), steps, cfg)
         images[name] = run.images
         sm, cm = world.evaluator.label(run.images)
         gone = [int(target_pixels(sm[i:i + 1], cm[i:i + 1], concept).sum()) < MIN_PIXELS for i in range(nt) if had[i]]
