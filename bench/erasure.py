@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--scale", type=float, nargs="*", default=[-1.0, -4.0, -16.0, -64.0],
                    help="SAeUron gamma sweep (saeuron_scale)")
-    p.add_argument("--add", type=float, nargs="*", default=[-1.0, -2.0, -4.0, -8.0],
+    p.add_argument("--add", type=float, nargs="*", default=[-8.0, -32.0, -128.0, -512.0],
                    help="sdxl-unbox strength sweep (unbox_add on the detected patches)")
     p.add_argument("--calibration", type=int, default=64, help="unedited images that set the artifact threshold")
     p.add_argument("--threads", type=int, default=1)

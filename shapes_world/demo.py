@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_CONCEPT = "red"
 GAMMA = -16.0
-ADD = -4.0
+ADD = -128.0
 
 
 def _tile(img: torch.Tensor, scale: int) -> Image.Image:
