@@ -24,12 +24,7 @@ from shapes_world.scenes import COLOURS, SHAPES, generate_scenes  # noqa: E402
 WEIGHTS = Path(learn.__file__).parent / "weights"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

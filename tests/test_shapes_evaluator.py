@@ -19,14 +19,7 @@ from shapes_world.evaluator import (
 )
 from shapes_world.scenes import generate_scenes
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The machines running this suite are small and shared: intra-op threads only add contention here.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("h,w", [(32, 32), (16, 24)])

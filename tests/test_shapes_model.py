@@ -15,14 +15,7 @@ from shapes_world.sample import sample, to_grid  # noqa: E402
 from shapes_world.text import TextEncoderConfig  # noqa: E402
 from shapes_world.train import TrainConfig, loss_on_batch, lr_at, make_batch, train  # noqa: E402
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The machines running this suite are small and shared: intra-op threads only add contention here.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_config(**kw) -> ModelConfig:

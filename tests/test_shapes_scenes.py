@@ -18,14 +18,7 @@ from shapes_world.scenes import (
     shape_masks,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The machines running this suite are small and shared: intra-op threads only add contention here.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
