@@ -27,6 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from shapes_world.erasure import (  # noqa: E402
+    PSNR_CAP,
     WEIGHTS,
     artifact_threshold,
     evaluate_concept,
@@ -38,7 +39,7 @@ from shapes_world.erasure import (  # noqa: E402
 from shapes_world.render import render  # noqa: E402
 from shapes_world.scenes import COLOURS, generate_scenes  # noqa: E402
 
-KEYS = ("erasure_rate", "preservation", "unchanged_psnr_db", "artifact_rate", "ood_distance")
+KEYS = ("erasure_rate", "preservation", "unchanged_psnr_db", "unchanged_identical", "artifact_rate", "ood_distance")
 
 
 def average(per_concept: dict, method: str) -> dict:
@@ -46,6 +47,12 @@ def average(per_concept: dict, method: str) -> dict:
     for k in KEYS:
         vals = [r["methods"][method][k] for r in per_concept.values() if not math.isnan(r["methods"][method][k])]
         out[k] = sum(vals) / len(vals) if vals else float("nan")
+    # PSNR over all concepts' other prompts from the pooled error (each concept has as many other prompts)
+    mse = [r["methods"][method]["unchanged_mse"] for r in per_concept.values()]
+    mse = [m for m in mse if not math.isnan(m)]
+    if mse:
+        m = sum(mse) / len(mse)
+        out["unchanged_psnr_db"] = PSNR_CAP if m == 0 else min(PSNR_CAP, 10 * math.log10(1.0 / m))
     out["detection_iou"] = sum(r["detection_iou"] for r in per_concept.values()) / len(per_concept)
     return out
 
@@ -94,11 +101,13 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"\nshapes world erasure, concepts {a.concepts}, {a.targets}+{a.others} prompts each, {a.steps} DDIM steps, "
           f"CFG {a.cfg:g}; artifact threshold {artifact_pixels} unrecognised pixels (unedited images over it: "
           f"{baseline_artifacts:.3f})")
-    print(f"{'method':22s} {'erasure':>8s} {'preserv.':>8s} {'PSNR dB':>8s} {'det IoU':>8s} {'artifact':>8s} {'OOD W1':>8s}")
+    print(f"{'method':22s} {'erasure':>8s} {'preserv.':>8s} {'PSNR dB':>8s} {'ident.':>8s} {'det IoU':>8s} {'artifact':>8s} "
+          f"{'OOD W1':>8s}")
     for m in methods:
         r = rows[m]
         tag = " *best" if m == best else (" *matched" if m == matched else "")
         print(f"{m:22s} {r['erasure_rate']:8.3f} {r['preservation']:8.3f} {r['unchanged_psnr_db']:8.2f} "
+              f"{r['unchanged_identical']:8.3f} "
               f"{r['detection_iou']:8.3f} {r['artifact_rate']:8.3f} {r['ood_distance']:8.4f}{tag}")
     print("per concept detection IoU: " + ", ".join(f"{c} {per_concept[c]['detection_iou']:.3f}" for c in a.concepts))
     print(f"[{time.time() - t0:.0f} s]")

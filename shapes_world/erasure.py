@@ -10,7 +10,10 @@ prompts that do not ("other prompts"):
                     (colour label for a colour, shape label for a shape), among those whose original had it;
   preservation      the other named objects drawn in the original (shape and colour right on MIN_PIXELS
                     pixels) that are still drawn after the edit;
-  unchanged_psnr_db PSNR of the edited against the original image on other prompts (capped at PSNR_CAP);
+  unchanged_psnr_db PSNR of the edited against the original images of the other prompts, from their pooled mean
+                    squared error (a mean of per-image PSNRs would be ruled by the images left identical);
+                    PSNR_CAP when all are identical;
+  unchanged_identical share of the other prompts whose image stayed bit-identical;
   detection_iou     detection alone on the original trajectory: the patches detected on at least half of
                     the steps against the evaluator's target pixels in the original image (16x16, a patch
                     counts when half its pixels do), intersection over union pooled over target prompts;
@@ -116,8 +119,15 @@ def unrecognised(evaluator: PixelEvaluator, images: Tensor) -> Tensor:
 
 
 def psnr(a: Tensor, b: Tensor) -> Tensor:
+    """Per image PSNR (dB, peak 1) of [B, 3, H, W] images; PSNR_CAP where identical."""
     mse = (a - b).pow(2).flatten(1).mean(-1)
     return torch.where(mse > 0, 10 * torch.log10(1.0 / mse.clamp_min(1e-20)), torch.full_like(mse, PSNR_CAP)).clamp(max=PSNR_CAP)
+
+
+def pooled_psnr(a: Tensor, b: Tensor) -> float:
+    """PSNR of a set of images from their pooled mean squared error; PSNR_CAP when all are identical."""
+    mse = float((a - b).double().pow(2).mean())
+    return PSNR_CAP if mse == 0 else min(PSNR_CAP, 10 * math.log10(1.0 / mse))
 
 
 def patch_mask(pixels: Tensor, hw: tuple[int, int]) -> Tensor:
@@ -209,7 +219,11 @@ def evaluate_concept(world: World, concept: str, target_caps: list[str], other_c
         result.methods[name] = {
             "erasure_rate": _mean([float(x) for x in gone]),
             "preservation": _mean([float(x) for x in kept]),
-            "unchanged_psnr_db": float(psnr(run.images[nt:], orig.images[nt:]).mean()) if other_caps else float("nan"),
+            "unchanged_psnr_db": pooled_psnr(run.images[nt:], orig.images[nt:]) if other_caps else float("nan"),
+            "unchanged_mse": float((run.images[nt:] - orig.images[nt:]).double().pow(2).mean()) if other_caps
+            else float("nan"),
+            "unchanged_identical": float((psnr(run.images[nt:], orig.images[nt:]) >= PSNR_CAP).float().mean())
+            if other_caps else float("nan"),
             "artifact_rate": float((unrec >= artifact_pixels).float().mean()),
             "ood_distance": activation_shift(run.acts, orig.acts).norm_w1,
         }

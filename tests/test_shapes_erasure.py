@@ -99,6 +99,9 @@ def test_metric_helpers_against_numpy():
     mse = ((a.numpy() - b.numpy()) ** 2).reshape(3, -1).mean(-1)
     ref = [10 * math.log10(1 / m) if m > 0 else erasure.PSNR_CAP for m in mse]
     np.testing.assert_allclose(erasure.psnr(a, b).numpy(), ref, rtol=1e-5)
+    pooled = 10 * math.log10(1 / ((a.double().numpy() - b.double().numpy()) ** 2).mean())
+    assert erasure.pooled_psnr(a, b) == pytest.approx(pooled, rel=1e-9)
+    assert erasure.pooled_psnr(a, a) == erasure.PSNR_CAP
     pix = torch.zeros(1, 4, 4, dtype=torch.bool)
     pix[0, 0, :2] = True  # half of the top-left 2x2 patch
     pix[0, 2:, 2:] = True  # all of the bottom-right one
