@@ -324,6 +324,38 @@ def test_learn_concept_scores_match_independent_build(pack, sd1, models_dir):
         assert set(got) == set(torch.topk(score[s], 2).indices.tolist())
 
 
+def test_learn_concept_specific_matches_firing_rate_reference(pack, sd1):
+    ext = pack.nodes.extension
+    name, key, d = SD1_BLOCK
+    sae = make_sae(pack, d, M=64)
+    captured, cap = with_capture(pack, sd1.model, key)
+    kw = dict(concept_name="cat", concept_prompts="a cat\na cat on a mat", contrast_prompts="a dog\na house",
+              negative_prompt="", width=64, height=64, steps=2, cfg=3.0, sampler_name="euler",
+              scheduler="normal", seed=188, selection="specific", percentile=99.0, top_n=5)
+    concept = ext.LearnConcept.execute(captured, FakeClip(), sae, **kw).args[0]
+    assert concept.meta.selection["method"] == "specific" and not sd1.model.object_patches
+    # reference: share of cond patches where each latent fires, concept prompts vs contrast, per step
+    rates = {"cat": [], "other": []}
+    for p in range(4):
+        per_t = []
+        for s in range(2):
+            _, out, step = cap.calls[p * 2 + s]
+            rows = out[[c for c, f in enumerate(step.chunks) if f == 0]]
+            per_t.append((sae.encode(rows.movedim(1, -1)).flatten(0, 2) > 0).double().mean(0))
+        rates["cat" if p < 2 else "other"].append(torch.stack(per_t))
+    rc, rn = torch.stack(rates["cat"]).mean(0), torch.stack(rates["other"]).mean(0)
+    ms = sd1.model.get_model_object("model_sampling")
+    ts = [float(ms.timestep(st.sigma * torch.ones(1))) for _, _, st in cap.calls[:2]]
+    picked = 0
+    for s in range(2):
+        ok = ((rn[s] <= 0.2 * rc[s]) & (rc[s] >= 0.002) & (rc[s] > 0)).nonzero().flatten()
+        want = ok[torch.argsort(rc[s][ok] - rn[s][ok], descending=True, stable=True)][:5].tolist()
+        t = concept.timestep_index(ts[s])
+        assert [int(i) for i in concept.latents[0, t] if i >= 0] == want
+        picked += len(want)
+    assert picked > 0, "the reference selects nothing: the test would not see a wrong selection"
+
+
 def test_learn_concept_interrupt_leaves_model_clean(pack, sd1):
     ext = pack.nodes.extension
     sae = make_sae(pack, 128, M=64)
