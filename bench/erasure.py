@@ -26,7 +26,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from sae_core.detect import DetectionSettings  # noqa: E402
 from shapes_world.erasure import (  # noqa: E402
+    DETECTION,
     PSNR_CAP,
     WEIGHTS,
     artifact_threshold,
@@ -70,6 +72,9 @@ def main(argv: list[str] | None = None) -> dict:
                    help="SAeUron gamma sweep (saeuron_scale)")
     p.add_argument("--add", type=float, nargs="*", default=[-8.0, -32.0, -128.0, -512.0],
                    help="sdxl-unbox strength sweep (unbox_add on the detected patches)")
+    p.add_argument("--padding", type=int, default=DETECTION.padding, help="patches added around the mask for the edits")
+    p.add_argument("--min-region", type=int, default=DETECTION.min_region,
+                   help="drop detected regions smaller than this many patches before the edits")
     p.add_argument("--calibration", type=int, default=64, help="unedited images that set the artifact threshold")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", type=Path, default=None)
@@ -82,24 +87,27 @@ def main(argv: list[str] | None = None) -> dict:
     calib_imgs = render(world.model, calib, seed=a.seed, steps=a.steps, cfg=a.cfg)
     artifact_pixels = artifact_threshold(unrecognised(world.evaluator, calib_imgs))
     methods = methods_for(a.scale, a.add)
+    detection = DetectionSettings(DETECTION.threshold_scale, a.padding, a.min_region)
     per_concept = {}
     for c in a.concepts:
         tc, oc = prompt_sets(c, a.targets, a.others)
         res, _ = evaluate_concept(world, c, tc, oc, methods, seed=a.seed, steps=a.steps, cfg=a.cfg,
-                                  artifact_pixels=artifact_pixels)
+                                  artifact_pixels=artifact_pixels, detection=detection)
         per_concept[c] = {"detection_iou": res.detection_iou, "methods": res.methods}
         print(f"[{time.time() - t0:5.0f} s] {c}: detection IoU {res.detection_iou:.3f}", flush=True)
 
     rows = {m: average(per_concept, m) for m in methods}
     per_names = [m for m in methods if m.startswith("PER")]
     steer_names = [m for m in methods if not m.startswith("PER")]
-    best = max(steer_names, key=lambda m: (rows[m]["erasure_rate"] + rows[m]["preservation"], -abs(methods[m].strength)))
-    ref = rows["PER random"]["erasure_rate"]
-    matched = min(steer_names, key=lambda m: (abs(rows[m]["erasure_rate"] - ref), abs(methods[m].strength)))
+    best = matched = None
+    if steer_names:  # --scale and --add may both be given empty to measure PER alone
+        best = max(steer_names, key=lambda m: (rows[m]["erasure_rate"] + rows[m]["preservation"], -abs(methods[m].strength)))
+        ref = rows["PER random"]["erasure_rate"]
+        matched = min(steer_names, key=lambda m: (abs(rows[m]["erasure_rate"] - ref), abs(methods[m].strength)))
     baseline_artifacts = sum(r["methods"]["original"]["artifact_rate"] for r in per_concept.values()) / len(per_concept)
 
     print(f"\nshapes world erasure, concepts {a.concepts}, {a.targets}+{a.others} prompts each, {a.steps} DDIM steps, "
-          f"CFG {a.cfg:g}; artifact threshold {artifact_pixels} unrecognised pixels (unedited images over it: "
+          f"CFG {a.cfg:g}; edits on the mask with padding {a.padding}, min_region {a.min_region}; artifact threshold {artifact_pixels} unrecognised pixels (unedited images over it: "
           f"{baseline_artifacts:.3f})")
     print(f"{'method':22s} {'erasure':>8s} {'preserv.':>8s} {'PSNR dB':>8s} {'ident.':>8s} {'det IoU':>8s} {'artifact':>8s} "
           f"{'OOD W1':>8s}")
@@ -114,8 +122,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     out = {
         "per": {**rows["PER random"], "modes": {m: rows[m] for m in per_names}},
-        "steer": {**rows[best], "best": best, "strength": methods[best].strength,
-                  "matched_to_per_erasure": matched, "sweep": {m: rows[m] for m in steer_names}},
+        "steer": {} if best is None else {**rows[best], "best": best, "strength": methods[best].strength,
+                                          "matched_to_per_erasure": matched, "sweep": {m: rows[m] for m in steer_names}},
         "artifact_pixels": artifact_pixels, "unedited_artifact_rate": baseline_artifacts,
         "per_concept": per_concept,
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items() if k != "json"},

@@ -13,7 +13,6 @@ pytest.importorskip("diffusers")
 
 from sae_core.concepts import load_concepts  # noqa: E402
 from sae_core.formats import load_sae  # noqa: E402
-from sae_core.intervention import ReplaceSettings  # noqa: E402
 from shapes_world import erasure, learn  # noqa: E402
 from shapes_world.demo import run_demo  # noqa: E402
 from shapes_world.model import load_model  # noqa: E402
@@ -182,4 +181,8 @@ def test_bench_erasure_quick_run_writes_json(tiny_world_dir, tmp_path):
             assert k in data[part]
     assert data["steer"]["best"] in data["steer"]["sweep"]
     assert out["per"]["detection_iou"] == data["per"]["detection_iou"]
-    assert isinstance(ReplaceSettings("random"), ReplaceSettings)
+    # PER alone, with other edit settings: no steering summary, the mask settings reach the edits
+    per_only = bench.main(["--weights", str(tiny_world_dir[0]), "--concepts", "red", "--targets", "2", "--others", "1",
+                           "--steps", "2", "--scale", "--add", "--calibration", "4", "--padding", "0", "--min-region", "0"])
+    assert per_only["steer"] == {} and per_only["settings"]["padding"] == 0
+    assert set(per_only["per"]["modes"]) == {"PER random", "PER nearest", "PER mean"}
