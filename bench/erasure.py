@@ -27,6 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sae_core.detect import DetectionSettings  # noqa: E402
+from sae_core.intervention import StepWindow  # noqa: E402
 from shapes_world.erasure import (  # noqa: E402
     DETECTION,
     PSNR_CAP,
@@ -75,6 +76,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--padding", type=int, default=DETECTION.padding, help="patches added around the mask for the edits")
     p.add_argument("--min-region", type=int, default=DETECTION.min_region,
                    help="drop detected regions smaller than this many patches before the edits")
+    p.add_argument("--window", type=float, nargs=2, default=None, metavar=("T_MIN", "T_MAX"),
+                   help="edit only at model timesteps in [T_MIN, T_MAX] (999 = first DDIM step); default every step")
     p.add_argument("--calibration", type=int, default=64, help="unedited images that set the artifact threshold")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", type=Path, default=None)
@@ -88,11 +91,12 @@ def main(argv: list[str] | None = None) -> dict:
     artifact_pixels = artifact_threshold(unrecognised(world.evaluator, calib_imgs))
     methods = methods_for(a.scale, a.add)
     detection = DetectionSettings(DETECTION.threshold_scale, a.padding, a.min_region)
+    window = None if a.window is None else StepWindow(timestep_min=a.window[0], timestep_max=a.window[1])
     per_concept = {}
     for c in a.concepts:
         tc, oc = prompt_sets(c, a.targets, a.others)
         res, _ = evaluate_concept(world, c, tc, oc, methods, seed=a.seed, steps=a.steps, cfg=a.cfg,
-                                  artifact_pixels=artifact_pixels, detection=detection)
+                                  artifact_pixels=artifact_pixels, detection=detection, window=window)
         per_concept[c] = {"detection_iou": res.detection_iou, "methods": res.methods}
         print(f"[{time.time() - t0:5.0f} s] {c}: detection IoU {res.detection_iou:.3f}", flush=True)
 
@@ -107,7 +111,7 @@ def main(argv: list[str] | None = None) -> dict:
     baseline_artifacts = sum(r["methods"]["original"]["artifact_rate"] for r in per_concept.values()) / len(per_concept)
 
     print(f"\nshapes world erasure, concepts {a.concepts}, {a.targets}+{a.others} prompts each, {a.steps} DDIM steps, "
-          f"CFG {a.cfg:g}; edits on the mask with padding {a.padding}, min_region {a.min_region}; artifact threshold {artifact_pixels} unrecognised pixels (unedited images over it: "
+          f"CFG {a.cfg:g}; edits on the mask with padding {a.padding}, min_region {a.min_region}, window {a.window or 'all steps'}; artifact threshold {artifact_pixels} unrecognised pixels (unedited images over it: "
           f"{baseline_artifacts:.3f})")
     print(f"{'method':22s} {'erasure':>8s} {'preserv.':>8s} {'PSNR dB':>8s} {'ident.':>8s} {'det IoU':>8s} {'artifact':>8s} "
           f"{'OOD W1':>8s}")

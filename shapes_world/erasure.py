@@ -39,7 +39,7 @@ from torch import Tensor
 from sae_core.concepts import ConceptDictionary, load_concepts
 from sae_core.detect import ConceptDetector, DetectionSettings
 from sae_core.formats import load_sae
-from sae_core.intervention import BlockIntervention, Recorder, ReplaceSettings
+from sae_core.intervention import BlockIntervention, Recorder, ReplaceSettings, StepWindow
 from sae_core.sae import SparseAutoencoder
 from sae_core.stats import activation_shift
 from sae_core.steer import SteerSettings
@@ -152,9 +152,9 @@ def methods_for(steer_scale: Sequence[float], steer_add: Sequence[float]) -> dic
 
 
 def intervention(world: World, concept: str, edit, recorder: Recorder | None = None,
-                 detection: DetectionSettings = DETECTION) -> BlockIntervention:
+                 detection: DetectionSettings = DETECTION, window: StepWindow | None = None) -> BlockIntervention:
     det = ConceptDetector(world.concepts[concept], detection, sae=world.sae)
-    return BlockIntervention(world.sae, det, edit, branches="both", recorder=recorder, label=concept)
+    return BlockIntervention(world.sae, det, edit, branches="both", window=window, recorder=recorder, label=concept)
 
 
 class Run:
@@ -182,8 +182,12 @@ def _mean(xs: list[float]) -> float:
 def evaluate_concept(world: World, concept: str, target_caps: list[str], other_caps: list[str],
                      methods: Mapping[str, ReplaceSettings | SteerSettings], seed: int = 0, steps: int = 20,
                      cfg: float = 3.0, artifact_pixels: int | None = None,
-                     detection: DetectionSettings = DETECTION) -> tuple[ConceptResult, dict]:
-    """All metrics of every method for one concept; also returns the images (for grids)."""
+                     detection: DetectionSettings = DETECTION,
+                     window: StepWindow | None = None) -> tuple[ConceptResult, dict]:
+    """All metrics of every method for one concept; also returns the images (for grids).
+
+    ``detection`` and ``window`` (steps the edits act on; None = all) apply to the edits; detection IoU is
+    always measured on the raw mask over every step."""
     caps = target_caps + other_caps
     nt = len(target_caps)
     orig = Run(world, caps, seed, None, steps, cfg)
@@ -205,7 +209,7 @@ def evaluate_concept(world: World, concept: str, target_caps: list[str], other_c
     images = {"original": orig.images}
     had = [int(tgt[i].sum()) >= MIN_PIXELS for i in range(nt)]
     for name, edit in methods.items():
-        run = Run(world, caps, seed, intervention(world, concept, edit, None, detection), steps, cfg)
+        run = Run(world, caps, seed, intervention(world, concept, edit, None, detection, window), steps, cfg)
         images[name] = run.images
         sm, cm = world.evaluator.label(run.images)
         gone = [int(target_pixels(sm[i:i + 1], cm[i:i + 1], concept).sum()) < MIN_PIXELS for i in range(nt) if had[i]]

@@ -186,3 +186,16 @@ def test_bench_erasure_quick_run_writes_json(tiny_world_dir, tmp_path):
                            "--steps", "2", "--scale", "--add", "--calibration", "4", "--padding", "0", "--min-region", "0"])
     assert per_only["steer"] == {} and per_only["settings"]["padding"] == 0
     assert set(per_only["per"]["modes"]) == {"PER random", "PER nearest", "PER mean"}
+
+
+def test_window_outside_every_step_leaves_images_identical(tiny_world_dir):
+    from sae_core.intervention import ReplaceSettings, StepWindow
+
+    world = erasure.load_world(tiny_world_dir[0], ["red"])
+    t, o = erasure.prompt_sets("red", 2, 1)
+    r, imgs = erasure.evaluate_concept(world, "red", t, o, {"PER": ReplaceSettings("random")}, steps=3,
+                                       artifact_pixels=40, detection=erasure.RAW_DETECTION,
+                                       window=StepWindow(timestep_min=2000.0))
+    torch.testing.assert_close(imgs["PER"], imgs["original"], rtol=0, atol=0)
+    m = r.methods["PER"]
+    assert m["unchanged_identical"] == 1.0 and m["unchanged_psnr_db"] == erasure.PSNR_CAP and m["ood_distance"] == 0.0
