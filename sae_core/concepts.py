@@ -27,10 +27,12 @@ from .errors import SAEError
 logger = logging.getLogger(__name__)
 
 FORMAT_NAME = "sae-concepts"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2 adds the presence gate (optional tensors "gate", "reliable")
+READABLE_VERSIONS = (1, 2)
 METADATA_KEY = "sae_concepts"
 SCORE_EPS = 1e-8  # SAeUron's denominator guard
 _TENSOR_KEYS = ("timesteps", "latents", "scores", "thresholds", "means")
+_GATE_KEYS = ("gate", "reliable")
 METHODS = ("percentile", "top_n", "specific")
 
 
@@ -170,22 +172,33 @@ class ConceptStatsAccumulator:
     20480 latents. Timesteps are matched after rounding to 1e-3.
     """
 
-    def __init__(self, n_latents: int):
+    def __init__(self, n_latents: int, keep_samples: bool = False, sample_top: int = 64):
         if int(n_latents) < 1:
             raise ValueError(f"ConceptStatsAccumulator: n_latents is {n_latents}, expected >= 1")
         self.n_latents = int(n_latents)
+        # Per-image codes for the presence gate (sae_core.gate): the sample_top largest codes of every patch
+        # (exact for TopK SAEs with k <= sample_top), fp16 values and int32 ids, about 6 bytes x sample_top per
+        # patch and step.
+        self.keep_samples = bool(keep_samples)
+        self.sample_top = int(sample_top)
+        self.samples: dict[tuple[str, object, int], dict[float, tuple[Tensor, Tensor]]] = {}
         self._sums: dict[str, dict[float, Tensor]] = {}
         self._fires: dict[str, dict[float, Tensor]] = {}
         self._counts: dict[str, dict[float, int]] = {}
 
-    def add(self, concept: str, timestep: float, codes: Tensor) -> None:
-        """Add codes [..., M] (every leading position counts as one row) for one concept and step."""
+    def add(self, concept: str, timestep: float, codes: Tensor, sample=None) -> None:
+        """Add codes [..., M] (every leading position counts as one row) for one concept and step.
+
+        With ``keep_samples`` and a ``sample`` id (one per sampling run, e.g. the prompt's index), codes
+        [B, H, W, M] are also kept per image (sample, b) for the presence gate."""
         if codes.shape[-1] != self.n_latents:
             raise ValueError(
                 f"ConceptStatsAccumulator.add({concept!r}): codes have {codes.shape[-1]} latents, "
                 f"expected {self.n_latents}; feed codes of the SAE this accumulator was made for"
             )
         key = round(float(timestep), 3)
+        if self.keep_samples and sample is not None:
+            self._keep(concept, sample, key, codes)
         rows = codes.reshape(-1, self.n_latents)
         s = rows.sum(0, dtype=torch.float32 if rows.device.type == "mps" else torch.float64)
         s = s.detach().to("cpu", torch.float64)
@@ -201,6 +214,16 @@ class ConceptStatsAccumulator:
             per_t[key] = s
             fires[key] = f
             cnt[key] = rows.shape[0]
+
+    def _keep(self, concept: str, sample, key: float, codes: Tensor) -> None:
+        if codes.ndim != 4:
+            raise ValueError(f"ConceptStatsAccumulator.add({concept!r}): per-image codes must be [B, H, W, M], got "
+                             f"{tuple(codes.shape)}")
+        top = min(self.sample_top, self.n_latents)
+        vals, ids = codes.detach().topk(top, dim=-1)
+        vals, ids = vals.to("cpu", torch.float16), ids.to("cpu", torch.int32)
+        for b in range(codes.shape[0]):
+            self.samples.setdefault((concept, sample, b), {})[key] = (vals[b].clone(), ids[b].clone())
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -240,10 +263,13 @@ class ConceptStep(NamedTuple):
     means: Tensor  # [K] float32 mu_c,i(t) of the concept that contributed the latent
     concept: Tensor  # [K] int64 index into names of the contributing concept
     timestep: float  # the stored timestep that was used
+    gate: float = 0.0  # presence gate: share of detected patches that marks the concept present (0 = no gate)
+    reliable: bool = True  # whether the gate separates concept from contrast prompts at this step
 
     @staticmethod
     def merge(steps: Sequence[ConceptStep]) -> ConceptStep:
-        """Union of several steps; a latent that appears twice keeps its first entry."""
+        """Union of several steps; a latent that appears twice keeps its first entry. The gate of a union is
+        the smallest of the steps' gates (0, no gate, when any concept has none), reliable when any is."""
         if not steps:
             raise ValueError("ConceptStep.merge: no steps given")
         lat = torch.cat([s.latents for s in steps])
@@ -254,6 +280,8 @@ class ConceptStep(NamedTuple):
             torch.cat([s.means for s in steps])[keep],
             torch.cat([s.concept for s in steps])[keep],
             steps[0].timestep,
+            min(float(s.gate) for s in steps),
+            any(bool(s.reliable) for s in steps),
         )
 
 
@@ -291,6 +319,8 @@ class ConceptDictionary:
     thresholds: Tensor  # [C, T, K] float32 tau_i(t)
     means: Tensor  # [C, T, K] float32 mu_c,i(t)
     meta: ConceptMeta = field(default_factory=ConceptMeta)
+    gate: Tensor | None = None  # [C, T] float32 presence gate (share of patches), None = not learned
+    reliable: Tensor | None = None  # [C, T] bool: steps where the gate separates concept from contrast
 
     def __post_init__(self):
         self.names = tuple(self.names)
@@ -313,6 +343,16 @@ class ConceptDictionary:
                 f"latent ids range {int(self.latents.min())}..{int(self.latents.max())}, expected -1 (padding) "
                 f"or 0..{self.n_latents - 1}"
             )
+        if (self.gate is None) != (self.reliable is None):
+            raise ConceptFileError("gate and reliable come together: both [C, T] tensors or both absent")
+        if self.gate is not None:
+            for key in ("gate", "reliable"):
+                if tuple(getattr(self, key).shape) != (C, T):
+                    raise ConceptFileError(f"{key} has shape {tuple(getattr(self, key).shape)}, expected ({C}, {T})")
+            g = self.gate.float()
+            if not bool(torch.isfinite(g).all()) or bool((g < 0).any()) or bool((g > 1).any()):
+                raise ConceptFileError("gate holds values outside 0..1 (a share of patches); learn the concept again")
+            self.gate, self.reliable = g, self.reliable.bool()
         self.timesteps = self.timesteps.float()
         self.latents = self.latents.long()
         self.scores, self.thresholds, self.means = (self.scores.float(), self.thresholds.float(), self.means.float())
@@ -362,13 +402,19 @@ class ConceptDictionary:
         for c in idx:
             lat = self.latents[c, ti]
             valid = lat >= 0
+            gate = 0.0 if self.gate is None else float(self.gate[c, ti])
+            reliable = True if self.reliable is None else bool(self.reliable[c, ti])
             steps.append(
                 ConceptStep(
                     lat[valid], self.thresholds[c, ti][valid], self.means[c, ti][valid],
-                    torch.full((int(valid.sum()),), c, dtype=torch.long), float(self.timesteps[ti]),
+                    torch.full((int(valid.sum()),), c, dtype=torch.long), float(self.timesteps[ti]), gate, reliable,
                 )
             )
         return ConceptStep.merge(steps)
+
+    @property
+    def has_gate(self) -> bool:
+        return self.gate is not None
 
     def concept_indices(self, names: Iterable[str] | None) -> list[int]:
         if names is None:
@@ -410,8 +456,10 @@ class ConceptDictionary:
             for ti in range(self.timesteps.numel()):
                 lat = self.latents[c, ti]
                 valid = (lat >= 0).nonzero().flatten().tolist()
+                gate = {} if self.gate is None else {"gate": float(self.gate[c, ti]),
+                                                     "reliable": bool(self.reliable[c, ti])}
                 rows.append({
-                    "timestep": float(self.timesteps[ti]),
+                    "timestep": float(self.timesteps[ti]), **gate,
                     "latents": [
                         {
                             "id": int(lat[j]), "score": float(self.scores[c, ti, j]),
@@ -449,6 +497,9 @@ class ConceptDictionary:
             "scores": self.scores.contiguous(), "thresholds": self.thresholds.contiguous(),
             "means": self.means.contiguous(),
         }
+        if self.gate is not None:
+            tensors["gate"] = self.gate.contiguous()
+            tensors["reliable"] = self.reliable.to(torch.uint8).contiguous()
         save_file(tensors, os.fspath(path), metadata={METADATA_KEY: json.dumps(header)})
         logger.info("saved concept dictionary %s (%s) to %s", list(self.names), self.timesteps.numel(), path)
 
@@ -476,10 +527,10 @@ def load_concepts(path: str | os.PathLike, sae=None) -> ConceptDictionary:
         header = json.loads(meta[METADATA_KEY])
     except json.JSONDecodeError as e:
         raise ConceptFileError(f"{path}: metadata {METADATA_KEY!r} is not valid JSON ({e})") from e
-    if header.get("format") != FORMAT_NAME or header.get("format_version") != FORMAT_VERSION:
+    if header.get("format") != FORMAT_NAME or header.get("format_version") not in READABLE_VERSIONS:
         raise ConceptFileError(
             f"{path}: format {header.get('format')!r} version {header.get('format_version')!r}, expected "
-            f"{FORMAT_NAME!r} version {FORMAT_VERSION}; update the pack or re-save the concept"
+            f"{FORMAT_NAME!r} version {FORMAT_VERSION} (or {READABLE_VERSIONS[0]}); update the pack or re-save the concept"
         )
     missing = [k for k in _TENSOR_KEYS if k not in keys]
     if missing:
@@ -491,7 +542,8 @@ def load_concepts(path: str | os.PathLike, sae=None) -> ConceptDictionary:
         d = ConceptDictionary(
             tuple(header["names"]), int(header["n_latents"]), tensors["timesteps"], tensors["latents"],
             tensors["scores"], tensors["thresholds"], tensors["means"],
-            ConceptMeta(
+            gate=tensors.get("gate"), reliable=tensors.get("reliable"),
+            meta=ConceptMeta(
                 header.get("sae_fingerprint"), header.get("hook_point"), header.get("model_family"),
                 dict(header.get("prompts") or {}), dict(header.get("selection") or {}),
                 {**dict(header.get("extra") or {}), "source": path},
@@ -499,6 +551,9 @@ def load_concepts(path: str | os.PathLike, sae=None) -> ConceptDictionary:
         )
     except ConceptFileError as e:
         raise ConceptFileError(f"{path}: {e}") from e
+    if d.gate is None:
+        logger.info("%s: no presence gate (format version %s); the gate is off for it. Learn the concept again "
+                    "to get one", path, header.get("format_version"))
     if sae is not None:
         d.check_compatible(sae, source=path)
     return d

@@ -25,6 +25,9 @@ from .concepts import ConceptDictionary, ConceptStep
 logger = logging.getLogger(__name__)
 
 
+TEMPORAL_MODES = ("none", "sticky")
+
+
 @dataclass(frozen=True)
 class DetectionSettings:
     """How codes become a mask.
@@ -34,11 +37,19 @@ class DetectionSettings:
     padding: dilate the mask by this many patches (square neighbourhood); 0 = no dilation.
     min_region: drop 8-connected detected regions with fewer patches than this (before padding);
         0 or 1 keeps everything.
+    gate: apply the concept's presence gate (learned with the concept, see sae_core.gate): an image is edited
+        only once the share of its patches detected at a reliable step reaches the learned fraction, and from
+        then on for the rest of the run; images without the concept stay bit-identical. Concepts without a
+        gate (older files, typed latents) are not gated.
+    temporal: "none" - each step's mask alone; "sticky" - a patch once detected stays detected for the rest
+        of the run (a retreating concept cannot come back at the edge of a shrinking mask).
     """
 
     threshold_scale: float = 1.0
     padding: int = 0
     min_region: int = 0
+    gate: bool = False
+    temporal: str = "none"
 
     def __post_init__(self):
         if not float(self.threshold_scale) >= 0.0:
@@ -47,6 +58,10 @@ class DetectionSettings:
             raise ValueError(f"DetectionSettings.padding is {self.padding}, expected an integer >= 0 (patches)")
         if int(self.min_region) != self.min_region or self.min_region < 0:
             raise ValueError(f"DetectionSettings.min_region is {self.min_region}, expected an integer >= 0 (patches)")
+        if not isinstance(self.gate, bool):
+            raise ValueError(f"DetectionSettings.gate is {self.gate!r}, expected true or false")
+        if self.temporal not in TEMPORAL_MODES:
+            raise ValueError(f"DetectionSettings.temporal is {self.temporal!r}, expected one of {list(TEMPORAL_MODES)}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -91,6 +106,14 @@ def pick_topk(values: Tensor, indices: Tensor, latents: Tensor) -> Tensor:
     lat = latents.to(indices.device)
     hit = indices.unsqueeze(-1) == lat  # [..., k, K]
     return torch.where(hit, values.unsqueeze(-1), values.new_zeros(())).sum(-2)
+
+
+def detected_fraction(picked: Tensor, thresholds: Tensor) -> Tensor:
+    """picked [B, H, W, K] -> [B] float32 share of patches where some selected latent exceeds its threshold
+    (scale 1): the presence gate's statistic, the same at learning and at detection time."""
+    if picked.shape[-1] == 0:
+        return torch.zeros(picked.shape[0], device=picked.device)
+    return (score_from_picked(picked, thresholds, 1.0) > 0).flatten(1).float().mean(-1)
 
 
 def dilate_mask(mask: Tensor, padding: int) -> Tensor:

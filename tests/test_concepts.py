@@ -307,7 +307,7 @@ def test_load_rejects_wrong_version_missing_tensor_bad_json(tmp_path):
     sae, _ = planted_sae()
     d = built_for(sae)
     q = _rewrite(tmp_path, d, header_edit=lambda h: h.update(format_version=99))
-    with pytest.raises(ConceptFileError, match="version 99, expected 'sae-concepts' version 1"):
+    with pytest.raises(ConceptFileError, match="version 99, expected 'sae-concepts' version 2 \\(or 1\\)"):
         load_concepts(q)
     q = _rewrite(tmp_path, d, drop="thresholds")
     with pytest.raises(ConceptFileError, match=r"missing tensors \['thresholds'\]"):
