@@ -24,9 +24,11 @@ from ..sae_core.concepts import (
     load_concepts,
 )
 from ..sae_core.config import ACTIVATIONS, INPUT_SPACES
-from ..sae_core.detect import ConceptDetector, DetectionSettings
+from ..sae_core.detect import TEMPORAL_MODES, ConceptDetector, DetectionSettings
 from ..sae_core.formats import load_sae
+from ..sae_core.gate import learn_presence_gate
 from ..sae_core.intervention import BlockIntervention, ConceptCollector, Recorder, ReplaceSettings
+from ..sae_core.lookahead import LookAheadSettings
 from ..sae_core.replace import MODES
 from ..sae_core.steer import ERROR_MODES, METHODS, SteerSettings
 from . import folders
@@ -72,13 +74,13 @@ def _block_names() -> list[str]:
     return names
 
 
-def _patch(model, spec: DetectorSpec, edit, kind: str):
+def _patch(model, spec: DetectorSpec, edit, kind: str, lookahead: LookAheadSettings | None = None):
     """Validate against the model, then clone and patch the SAE's block. Returns (model, RunState)."""
     key, name = resolve_hook(spec.sae, model)
     recorder = Recorder()
-    state = RunState(f"{kind} {name}", recorder)
     intervention = BlockIntervention(spec.sae, spec.detector, edit, branches=spec.branches, recorder=recorder,
-                                     label=name)
+                                     label=name, lookahead=lookahead)
+    state = RunState(f"{kind} {name}", recorder, intervention)
     start, end = spec.start_percent, spec.end_percent
     check_window(start, end)
 
@@ -164,6 +166,14 @@ class ConceptDetectorNode(io.ComfyNode):
                                tooltip="Act until this point of the schedule (1 = last step)."),
                 io.Combo.Input("branches", options=list(BRANCH_OPTIONS), default="both",
                                tooltip="CFG branches to detect and edit: cond (positive), uncond (negative) or both."),
+                io.Boolean.Input("presence_gate", default=True,
+                                 tooltip="Edit an image only once the concept is clearly present (the share of "
+                                         "detected patches learned with the concept); images without it stay "
+                                         "bit-identical. Concepts saved before the gate existed, and typed "
+                                         "latents, are never gated: learn them again to get a gate."),
+                io.Combo.Input("temporal", options=list(TEMPORAL_MODES), default="none",
+                               tooltip="none: each step's mask alone; sticky: a patch once detected stays detected "
+                                       "for the rest of the run."),
             ],
             outputs=[DetectorType.Output(display_name="DETECTOR", tooltip="Connect to Patch Replacer or SAE Steer.")],
         )
@@ -171,7 +181,7 @@ class ConceptDetectorNode(io.ComfyNode):
     @classmethod
     def execute(cls, sae, latent_ids: str, typed_threshold: float, threshold_scale: float, padding: int,
                 min_region: int, start_percent: float, end_percent: float, branches: str, concept=None,
-                concept_2=None, concept_3=None) -> io.NodeOutput:
+                concept_2=None, concept_3=None, presence_gate: bool = True, temporal: str = "none") -> io.NodeOutput:
         sources = [(c, None) for c in (concept, concept_2, concept_3) if c is not None]
         ids = parse_latent_ids(latent_ids)
         if ids:
@@ -182,7 +192,12 @@ class ConceptDetectorNode(io.ComfyNode):
             raise ValueError("Concept Detector: no concept connected and no latent ids typed; connect a CONCEPT "
                              "(Learn Concept / Load Concept) or type latent ids")
         check_window(start_percent, end_percent)
-        settings = DetectionSettings(threshold_scale=threshold_scale, padding=padding, min_region=min_region)
+        settings = DetectionSettings(threshold_scale=threshold_scale, padding=padding, min_region=min_region,
+                                     gate=bool(presence_gate), temporal=temporal)
+        ungated = [d.names for d, _ in sources if not d.has_gate]
+        if presence_gate and ungated:
+            logger.warning("Concept Detector: %s carry no presence gate (typed latents, or a concept file saved "
+                           "before the gate existed); they are not gated. Learn them again to get one", ungated)
         det = ConceptDetector(sources, settings, sae=sae)
         return io.NodeOutput(DetectorSpec(sae, det, branches, start_percent, end_percent))
 
@@ -200,13 +215,19 @@ class PatchReplacer(io.ComfyNode):
                 io.Model.Input("model", tooltip="The model to patch (it is cloned, never changed)."),
                 DetectorType.Input("detector", tooltip="From Concept Detector."),
                 io.Combo.Input("mode", options=list(MODES), default="random",
-                               tooltip="random: a random undetected patch; nearest: the closest undetected patch; "
-                                       "mean: the mean of the undetected patches."),
+                               tooltip="random: a random undetected patch (the paper's); nearest: the closest "
+                                       "undetected patch; mean: the mean of the undetected patches; background: the "
+                                       "closest of the typical undetected patches (near their median), so other "
+                                       "objects are never copied into the hole."),
                 io.Combo.Input("target", options=["output", "residual"], default="output",
                                tooltip="output: copy whole block-output vectors; residual: copy only the block's "
                                        "residual update (keeps the detected patch's own input)."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFF, control_after_generate=False,
                              tooltip="Seed of the random source choice (same seed, same choice per step)."),
+                io.Boolean.Input("look_ahead", default=False,
+                                 tooltip="Sample twice from the same noise: first detect only, then replace with the "
+                                         "first pass's masks from the very first step (the layout is decided early, "
+                                         "masks form later). About twice the sampling time."),
             ],
             outputs=[
                 io.Model.Output(display_name="MODEL", tooltip="The patched model; sample it with a KSampler."),
@@ -215,8 +236,10 @@ class PatchReplacer(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, detector: DetectorSpec, mode: str, target: str, seed: int) -> io.NodeOutput:
-        patched, state = _patch(model, detector, ReplaceSettings(mode=mode, seed=seed, target=target), "Patch Replacer")
+    def execute(cls, model, detector: DetectorSpec, mode: str, target: str, seed: int,
+                look_ahead: bool = False) -> io.NodeOutput:
+        patched, state = _patch(model, detector, ReplaceSettings(mode=mode, seed=seed, target=target), "Patch Replacer",
+                                LookAheadSettings() if look_ahead else None)
         return io.NodeOutput(patched, state)
 
 
@@ -368,7 +391,9 @@ class LearnConcept(io.ComfyNode):
         rule = SelectionRule(method=selection, percentile=percentile, top_n=top_n)
         key, block = resolve_hook(sae, model)
         family = family_of_config(model.model.model_config)
-        acc = ConceptStatsAccumulator(int(sae.cfg.n_latents))
+        # per-image codes kept for the presence gate (about 6 bytes x k per patch and step)
+        acc = ConceptStatsAccumulator(int(sae.cfg.n_latents), keep_samples=True,
+                                      sample_top=int(sae.cfg.k) if getattr(sae.cfg, "k", None) else 64)
         collector = ConceptCollector(sae, acc, branches="cond", label=block)
         state = RunState("Learn Concept", None)
         patched = install_patch(model, key, collector, state, comfy.patcher_extension.WrappersMP.OUTER_SAMPLE)
@@ -381,9 +406,9 @@ class LearnConcept(io.ComfyNode):
             pbar.update(1)
             comfy.model_management.throw_exception_if_processing_interrupted()
 
-        for label, prompt in jobs:
+        for job, (label, prompt) in enumerate(jobs):
             comfy.model_management.throw_exception_if_processing_interrupted()
-            collector.concept = label
+            collector.concept, collector.sample = label, job
             positive = _encode(clip, prompt)
             latent = torch.zeros([1, 4, height // 8, width // 8])
             latent = comfy.sample.fix_empty_latent_channels(patched, latent)
@@ -394,6 +419,7 @@ class LearnConcept(io.ComfyNode):
             acc.stats(), rule, keep=[name], sae_fingerprint=sae.fingerprint(), hook_point=block,
             model_family=family, prompts={name: prompts, CONTRAST_LABEL: contrast},
         )
+        concept = learn_presence_gate(concept, acc)
         return io.NodeOutput(concept)
 
 

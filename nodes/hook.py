@@ -17,9 +17,11 @@ import torch
 try:  # inside ComfyUI the pack is a package and sae_core its sibling
     from ..sae_core.blocks import BlockError, resolve_block
     from ..sae_core.intervention import StepInfo, StepWindow
+    from ..sae_core.lookahead import guide_from_recorder
 except ImportError:  # imported as top-level `nodes` (tests, scripts) with sae_core on sys.path
     from sae_core.blocks import BlockError, resolve_block
     from sae_core.intervention import StepInfo, StepWindow
+    from sae_core.lookahead import guide_from_recorder
 
 logger = logging.getLogger(__name__)
 
@@ -37,9 +39,10 @@ class RunState:
     recorder the Mask Preview reads), so copying returns self.
     """
 
-    def __init__(self, label: str, recorder=None):
+    def __init__(self, label: str, recorder=None, intervention=None):
         self.label = label
         self.recorder = recorder
+        self.intervention = intervention  # reset at every run (per-run memory); runs its look-ahead passes
         self.model_sampling = None
         self.schedule = (None, None)
         self.window = _UNSET
@@ -56,6 +59,8 @@ class RunState:
     def begin(self, model_sampling) -> None:
         if self.recorder is not None:
             self.recorder.reset()
+        if self.intervention is not None and hasattr(self.intervention, "reset"):
+            self.intervention.reset()
         self.model_sampling = host_sampling(model_sampling)
         self.schedule = (None, None)  # (sample_sigmas object, its host copy), filled by the first call of the run
         self.window = _UNSET
@@ -203,17 +208,48 @@ def make_forward(prev: Callable, intervention: Intervention, state: RunState, wi
 
 
 def make_outer_sample_wrapper(state: RunState):
-    """OUTER_SAMPLE wrapper: reset the recorder and bind model_sampling for this run; release in finally."""
+    """OUTER_SAMPLE wrapper: reset the recorder and bind model_sampling for this run; release in finally.
+    With a look-ahead intervention it samples twice from the same noise (see ``sample_with_lookahead``)."""
 
     def wrapper(executor, *args, **kwargs):
         guider = executor.class_obj
         state.begin(guider.model_patcher.get_model_object("model_sampling"))
         try:
+            iv = state.intervention
+            if iv is not None and getattr(iv, "lookahead", None) is not None:
+                return sample_with_lookahead(executor, guider, iv, args, kwargs)
             return executor(*args, **kwargs)
         finally:
             state.end()
 
     return wrapper
+
+
+def _snapshot_conds(guider):
+    """A copy of the guider's conds as its sample() makes them (lists of copied dicts), or None if it has none."""
+    conds = getattr(guider, "conds", None)
+    if not isinstance(conds, dict):
+        return None
+    return {k: [c.copy() if hasattr(c, "copy") else c for c in v] for k, v in conds.items()}
+
+
+def sample_with_lookahead(executor, guider, intervention, args: tuple, kwargs: dict):
+    """Look-ahead inside one OUTER_SAMPLE call: pass 1 samples with edits off and records the detector's masks,
+    pass 2 samples from the same noise (the same arguments; pass 1 gets copies of the tensors) and edits with
+    pass 1's masks from the first step. The guider's conds are restored between the passes (outer_sample
+    processes them in place). The intervention is back in one-pass mode after an error or interrupt."""
+    conds = _snapshot_conds(guider)
+    try:
+        rec = intervention.begin_detect_pass()
+        first = tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)
+        executor(*first, **kwargs)
+        if conds is not None:
+            guider.conds = {k: [c.copy() if hasattr(c, "copy") else c for c in v] for k, v in conds.items()}
+        intervention.begin_edit_pass(guide_from_recorder(rec, intervention.detector, intervention.lookahead,
+                                                         intervention.label))
+        return executor(*args, **kwargs)
+    finally:
+        intervention.end_lookahead()
 
 
 def install_patch(model, key: str, intervention: Intervention, state: RunState, wrapper_type: str,

@@ -18,7 +18,8 @@ import torch
 from einops import rearrange
 from torch import Tensor
 
-from .detect import ConceptDetector, pick_topk
+from .detect import ConceptDetector, detected_fraction, pick_topk
+from .lookahead import GuideMasks, LookAheadSettings
 from .replace import check_mode, replace_patches
 from .steer import SteerSettings, steer_picked
 
@@ -225,6 +226,16 @@ def chunk_rows(batch: int, chunks: Sequence[int], branches: Sequence[int]) -> li
     return [ChunkRows(i, f, i * size, (i + 1) * size) for i, f in enumerate(chunks) if f in branches]
 
 
+def _row_keys(parts: Sequence[ChunkRows]) -> list[tuple[int, int, int]]:
+    """(branch flag, occurrence of that flag in the batch, image) of every row of ``parts``, in order."""
+    seen: dict[int, int] = {}
+    keys = []
+    for p in parts:
+        occ = seen[p.flag] = seen.get(p.flag, -1) + 1
+        keys.extend((p.flag, occ, j) for j in range(p.stop - p.start))
+    return keys
+
+
 def _seed_for(seed: int, step: StepInfo, flag: int, occurrence: int) -> int:
     """A per-(step, branch) seed: the cond draw is the same whether or not an uncond chunk ran beside it."""
     key = step.step_index if step.step_index is not None else round(float(step.timestep) * 1000)
@@ -291,11 +302,15 @@ class BlockIntervention:
     recorder: Recorder or None.
     label: names this intervention in records and error messages (e.g. the block name).
     input_space: override of sae.cfg.input_space ("output": SAE sees block_out; "residual": block_out - block_in).
+    lookahead: LookAheadSettings when the host samples twice (see sae_core.lookahead); None = one pass.
+
+    Per-run memory (the presence gate's verdict per image, sticky masks) is cleared by ``reset()``, which the
+    hosts call at the start of every run (torch_hooks.attach_interventions, the ComfyUI sampler wrapper).
     """
 
     def __init__(self, sae, detector: ConceptDetector, edit: ReplaceSettings | SteerSettings | None = None,
                  branches: str = "both", window: StepWindow | None = None, recorder: Recorder | None = None,
-                 label: str = "block", input_space: str | None = None):
+                 label: str = "block", input_space: str | None = None, lookahead: LookAheadSettings | None = None):
         if branches not in BRANCHES:
             raise ValueError(f"BlockIntervention({label}): branches is {branches!r}, expected one of {list(BRANCHES)}")
         if edit is not None and not isinstance(edit, (ReplaceSettings, SteerSettings)):
@@ -311,7 +326,37 @@ class BlockIntervention:
         self.sae, self.detector, self.edit = sae, detector, edit
         self.branches = BRANCHES[branches]
         self.window, self.recorder, self.label, self.input_space = window, recorder, label, space
+        if lookahead is not None and not isinstance(lookahead, LookAheadSettings):
+            raise TypeError(f"BlockIntervention({label}): lookahead is {type(lookahead).__name__}, expected "
+                            "LookAheadSettings or None")
+        self.lookahead = lookahead
+        self.phase = "single"  # "detect": look-ahead pass 1 (record only); "edit": pass 2 with self.guide
+        self.guide: GuideMasks | None = None
+        self.pass_recorder: Recorder | None = None
+        self._memory: dict = {}
         self._lat_cache: dict = {}
+
+    def reset(self) -> None:
+        """Forget the previous run (gate verdicts, sticky masks). Hosts call it when a run starts."""
+        self._memory = {}
+
+    # -- look-ahead (two passes from the same noise; the host runs them, see sae_core.lookahead) --------------
+
+    def begin_detect_pass(self) -> Recorder:
+        """Pass 1: detect and record on every step, edit nothing, no gate; returns the pass's recorder."""
+        self.reset()
+        self.phase, self.guide = "detect", None
+        self.pass_recorder = Recorder(record_scores=True)
+        return self.pass_recorder
+
+    def begin_edit_pass(self, guide: GuideMasks) -> None:
+        """Pass 2: edit with the masks of pass 1 (``guide``) from the first step on."""
+        self.reset()
+        self.phase, self.guide, self.pass_recorder = "edit", guide, None
+
+    def end_lookahead(self) -> None:
+        self.reset()
+        self.phase, self.guide, self.pass_recorder = "single", None, None
 
     def __deepcopy__(self, memo):
         # ComfyUI deep-copies model_options on every clone; this object holds SAE weights (or the run's records),
@@ -350,22 +395,24 @@ class BlockIntervention:
         cstep = self.detector.step(step.timestep)
         sub, dense_codes, norm = self._encode(tokens, cstep, step.timestep)
         det = self.detector.detect_picked(sub, cstep)
-        mask = det.mask
+        mask = self._effective_mask(det.mask, sub, cstep, parts, step)
+        edit = None if self.phase == "detect" else self.edit
+        recorder = self.pass_recorder if self.phase == "detect" else self.recorder
         res = None
-        if isinstance(self.edit, SteerSettings) and cstep.latents.numel():
+        if isinstance(edit, SteerSettings) and cstep.latents.numel():
             res = steer_picked(self.sae, tokens, sub, dense_codes, norm, cstep, mask, self.edit,
                                self.detector.settings.threshold_scale)
         # Everything the host must see comes over in one device -> host transfer (one synchronisation per call):
         # the mask (PER draws its sources on the CPU; the recorder), the score (recorder), whether steering changed
         # anything (to return block_out itself otherwise).
-        record = self.recorder is not None
-        want_mask = record or isinstance(self.edit, ReplaceSettings)
-        score = det.score.to(torch.float16) if record and self.recorder.record_scores else None
+        record = recorder is not None
+        want_mask = record or isinstance(edit, ReplaceSettings)
+        score = det.score.to(torch.float16) if record and recorder.record_scores else None
         host = _to_host(mask if want_mask else None, score, None if res is None else res.changed.any())
         mask_h, score_h, changed_h = host
         new_rows = None
 
-        if isinstance(self.edit, ReplaceSettings) and bool(mask_h.any()):
+        if isinstance(edit, ReplaceSettings) and bool(mask_h.any()):
             new_rows = self._replace(in_rows, out_rows, a, mask, mask_h, parts, step)
         elif res is not None and bool(changed_h):
             new_a = rearrange(res.values, "b h w c -> b c h w")
@@ -379,12 +426,49 @@ class BlockIntervention:
             off = 0
             for p in parts:
                 n = p.stop - p.start
-                self.recorder.add(self.label, step, p.flag, p.chunk, mask_h[off:off + n],
+                recorder.add(self.label, step, p.flag, p.chunk, mask_h[off:off + n],
                                   None if score_h is None else score_h[off:off + n], all_detected[off:off + n])
                 off += n
         if new_rows is None:
             return block_out
         return _put(block_out, rows, new_rows)
+
+    def _effective_mask(self, mask: Tensor, picked: Tensor, cstep, parts: Sequence[ChunkRows], step: StepInfo) -> Tensor:
+        """The mask the edit uses: the detector's, through the look-ahead guide or the presence gate and the
+        temporal rule. Stays on the device (no synchronisation)."""
+        if self.phase == "detect":
+            return mask
+        images = [j for p in parts for j in range(p.stop - p.start)]
+        if self.phase == "edit" and self.guide is not None:
+            g_mask, g_present = self.guide.rows(images, tuple(mask.shape[-2:]), mask.device)
+            base = (g_mask | mask) if self.lookahead is None or self.lookahead.combine == "union" else g_mask
+            return base & g_present[:, None, None]
+        s = self.detector.settings
+        keys = _row_keys(parts)
+        # a gated concept: gate > 0 at steps where it separates, 0 and not reliable elsewhere (never opens there);
+        # gate 0 and reliable = a concept without a gate (older file, typed latents): not gated
+        if s.gate and (float(cstep.gate) > 0 or not cstep.reliable):
+            if cstep.reliable and cstep.latents.numel():
+                opened = detected_fraction(picked, cstep.thresholds.to(picked.device)) >= float(cstep.gate)
+            else:
+                opened = torch.zeros(mask.shape[0], dtype=torch.bool, device=mask.device)
+            present = self._remember("present", keys, opened, torch.logical_or)
+            mask = mask & present[:, None, None]
+        if s.temporal == "sticky":
+            mask = self._remember("sticky", keys, mask, torch.logical_or)
+        return mask
+
+    def _remember(self, what: str, keys: list[tuple], new: Tensor, combine) -> Tensor:
+        """Combine ``new`` (rows in ``keys`` order) with what this run remembered for the same rows, store and
+        return the result. Rows are identified by (branch, occurrence of the branch, image)."""
+        mem = self._memory.setdefault(what, {})
+        rows = []
+        for r, key in enumerate(keys):
+            old = mem.get(key)
+            cur = new[r] if old is None or old.shape != new[r].shape or old.device != new.device else combine(old, new[r])
+            mem[key] = cur
+            rows.append(cur)
+        return torch.stack(rows)
 
     def _encode(self, tokens: Tensor, cstep, timestep: float):
         """(codes of the selected latents [..., K], () -> dense codes [..., M], norm state). TopK SAEs build no
@@ -447,7 +531,8 @@ class ConceptCollector:
     """Learn Concept's block hook: encodes the rows of the chosen branch (cond by default, as SAeUron) and feeds
     their codes to a ConceptStatsAccumulator under ``self.concept``; returns ``block_out`` unchanged.
 
-    Set ``collector.concept = name`` before sampling each concept's prompts.
+    Set ``collector.concept = name`` before sampling each concept's prompts, and ``collector.sample`` to an id
+    per sampling run when the accumulator keeps per-image codes for the presence gate.
     """
 
     def __init__(self, sae, accumulator, branches: str = "cond", input_space: str | None = None, label: str = "block"):
@@ -461,6 +546,7 @@ class ConceptCollector:
         self.sae, self.accumulator, self.branches, self.label = sae, accumulator, BRANCHES[branches], label
         self.input_space = input_space or getattr(sae.cfg, "input_space", None) or "output"
         self.concept: str | None = None
+        self.sample = None  # id of the sampling run (e.g. prompt index): per-image codes for the presence gate
 
     def __deepcopy__(self, memo):
         # ComfyUI deep-copies model_options on every clone; this object holds SAE weights (or the run's records),
@@ -486,5 +572,5 @@ class ConceptCollector:
             a = a - block_in.index_select(0, idx)
         with torch.no_grad():
             codes = self.sae.encode(rearrange(a, "b c h w -> b h w c"))
-        self.accumulator.add(self.concept, step.timestep, codes)
+        self.accumulator.add(self.concept, step.timestep, codes, sample=self.sample)
         return block_out

@@ -82,6 +82,7 @@ def attach_interventions(
     """Attach ``interventions`` ({module name: intervention or list, applied in order}) to ``model``.
 
     ``step`` is called at every hooked forward and returns the current StepInfo (a StepHolder works).
+    Entering resets the interventions' per-run memory: attach once per sampling run (or call ``iv.reset()``).
     Module names are those of ``model.named_modules()``, e.g. "up_blocks.1.attentions.1".
     """
     modules = dict(model.named_modules())
@@ -96,6 +97,9 @@ def attach_interventions(
     try:
         for name, ivs in interventions.items():
             seq = list(ivs) if isinstance(ivs, (list, tuple)) else [ivs]
+            for iv in seq:  # a new run: forget the last one's per-run memory (presence gate, sticky masks)
+                if hasattr(iv, "reset"):
+                    iv.reset()
             handles.append(modules[name].register_forward_hook(_make_hook(name, seq, step), with_kwargs=True))
         logger.debug("attached interventions to %s", list(interventions))
         yield handles

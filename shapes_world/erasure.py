@@ -40,6 +40,7 @@ from sae_core.concepts import ConceptDictionary, load_concepts
 from sae_core.detect import ConceptDetector, DetectionSettings
 from sae_core.formats import load_sae
 from sae_core.intervention import BlockIntervention, Recorder, ReplaceSettings, StepWindow
+from sae_core.lookahead import LookAheadSettings, sample_twice
 from sae_core.sae import SparseAutoencoder
 from sae_core.stats import activation_shift
 from sae_core.steer import SteerSettings
@@ -138,6 +139,24 @@ def patch_mask(pixels: Tensor, hw: tuple[int, int]) -> Tensor:
 # -- methods -------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Method:
+    """One way to erase: the edit, and optionally its own detection settings (default: the run's) and look-ahead
+    (two samplings from the same noise, see sae_core.lookahead)."""
+
+    edit: ReplaceSettings | SteerSettings
+    detection: DetectionSettings | None = None
+    lookahead: LookAheadSettings | None = None
+
+    @property
+    def strength(self) -> float:
+        return self.edit.strength
+
+
+def as_method(m) -> Method:
+    return m if isinstance(m, Method) else Method(m)
+
+
 def methods_for(steer_scale: Sequence[float], steer_add: Sequence[float]) -> dict[str, ReplaceSettings | SteerSettings]:
     m: dict[str, ReplaceSettings | SteerSettings] = {
         "PER random": ReplaceSettings("random", seed=0),
@@ -152,18 +171,26 @@ def methods_for(steer_scale: Sequence[float], steer_add: Sequence[float]) -> dic
 
 
 def intervention(world: World, concept: str, edit, recorder: Recorder | None = None,
-                 detection: DetectionSettings = DETECTION, window: StepWindow | None = None) -> BlockIntervention:
+                 detection: DetectionSettings = DETECTION, window: StepWindow | None = None,
+                 lookahead: LookAheadSettings | None = None) -> BlockIntervention:
     det = ConceptDetector(world.concepts[concept], detection, sae=world.sae)
-    return BlockIntervention(world.sae, det, edit, branches="both", window=window, recorder=recorder, label=concept)
+    return BlockIntervention(world.sae, det, edit, branches="both", window=window, recorder=recorder, label=concept,
+                             lookahead=lookahead)
 
 
 class Run:
-    """Images of one method for a prompt set, with the edited block outputs (cond branch) and, optionally, masks."""
+    """Images of one method for a prompt set, with the edited block outputs (cond branch) and, optionally, masks.
+    An intervention with look-ahead samples twice (sae_core.lookahead.sample_twice); the tap keeps pass 2."""
 
     def __init__(self, world: World, captions: list[str], seed: int, iv: BlockIntervention | None, steps: int, cfg: float):
         tap = ActivationTap()
         chain = [tap] if iv is None else [iv, tap]
-        self.images = render(world.model, captions, seed=seed, steps=steps, cfg=cfg, interventions={world.block: chain})
+
+        def sample():
+            tap.rows.clear()
+            return render(world.model, captions, seed=seed, steps=steps, cfg=cfg, interventions={world.block: chain})
+
+        self.images = sample_twice([iv], sample) if iv is not None and iv.lookahead is not None else sample()
         acts = tap.tensor()  # [(steps * B * h * w), C] in step order
         self.acts = acts.float().T[None, :, :, None]  # [1, C, N, 1] for activation_shift
 
@@ -180,7 +207,7 @@ def _mean(xs: list[float]) -> float:
 
 
 def evaluate_concept(world: World, concept: str, target_caps: list[str], other_caps: list[str],
-                     methods: Mapping[str, ReplaceSettings | SteerSettings], seed: int = 0, steps: int = 20,
+                     methods: Mapping[str, ReplaceSettings | SteerSettings | Method], seed: int = 0, steps: int = 20,
                      cfg: float = 3.0, artifact_pixels: int | None = None,
                      detection: DetectionSettings = DETECTION,
                      window: StepWindow | None = None) -> tuple[ConceptResult, dict]:
@@ -208,8 +235,10 @@ def evaluate_concept(world: World, concept: str, target_caps: list[str], other_c
     result = ConceptResult(concept, inter / union if union else float("nan"))
     images = {"original": orig.images}
     had = [int(tgt[i].sum()) >= MIN_PIXELS for i in range(nt)]
-    for name, edit in methods.items():
-        run = Run(world, caps, seed, intervention(world, concept, edit, None, detection, window), steps, cfg)
+    for name, method in methods.items():
+        m = as_method(method)
+        iv = intervention(world, concept, m.edit, None, m.detection or detection, window, m.lookahead)
+        run = Run(world, caps, seed, iv, steps, cfg)
         images[name] = run.images
         sm, cm = world.evaluator.label(run.images)
         gone = [int(target_pixels(sm[i:i + 1], cm[i:i + 1], concept).sum()) < MIN_PIXELS for i in range(nt) if had[i]]

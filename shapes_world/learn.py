@@ -31,6 +31,7 @@ from sae_core.concepts import (
     build_concept_dictionary,
 )
 from sae_core.formats import save_native
+from sae_core.gate import learn_presence_gate
 from sae_core.intervention import ConceptCollector, StepInfo, chunk_rows
 from sae_core.sae import SparseAutoencoder
 from sae_core.train import TrainConfig, fraction_of_variance_unexplained, train_sae
@@ -83,15 +84,21 @@ def collect_activations(model: ShapesModel, captions: list[str], block: str = BL
 
 
 class _Fanout:
-    """Feeds one block call's codes to one collector per concept (each with its own label and accumulator)."""
+    """Feeds one block call's codes to one collector per concept (each with its own label and accumulator) and,
+    optionally, to one collector that keeps every image's codes under its caption (for the presence gates)."""
 
-    def __init__(self, collectors: dict[str, ConceptCollector]):
-        self.collectors = collectors
+    def __init__(self, collectors: dict[str, ConceptCollector], samples: ConceptCollector | None = None):
+        self.collectors = dict(collectors)
+        if samples is not None:
+            self.collectors[" samples"] = samples
+        self.samples = samples
 
-    def label(self, caption: str) -> None:
+    def label(self, caption: str, index: int = 0) -> None:
         present = names_in(caption)
         for name, col in self.collectors.items():
             col.concept = name if name in present else CONTRAST
+        if self.samples is not None:
+            self.samples.concept, self.samples.sample = caption, index
 
     def __call__(self, block_in, block_out, step):
         for col in self.collectors.values():
@@ -108,9 +115,11 @@ def learn_concepts(model: ShapesModel, sae: SparseAutoencoder, captions: list[st
     concept) with all concepts' collectors on the block.
     """
     accs = {c: ConceptStatsAccumulator(int(sae.cfg.n_latents)) for c in concepts}
-    fan = _Fanout({c: ConceptCollector(sae, accs[c], branches="cond", label=block) for c in concepts})
+    samples = _sample_accumulator(sae)
+    fan = _Fanout({c: ConceptCollector(sae, accs[c], branches="cond", label=block) for c in concepts},
+                  ConceptCollector(sae, samples, branches="cond", label=block))
     for i, caption in enumerate(captions):
-        fan.label(caption)
+        fan.label(caption, i)
         render(model, [caption], seed=seed + i, steps=steps, cfg=cfg, interventions={block: fan})
     out = {}
     for c in concepts:
@@ -118,11 +127,37 @@ def learn_concepts(model: ShapesModel, sae: SparseAutoencoder, captions: list[st
             raise ValueError(
                 f"learn_concepts: concept {c!r} has prompts only on one side ({accs[c].names}); use more captions"
             )
-        out[c] = build_concept_dictionary(
+        d = build_concept_dictionary(
             accs[c].stats(), rule, keep=[c], sae_fingerprint=sae.fingerprint(), hook_point=block,
             prompts={c: [p for p in captions if c in names_in(p)], CONTRAST: [p for p in captions if c not in names_in(p)]},
         )
+        out[c] = learn_presence_gate(d, samples, _caption_shows)
     return out
+
+
+def _sample_accumulator(sae: SparseAutoencoder) -> ConceptStatsAccumulator:
+    """Keeps every image's codes (all of them for a TopK SAE) under its caption, for the presence gates."""
+    return ConceptStatsAccumulator(int(sae.cfg.n_latents), keep_samples=True,
+                                   sample_top=int(sae.cfg.k) if sae.cfg.k else 64)
+
+
+def _caption_shows(concept: str, caption: str) -> bool:
+    return concept in names_in(caption)
+
+
+def learn_gates(model: ShapesModel, sae: SparseAutoencoder, dicts: dict[str, ConceptDictionary], captions: list[str],
+                block: str = BLOCK, seed: int = 0, steps: int = 20, cfg: float = 3.0, batch: int = 32
+                ) -> dict[str, ConceptDictionary]:
+    """The presence gates of existing dictionaries (their latents unchanged), learned from ``captions`` sampled in
+    batches; for concept files written before the gate existed."""
+    samples = _sample_accumulator(sae)
+    col = ConceptCollector(sae, samples, branches="cond", label=block)
+    for i in range(0, len(captions), batch):
+        col.concept, col.sample = "batch", i
+        render(model, captions[i:i + batch], seed=seed + i, steps=steps, cfg=cfg, interventions={block: col})
+    # one label per image: its caption
+    samples.samples = {(captions[i + b], (i, b), 0): v for (_, i, b), v in samples.samples.items()}
+    return {c: learn_presence_gate(d, samples, _caption_shows) for c, d in dicts.items()}
 
 
 @dataclass
@@ -166,6 +201,20 @@ def build(model: ShapesModel, out: Path, s: LearnSettings) -> dict:
     return summary
 
 
+def add_gates(model: ShapesModel, out: Path, s: LearnSettings) -> None:
+    """Presence gates for the concept files under ``out`` (latents untouched), rewritten in place."""
+    from sae_core.concepts import load_concepts
+    from sae_core.formats import load_sae
+
+    sae = load_sae(out / SAE_NAME)
+    files = sorted((out / CONCEPT_DIR).glob("*.safetensors"))
+    dicts = {f.stem: load_concepts(f, sae=sae) for f in files}
+    captions = generate_scenes(s.concept_captions, seed=s.concept_caption_seed).captions
+    for name, d in learn_gates(model, sae, dicts, captions, s.block).items():
+        d.save(out / CONCEPT_DIR / f"{name}.safetensors")
+        logger.info("%s: gate learned, %d of %d steps reliable", name, int(d.reliable.sum()), d.reliable.numel())
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", type=Path, default=Path(__file__).parent / "weights")
@@ -173,11 +222,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=2)
     for f, v in LearnSettings().__dict__.items():
         p.add_argument("--" + f.replace("_", "-"), type=type(v), default=v)
+    p.add_argument("--gates-only", action="store_true",
+                   help="keep the SAE and the concepts' latents under --out; learn only their presence gates")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(a.threads)
     model, _ = load_model(a.ckpt)
     s = LearnSettings(**{f: getattr(a, f) for f in LearnSettings().__dict__})
+    if a.gates_only:
+        add_gates(model, a.out, s)
+        return
     summary = build(model, a.out, s)
     logger.info("wrote %s: %s", a.out, json.dumps(summary))
 
