@@ -20,12 +20,13 @@ from torch import Tensor
 
 from .detect import ConceptDetector, detected_fraction, pick_topk
 from .lookahead import GuideMasks, LookAheadSettings
-from .replace import check_mode, replace_patches
+from .replace import VALUE_MODES, check_mode, patch_salience, replace_patches
 from .steer import SteerSettings, steer_picked
 
 logger = logging.getLogger(__name__)
 
 BRANCHES = {"cond": (0,), "uncond": (1,), "both": (0, 1)}
+KEPT_DENSE = 64  # codes per patch that patch salience reads from an SAE without TopK
 BRANCH_NAMES = {0: "cond", 1: "uncond"}
 
 
@@ -393,7 +394,7 @@ class BlockIntervention:
         a = out_rows if self.input_space == "output" else out_rows - in_rows
         tokens = rearrange(a, "b c h w -> b h w c")
         cstep = self.detector.step(step.timestep)
-        sub, dense_codes, norm = self._encode(tokens, cstep, step.timestep)
+        sub, dense_codes, norm, kept = self._encode(tokens, cstep, step.timestep)
         det = self.detector.detect_picked(sub, cstep)
         mask = self._effective_mask(det.mask, sub, cstep, parts, step)
         edit = None if self.phase == "detect" else self.edit
@@ -413,7 +414,7 @@ class BlockIntervention:
         new_rows = None
 
         if isinstance(edit, ReplaceSettings) and bool(mask_h.any()):
-            new_rows = self._replace(in_rows, out_rows, a, mask, mask_h, parts, step)
+            new_rows = self._replace(in_rows, out_rows, a, mask, mask_h, parts, step, kept)
         elif res is not None and bool(changed_h):
             new_a = rearrange(res.values, "b h w c -> b c h w")
             if self.input_space == "output":
@@ -471,8 +472,9 @@ class BlockIntervention:
         return torch.stack(rows)
 
     def _encode(self, tokens: Tensor, cstep, timestep: float):
-        """(codes of the selected latents [..., K], () -> dense codes [..., M], norm state). TopK SAEs build no
-        [..., M] codes unless a caller asks for them (legacy error modes); the picked values equal the dense ones."""
+        """(codes of the selected latents [..., K], () -> dense codes [..., M], norm state, () -> kept codes
+        (values, indices) [..., k]). TopK SAEs build no [..., M] codes unless a caller asks for them (legacy error
+        modes); the picked values equal the dense ones."""
         sae = self.sae
         lat = self._latents_on(cstep, timestep, tokens.device)
         if getattr(sae.cfg, "is_topk", False) and hasattr(sae, "encode_topk"):
@@ -482,9 +484,10 @@ class BlockIntervention:
                 shape = (*tk.values.shape[:-1], int(sae.cfg.n_latents))
                 return tk.values.new_zeros(shape).scatter_(-1, tk.indices, tk.values)
 
-            return pick_topk(tk.values, tk.indices, lat), dense, tk.norm
+            return pick_topk(tk.values, tk.indices, lat), dense, tk.norm, lambda: (tk.values, tk.indices)
         codes, norm = sae.encode_with_norm(tokens)
-        return codes.index_select(-1, lat), (lambda: codes), norm
+        return (codes.index_select(-1, lat), (lambda: codes), norm,
+                lambda: codes.topk(min(KEPT_DENSE, codes.shape[-1]), dim=-1))
 
     def _latents_on(self, cstep, timestep: float, device: torch.device) -> Tensor:
         key = (float(timestep), device)
@@ -495,8 +498,12 @@ class BlockIntervention:
             hit = self._lat_cache[key] = (cstep, cstep.latents.to(device))
         return hit[1]
 
-    def _replace(self, in_rows, out_rows, a, mask, mask_h, parts, step):
+    def _replace(self, in_rows, out_rows, a, mask, mask_h, parts, step, kept):
         e = self.edit
+        salience = None
+        if e.mode in VALUE_MODES:
+            kv, ki = kept()
+            salience = patch_salience(kv, ki, int(self.sae.cfg.n_latents))
         if e.target == "output":
             values = rearrange(out_rows, "b c h w -> b h w c")
         else:
@@ -511,7 +518,8 @@ class BlockIntervention:
             gen = torch.Generator().manual_seed(_seed_for(e.seed, step, p.flag, occ))
             piece = values[off:off + n]
             # the mask on the host: PER's draws and index lists need no device synchronisation
-            r = replace_patches(piece, mask_h[off:off + n], e.mode, gen)
+            r = replace_patches(piece, mask_h[off:off + n], e.mode, gen,
+                                None if salience is None else salience[off:off + n])
             changed = changed or r.values is not piece
             pieces.append(r.values)
             flags.append(r.all_detected)

@@ -4,12 +4,17 @@ import pytest
 import torch
 from planted import direction, orthogonal, planted_sae
 
-from sae_core.concepts import ConceptDictionary, ConceptStatsAccumulator, SelectionRule, build_concept_dictionary
+from sae_core.concepts import (
+    ConceptDictionary,
+    ConceptStatsAccumulator,
+    SelectionRule,
+    build_concept_dictionary,
+)
 from sae_core.detect import ConceptDetector, DetectionSettings
 from sae_core.gate import best_threshold, fit_gate, learn_presence_gate
 from sae_core.intervention import BlockIntervention, ConceptCollector, Recorder, ReplaceSettings, StepInfo
 from sae_core.lookahead import GuideMasks, LookAheadSettings, guide_from_recorder, sample_twice
-from sae_core.replace import replace_patches, source_indices
+from sae_core.replace import patch_salience, replace_patches, source_indices
 
 H, W, D = 6, 8, 16
 TIMESTEPS = (900.0, 500.0, 100.0)
@@ -272,16 +277,66 @@ def test_background_sources_are_typical_undetected_finite_patches():
     flat_mask, flat_other = mask.view(-1), other.view(-1)
     assert not flat_mask[src].any() and not flat_other[src].any()
     assert src.ne(3 * W + 7).all()
-    # reference: among typical patches (distance to the median <= median distance), the nearest in the grid
-    srcs = [i for i in range(H * W) if not flat_mask[i] and torch.isfinite(vals.view(-1, D)[i]).all()]
-    v = vals.view(-1, D)[srcs]
-    med = v.median(0).values
-    dist = (v - med).norm(dim=-1)
-    typical = [s for s, dd in zip(srcs, dist.tolist(), strict=True) if dd <= float(dist.median())]
-    for d_i, s_i in zip(dst.tolist(), src.tolist(), strict=True):
-        r, c = divmod(d_i, W)
-        best = min(typical, key=lambda s: ((s // W - r) ** 2 + (s % W - c) ** 2, s))
-        assert s_i == best
     out = replace_patches(vals, mask, "background").values
     assert torch.equal(out[~mask].nan_to_num(), vals[~mask].nan_to_num())  # outside the mask: untouched
     assert torch.isfinite(out[mask]).all()
+
+
+@pytest.mark.parametrize("direction", ["rows", "columns", "diagonal"])
+def test_background_sources_continue_stripes_through_the_hole(direction):
+    """Stripes of period 2 patches: every hole patch copies the nearest undetected patch on its own stripe."""
+    g = torch.Generator().manual_seed(1)
+    Hs, Ws = 9, 10
+    rr, cc = torch.meshgrid(torch.arange(Hs), torch.arange(Ws), indexing="ij")
+    phase = {"rows": rr, "columns": cc, "diagonal": (rr + cc) // 2}[direction] % 2  # diagonal: along (1, -1)
+    a, b = direction_vec(1), direction_vec(2)
+    vals = torch.where(phase[..., None].bool(), a, b) + 0.01 * torch.randn(Hs, Ws, D, generator=g)
+    vals = vals[None]
+    mask = torch.zeros(1, Hs, Ws, dtype=torch.bool)
+    mask[0, 3:6, 4:7] = True
+    (dst, src), = source_indices(mask, "background", values=vals, salience=torch.zeros(1, Hs, Ws))
+    step = {"rows": (0, 1), "columns": (1, 0), "diagonal": (1, -1)}[direction]
+    for d_i, s_i in zip(dst.tolist(), src.tolist(), strict=True):
+        (r, c), (sr, sc) = divmod(d_i, Ws), divmod(s_i, Ws)
+        assert phase[r, c] == phase[sr, sc]  # same stripe
+        # on the line through the hole patch along the stripes, the nearest patch outside the hole
+        line = []
+        for k in range(1, 12):
+            for sign in (-1, 1):
+                y, x = r + sign * k * step[0], c + sign * k * step[1]
+                if 0 <= y < Hs and 0 <= x < Ws and not mask[0, y, x]:
+                    line.append((k, y * Ws + x))
+        assert s_i == min(line)[1]
+    out = replace_patches(vals, mask, "background", salience=torch.zeros(1, Hs, Ws)).values
+    assert torch.equal(out[~mask], vals[~mask])
+
+
+def test_patch_salience_matches_a_reference_and_salient_patches_are_never_sources():
+    g = torch.Generator().manual_seed(3)
+    B, k, M = 2, 3, 40
+    idx = torch.stack([torch.randperm(M, generator=g)[:k] for _ in range(B * H * W)]).view(B, H, W, k)
+    idx[..., 0] = 5  # latent 5 everywhere: common
+    idx[0, 1:3, 1:3, 1] = 33  # latent 33 only on 4 patches of map 0: rare
+    val = torch.rand(B, H, W, k, generator=g) + 0.1
+    val[0, 0, 0, 2] = 0.0  # a kept zero is not active
+    sal = patch_salience(val, idx, M)
+    for b in range(B):
+        share = {}
+        for i in range(M):
+            share[i] = sum(int(((idx[b] == i) & (val[b] > 0)).any(-1)[y, x]) for y in range(H) for x in range(W)) / (H * W)
+        for y in range(H):
+            for x in range(W):
+                tot = sum(float(v) for v in val[b, y, x] if v > 0)
+                rare = sum(float(v) for v, i in zip(val[b, y, x], idx[b, y, x], strict=True) if v > 0 and share[int(i)] < 0.2)
+                assert float(sal[b, y, x]) == pytest.approx(rare / tot, rel=1e-5)
+    vals = torch.randn(1, H, W, D, generator=g)
+    mask = torch.zeros(1, H, W, dtype=torch.bool)
+    mask[0, 4, 4:7] = True
+    salience = torch.zeros(1, H, W)
+    salience[0, :, :3] = 0.9  # an object on the left third
+    (dst, src), = source_indices(mask, "background", values=vals, salience=salience)
+    assert (src % W >= 3).all()
+
+
+def direction_vec(seed):
+    return direction(D, seed=seed) * 2.0
