@@ -30,6 +30,7 @@ from sae_core.detect import DetectionSettings  # noqa: E402
 from sae_core.intervention import StepWindow  # noqa: E402
 from shapes_world.erasure import (  # noqa: E402
     DETECTION,
+    PER_DEFAULT_NAME,
     PSNR_CAP,
     WEIGHTS,
     artifact_threshold,
@@ -71,7 +72,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--scale", type=float, nargs="*", default=[-1.0, -4.0, -16.0, -64.0],
                    help="SAeUron gamma sweep (saeuron_scale)")
-    p.add_argument("--add", type=float, nargs="*", default=[-8.0, -32.0, -128.0, -512.0],
+    p.add_argument("--add", type=float, nargs="*", default=[-32.0, -128.0, -512.0],
                    help="sdxl-unbox strength sweep (unbox_add on the detected patches)")
     p.add_argument("--padding", type=int, default=DETECTION.padding, help="patches added around the mask for the edits")
     p.add_argument("--min-region", type=int, default=DETECTION.min_region,
@@ -106,7 +107,7 @@ def main(argv: list[str] | None = None) -> dict:
     best = matched = None
     if steer_names:  # --scale and --add may both be given empty to measure PER alone
         best = max(steer_names, key=lambda m: (rows[m]["erasure_rate"] + rows[m]["preservation"], -abs(methods[m].strength)))
-        ref = rows["PER random"]["erasure_rate"]
+        ref = rows[PER_DEFAULT_NAME]["erasure_rate"]
         matched = min(steer_names, key=lambda m: (abs(rows[m]["erasure_rate"] - ref), abs(methods[m].strength)))
     baseline_artifacts = sum(r["methods"]["original"]["artifact_rate"] for r in per_concept.values()) / len(per_concept)
 
@@ -125,7 +126,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"[{time.time() - t0:.0f} s]")
 
     out = {
-        "per": {**rows["PER random"], "modes": {m: rows[m] for m in per_names}},
+        "per": {**rows[PER_DEFAULT_NAME], "config": PER_DEFAULT_NAME, "modes": {m: rows[m] for m in per_names}},
         "steer": {} if best is None else {**rows[best], "best": best, "strength": methods[best].strength,
                                           "matched_to_per_erasure": matched, "sweep": {m: rows[m] for m in steer_names}},
         "artifact_pixels": artifact_pixels, "unedited_artifact_rate": baseline_artifacts,

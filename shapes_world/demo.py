@@ -2,9 +2,10 @@
 
     python -m shapes_world.demo [--concept red] [--out demo_output]
 
-From the same seeds renders the original, SAE Steer SAeUron-style (scale the concept's latents by gamma * mu),
-SAE Steer sdxl-unbox-style (add -strength * mean * decoder direction on the detected patches) and Patch
-Replacer (PER, random sources), writes ``comparison.png`` (one row per prompt) and ``masks_<i>.png`` (the
+From the same seeds renders the original, Patch Replacer as the pack recommends it (background sources,
+presence gate, look-ahead masks) and as the paper describes it (random sources), SAE Steer SAeUron-style (scale
+the concept's latents by gamma * mu) and SAE Steer sdxl-unbox-style (add -strength * mean * decoder direction on
+the detected patches), writes ``comparison.png`` (one row per prompt) and ``masks_<i>.png`` (the
 detection mask of every denoising step over the original picture) to the output folder, and prints the
 metrics table of shapes_world/erasure.py for these prompts.
 """
@@ -22,7 +23,7 @@ from PIL import Image, ImageDraw
 from sae_core.intervention import Recorder, ReplaceSettings
 from sae_core.steer import SteerSettings
 
-from .erasure import WEIGHTS, evaluate_concept, intervention, load_world, prompt_sets
+from .erasure import PER_DEFAULT, WEIGHTS, evaluate_concept, intervention, load_world, prompt_sets
 from .render import render, scheduler_timesteps
 
 logger = logging.getLogger(__name__)
@@ -45,6 +46,18 @@ def _overlay(img: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return img * (1 - 0.5 * m) + tint * 0.5 * m
 
 
+def _wrap(text: str, width: int) -> list[str]:
+    """Lines of at most ``width`` characters, broken between words (a longer word stands alone)."""
+    lines, line = [], ""
+    for w in text.split():
+        if line and len(line) + 1 + len(w) > width:
+            lines.append(line)
+            line = w
+        else:
+            line = f"{line} {w}" if line else w
+    return lines + [line] if line else lines
+
+
 def write_grid(path: Path, columns: dict[str, torch.Tensor], captions: list[str], scale: int = 4) -> None:
     names = list(columns)
     n, s = len(captions), columns[names[0]].shape[-1] * scale
@@ -53,20 +66,13 @@ def write_grid(path: Path, columns: dict[str, torch.Tensor], captions: list[str]
     draw = ImageDraw.Draw(canvas)
     for c, name in enumerate(names):
         x0 = side + pad + c * (s + pad)
-        draw.text((x0, 2), name[:18], fill="black")
-        draw.text((x0, 14), name[18:36], fill="black")
+        for j, text in enumerate(_wrap(name, 20)[:2]):
+            draw.text((x0, 2 + 12 * j), text, fill="black")
         for i in range(n):
             canvas.paste(_tile(columns[name][i], scale), (x0, head + pad + i * (s + pad)))
     for i, cap in enumerate(captions):
         y = head + pad + i * (s + pad)
-        words, line, lines = cap.split(), "", []
-        for w in words:
-            if len(line) + len(w) > 34:
-                lines.append(line)
-                line = ""
-            line += w + " "
-        lines.append(line)
-        for j, text in enumerate(lines[:5]):
+        for j, text in enumerate(_wrap(cap, 34)[:5]):
             draw.text((4, y + 12 * j), text, fill="black")
     canvas.save(path)
 
@@ -91,7 +97,8 @@ def run_demo(out_dir: str | Path = "demo_output", concept: str = DEFAULT_CONCEPT
     world = load_world(weights, [concept])
     tc, oc = prompt_sets(concept, targets, others)
     methods = {
-        "Patch Replacer (PER random)": ReplaceSettings("random", seed=0),
+        "Patch Replacer (recommended)": PER_DEFAULT,
+        "Patch Replacer (paper: random)": ReplaceSettings("random", seed=0),
         f"SAE Steer SAeUron gamma={GAMMA:g}": SteerSettings("saeuron_scale", GAMMA),
         f"SAE Steer unbox add {ADD:g}": SteerSettings("unbox_add", ADD, detected_only=True),
     }
