@@ -27,6 +27,7 @@ from ..sae_core.config import ACTIVATIONS, INPUT_SPACES
 from ..sae_core.detect import ConceptDetector, DetectionSettings
 from ..sae_core.formats import load_sae
 from ..sae_core.intervention import BlockIntervention, ConceptCollector, Recorder, ReplaceSettings
+from ..sae_core.mixins import SharedOnCopy
 from ..sae_core.replace import MODES
 from ..sae_core.steer import ERROR_MODES, METHODS, SteerSettings
 from . import folders
@@ -50,17 +51,17 @@ DetectionsType = io.Custom("SAE_DETECTIONS")
 
 
 @dataclass(frozen=True)
-class DetectorSpec:
-    """What a Concept Detector hands to Patch Replacer / SAE Steer."""
+class DetectorSpec(SharedOnCopy):
+    """What a Concept Detector hands to Patch Replacer / SAE Steer.
+
+    Shared on copy: it holds the SAE, whose weights must not be duplicated when ComfyUI copies its inputs.
+    """
 
     sae: object
     detector: ConceptDetector
     branches: str
     start_percent: float
     end_percent: float
-
-    def __deepcopy__(self, memo):  # holds SAE weights: never copy
-        return self
 
 
 def _block_names() -> list[str]:

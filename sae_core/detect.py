@@ -13,20 +13,21 @@ mask is dilated by ``padding`` patches with a (2p+1) x (2p+1) square.
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
-from typing import Iterable, Mapping, NamedTuple, Sequence
+from dataclasses import dataclass
+from typing import Iterable, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from .concepts import ConceptDictionary, ConceptStep
+from .mixins import DictRoundTrip
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class DetectionSettings:
+class DetectionSettings(DictRoundTrip):
     """How codes become a mask.
 
     threshold_scale: a patch is detected where f_i > threshold_scale * tau_i(t) for a selected i;
@@ -47,13 +48,6 @@ class DetectionSettings:
             raise ValueError(f"DetectionSettings.padding is {self.padding}, expected an integer >= 0 (patches)")
         if int(self.min_region) != self.min_region or self.min_region < 0:
             raise ValueError(f"DetectionSettings.min_region is {self.min_region}, expected an integer >= 0 (patches)")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: Mapping) -> DetectionSettings:
-        return cls(**dict(d))
 
 
 class Detection(NamedTuple):

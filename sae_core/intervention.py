@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from dataclasses import asdict, dataclass, field
-from typing import Mapping, NamedTuple, Sequence
+from dataclasses import dataclass, field
+from typing import NamedTuple, Sequence
 
 import torch
 from einops import rearrange
 from torch import Tensor
 
 from .detect import ConceptDetector, pick_topk
+from .mixins import DictRoundTrip, SharedOnCopy
 from .replace import check_mode, replace_patches
 from .steer import SteerSettings, steer_picked
 
@@ -75,7 +76,7 @@ class StepWindow:
 
 
 @dataclass(frozen=True)
-class ReplaceSettings:
+class ReplaceSettings(DictRoundTrip):
     """PER options. mode: random | nearest | mean; seed: for random (stateless: mixed with the step key
     and the branch, so a step gives the same draw whatever ran before or beside it); target: "output" copies
     whole block-output vectors, "residual" copies only the residual update (out' = in + r[src])."""
@@ -88,13 +89,6 @@ class ReplaceSettings:
         check_mode(self.mode)
         if self.target not in ("output", "residual"):
             raise ValueError(f"ReplaceSettings.target is {self.target!r}, expected 'output' or 'residual'")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: Mapping) -> ReplaceSettings:
-        return cls(**dict(d))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -138,19 +132,17 @@ class MaskRecord:
 
 
 @dataclass
-class Recorder:
-    """Per-run store of detection masks (bit-packed) and score maps (fp16) on the CPU. Reset per run."""
+class Recorder(SharedOnCopy):
+    """Per-run store of detection masks (bit-packed) and score maps (fp16) on the CPU. Reset per run.
+
+    Shared on copy: the patched model's clones must all write to the one recorder that Mask Preview reads.
+    """
 
     record_scores: bool = True
     records: list[MaskRecord] = field(default_factory=list)
 
     def reset(self) -> None:
         self.records.clear()
-
-    def __deepcopy__(self, memo):
-        # ComfyUI deep-copies model_options on every clone; this object holds SAE weights (or the run's records),
-        # which must be shared, not copied.
-        return self
 
     def add(self, label: str, step: StepInfo, branch: int, chunk: int, mask: Tensor, score: Tensor | None,
             all_detected: Tensor) -> None:
@@ -197,9 +189,6 @@ class Recorder:
     def aggregate(self, branch: str = "cond", image: int = 0, label: str | None = None) -> Tensor:
         """[H, W] float: the fraction of recorded steps on which each patch was detected."""
         return self.masks(branch, image, label)[1].float().mean(0)
-
-    def all_detected(self) -> list[MaskRecord]:
-        return [r for r in self.records if r.all_detected]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -280,7 +269,7 @@ def _to_host(*tensors: Tensor | None) -> list[Tensor | None]:
     return [None if t is None else t.cpu() for t in tensors]
 
 
-class BlockIntervention:
+class BlockIntervention(SharedOnCopy):
     """Detect a concept in one block's output and optionally replace (PER) or steer it.
 
     sae: the SparseAutoencoder (encode_with_norm / decode / cfg / W_dec).
@@ -291,6 +280,8 @@ class BlockIntervention:
     recorder: Recorder or None.
     label: names this intervention in records and error messages (e.g. the block name).
     input_space: override of sae.cfg.input_space ("output": SAE sees block_out; "residual": block_out - block_in).
+
+    Shared on copy: it holds the SAE (whose weights must not be duplicated per clone) and the recorder.
     """
 
     def __init__(self, sae, detector: ConceptDetector, edit: ReplaceSettings | SteerSettings | None = None,
@@ -312,11 +303,6 @@ class BlockIntervention:
         self.branches = BRANCHES[branches]
         self.window, self.recorder, self.label, self.input_space = window, recorder, label, space
         self._lat_cache: dict = {}
-
-    def __deepcopy__(self, memo):
-        # ComfyUI deep-copies model_options on every clone; this object holds SAE weights (or the run's records),
-        # which must be shared, not copied.
-        return self
 
     @property
     def needs_block_in(self) -> bool:
@@ -443,11 +429,12 @@ class BlockIntervention:
         return torch.where(edited[:, None], in_rows + new_vals, out_rows)
 
 
-class ConceptCollector:
+class ConceptCollector(SharedOnCopy):
     """Learn Concept's block hook: encodes the rows of the chosen branch (cond by default, as SAeUron) and feeds
     their codes to a ConceptStatsAccumulator under ``self.concept``; returns ``block_out`` unchanged.
 
     Set ``collector.concept = name`` before sampling each concept's prompts.
+    Shared on copy: it holds the SAE and the accumulator that Learn Concept reads after sampling.
     """
 
     def __init__(self, sae, accumulator, branches: str = "cond", input_space: str | None = None, label: str = "block"):
@@ -461,11 +448,6 @@ class ConceptCollector:
         self.sae, self.accumulator, self.branches, self.label = sae, accumulator, BRANCHES[branches], label
         self.input_space = input_space or getattr(sae.cfg, "input_space", None) or "output"
         self.concept: str | None = None
-
-    def __deepcopy__(self, memo):
-        # ComfyUI deep-copies model_options on every clone; this object holds SAE weights (or the run's records),
-        # which must be shared, not copied.
-        return self
 
     def __call__(self, block_in: Tensor | None, block_out: Tensor, step: StepInfo) -> Tensor:
         if self.concept is None:

@@ -14,7 +14,6 @@ from sae_core.blocks import (
     canonical_name,
     check_sae_fits,
     comfy_key,
-    family_from_unet_config,
     grid_size,
     normalize_family,
     resolve_block,
@@ -387,55 +386,3 @@ def test_blocks_needs_a_family():
     assert blocks("SDXL-Turbo") == blocks("sdxl")
 
 
-# ComfyUI unet_config as comfy.model_detection.detect_unet_config reports it, reduced to the keys read.
-COMFY_SD15 = {
-    "model_channels": 320,
-    "channel_mult": [1, 2, 4, 4],
-    "num_res_blocks": [2, 2, 2, 2],
-    "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
-    "context_dim": 768,
-    "in_channels": 4,
-}
-COMFY_SDXL = {
-    "model_channels": 320,
-    "channel_mult": [1, 2, 4],
-    "num_res_blocks": [2, 2, 2],
-    "transformer_depth": [0, 0, 2, 2, 10, 10],
-    "context_dim": 2048,
-    "adm_in_channels": 2816,
-}
-DIFFUSERS_SD15 = {
-    "block_out_channels": [320, 640, 1280, 1280],
-    "layers_per_block": 2,
-    "cross_attention_dim": 768,
-    "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
-}
-DIFFUSERS_SDXL = {
-    "block_out_channels": [320, 640, 1280],
-    "layers_per_block": 2,
-    "cross_attention_dim": 2048,
-    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-}
-
-
-@pytest.mark.parametrize(
-    "config, family",
-    [
-        (COMFY_SD15, "sd1"),
-        ({**COMFY_SD15, "in_channels": 9}, "sd1"),  # inpainting variant: same blocks
-        ({**COMFY_SD15, "num_res_blocks": 2}, "sd1"),  # an int is the same count per level
-        (COMFY_SDXL, "sdxl"),
-        (DIFFUSERS_SD15, "sd1"),
-        (DIFFUSERS_SDXL, "sdxl"),
-        ({**COMFY_SD15, "context_dim": 1024}, None),  # SD 2.x: SD1 layout, another model
-        ({**DIFFUSERS_SD15, "cross_attention_dim": 1024}, None),
-        ({**COMFY_SDXL, "model_channels": 384, "context_dim": 1280}, None),  # SDXL refiner
-        ({**COMFY_SDXL, "transformer_depth": [1, 1, 2, 2, 10, 10]}, None),  # attention at level 0: not SDXL
-        ({**COMFY_SD15, "num_res_blocks": [3, 3, 3, 3]}, None),  # other index rule
-        ({**DIFFUSERS_SDXL, "layers_per_block": 1}, None),
-        ({"depth": 24, "patch_size": 2}, None),  # an MMDiT: not a UNet
-        ({**COMFY_SD15, "channel_mult": None}, None),
-    ],
-)
-def test_family_from_unet_config(config, family):
-    assert family_from_unet_config(config) == family
