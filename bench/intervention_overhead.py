@@ -4,7 +4,7 @@ Times, on the same map in the same run: the bare encode (the floor), detection o
 nearest) and SAeUron steering (preserve, which decodes twice). Default size is SAeUron's block:
 16x16 map, 1280 channels, M = 20480, k = 32, a CFG batch of 2.
 
-    /work/main/.venv/bin/python bench/intervention_overhead.py [--device cuda] [--dtype float16] [--reps 5]
+    python bench/intervention_overhead.py [--device cuda] [--dtype float16] [--reps 5]
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ Distances (sae_core.stats): W1 between token-norm distributions and the diagonal
 channel moments, each against (a) the unedited maps and (b) concept-free maps of the same background
 statistics. Lower = closer to the model's own activation distribution.
 
-    /work/main/.venv/bin/python bench/planted_stats.py [--grid 16x16] [--images 8] [--width 64] [--latents 256]
+    python bench/planted_stats.py [--grid 16x16] [--images 8] [--width 64] [--latents 256]
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """The block hook: an object patch on one SpatialTransformer forward, step identity, per-run state, checks.
 
 Nothing here imports ComfyUI: the ModelPatcher, model_sampling and wrapper executor are used through
-the few attributes ComfyUI gives them (see /work/notes/COMFY_API.md), so the logic is tested with
-small fakes as well as with the real thing (tests/integration).
+the few attributes ComfyUI gives them (the fakes in tests/test_nodes_logic.py list them), so the logic is
+tested with small fakes as well as with the real thing (tests/integration). Step identity: docs/FORMULAS.md
+section 9.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ stored as a ``[C, T, K]`` index tensor padded with -1 (K = the largest selection
 only selected latents are kept, and directly usable as a gather index.
 
 Lookup is by nearest stored timestep, so statistics learned with a 100-step sampler serve a 1- or
-4-step one. Formulas: /work/shared/REFERENCE.md section 3.
+4-step one. Formulas: docs/FORMULAS.md sections 5 and 8.
 """
 
 from __future__ import annotations

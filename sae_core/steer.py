@@ -10,7 +10,7 @@ Methods (``strength`` is the one number each takes):
 Error term for the result (f = codes of x, f' = edited codes):
   preserve       - x + decode(f') - decode(f) (default); rows whose codes did not change are returned bit-identical;
   legacy_saeuron - decode(f') + (decode(f) - x): the published SAeUron/SAEmnesia code, sign slip included
-                   (REFERENCE.md section 3); moves every patch by -2 (x - x_hat);
+                   (docs/FORMULAS.md section 8); moves every patch by -2 (x - x_hat);
   none           - decode(f'): the pure reconstruction.
 The add methods add their delta on top of the same base (x, decode(f) + (decode(f) - x), decode(f)).
 ``detected_only`` keeps every patch outside the detection mask bit-identical whatever the mode.
