@@ -20,7 +20,7 @@ lint: setup
 
 test: lint
 	$(BIN)/python -m pytest
-	@if command -v node >/dev/null; then node --test js/tests/; else echo "node not found: js tests skipped"; fi
+	@if command -v node >/dev/null; then node --test tests/js/; else echo "node not found: js tests skipped"; fi
 
 demo: setup
 	$(BIN)/python -m shapes_world.demo

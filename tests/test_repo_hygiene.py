@@ -96,7 +96,7 @@ def test_the_machine_path_pattern(text, hits):
 
 
 def test_the_reference_patterns():
-    text = "see `tests/test_cli.py`, docs/FORMULAS.md section 2, js/tests/ and nodes/hook.install_patch; REFERENCE.md"
+    text = "see `tests/test_cli.py`, docs/FORMULAS.md section 2, tests/js/ and nodes/hook.install_patch; REFERENCE.md"
     assert REPO_FILE.findall(text) == ["tests/test_cli.py", "docs/FORMULAS.md"]
-    assert REPO_DIR.findall(text) == ["js/tests/"]
+    assert REPO_DIR.findall(text) == ["tests/js/"]
     assert MARKDOWN.findall(text) == ["REFERENCE.md"]  # a path is checked as a path, a bare name by name
