@@ -2,6 +2,7 @@
 
 import importlib.util
 import random
+import subprocess
 import sys
 from pathlib import Path
 
@@ -42,3 +43,14 @@ def bench_script(monkeypatch):
         return module
 
     return load
+
+
+@pytest.fixture(scope="session")
+def tracked_files() -> list[str]:
+    """The repository's git-tracked files (relative paths); skips where the tests run outside a git checkout."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        out = subprocess.run(["git", "ls-files", "-z"], cwd=root, capture_output=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip("not a git checkout (an installed copy): nothing to check")
+    return [p for p in out.decode().split("\0") if p]

@@ -7,11 +7,8 @@ test can apply them exactly without comfy-cli.
 
 import ast
 import re
-import subprocess
 import xml.etree.ElementTree as ET
 from pathlib import Path
-
-import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -19,14 +16,6 @@ ROOT = Path(__file__).resolve().parents[1]
 # example workflows (ComfyUI lists them as templates), the package metadata ComfyUI reads, README and licence.
 SHIPPED = {"__init__.py", "nodes", "sae_core", "js", "example_workflows", "pyproject.toml", "README.md", "LICENSE"}
 ANCHORED = re.compile(r"^/([\w.-]+)(/?)$")
-
-
-def tracked() -> list[str]:
-    try:
-        out = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        pytest.skip("not a git checkout: comfy-cli packs git-tracked files, so there is nothing to check")
-    return [p for p in out.decode().split("\0") if p]
 
 
 def ignore_patterns() -> list[tuple[str, bool]]:
@@ -50,8 +39,8 @@ def packed(files: list[str], patterns: list[tuple[str, bool]]) -> list[str]:
     return [f for f in files if not ignored(f)]
 
 
-def test_the_archive_holds_only_the_node_pack():
-    files = tracked()
+def test_the_archive_holds_only_the_node_pack(tracked_files):
+    files = tracked_files
     tops = {f.split("/")[0] for f in packed(files, ignore_patterns())}
     assert tops == SHIPPED, (
         f"the Registry archive would hold {sorted(tops - SHIPPED)} beyond the node pack and lack "
@@ -84,8 +73,8 @@ def test_shipped_code_needs_nothing_that_is_left_out():
     assert not offenders, offenders
 
 
-def test_served_web_directory_holds_no_tests():
-    served = [f for f in tracked() if f.startswith("js/")]
+def test_served_web_directory_holds_no_tests(tracked_files):
+    served = [f for f in tracked_files if f.startswith("js/")]
     assert served and all(f.endswith(".js") and "test" not in f for f in served), served
 
 

@@ -1,7 +1,6 @@
 """The tracked files carry no path of a development machine and cite no repository file that does not exist."""
 
 import re
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -35,16 +34,8 @@ SELF = "tests/test_repo_hygiene.py"  # its examples below are the patterns' test
 BINARY = (".png", ".jpg", ".jpeg", ".safetensors", ".pt", ".pth", ".ico", ".webp")
 
 
-def tracked_files() -> list[str]:
-    try:
-        out = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        pytest.skip("not a git checkout (an installed copy): nothing to check")
-    return [p for p in out.decode().split("\0") if p]
-
-
-def texts():
-    for rel in tracked_files():
+def texts(tracked_files):
+    for rel in tracked_files:
         path = ROOT / rel
         if rel == SELF or rel.endswith(BINARY) or not path.is_file():
             continue
@@ -56,26 +47,26 @@ def machine_paths(text: str) -> list[str]:
             for m in MACHINE_PATH.finditer(text)]
 
 
-def test_no_development_machine_paths():
-    found = {rel: hits for rel, text in texts() if rel not in MACHINE_PATH_ALLOWED and (hits := machine_paths(text))}
+def test_no_development_machine_paths(tracked_files):
+    found = {rel: hits for rel, text in texts(tracked_files) if rel not in MACHINE_PATH_ALLOWED and (hits := machine_paths(text))}
     assert not found, (
         "absolute paths of a development machine in tracked files (take locations from arguments or environment "
         f"variables, write relative paths in docs): {found}"
     )
 
 
-def test_allow_list_is_current():
-    present = dict(texts())
+def test_allow_list_is_current(tracked_files):
+    present = dict(texts(tracked_files))
     stale = {rel: why for rel, why in MACHINE_PATH_ALLOWED.items() if not machine_paths(present.get(rel, ""))}
     assert not stale, f"these files no longer hold a machine path: remove them from MACHINE_PATH_ALLOWED: {stale}"
 
 
-def test_cited_repository_files_exist():
-    files = set(tracked_files())
+def test_cited_repository_files_exist(tracked_files):
+    files = set(tracked_files)
     dirs = {str(Path(f).parent) + "/" for f in files} | {str(p) + "/" for f in files for p in Path(f).parents}
     names = {Path(f).name for f in files}
     missing = {}
-    for rel, text in texts():
+    for rel, text in texts(tracked_files):
         bad = sorted({m for m in REPO_FILE.findall(text) if m not in files}
                      | {m for m in REPO_DIR.findall(text) if m not in dirs}
                      | {m for m in MARKDOWN.findall(text) if m not in names})
