@@ -54,7 +54,7 @@ DetectionsType = io.Custom("SAE_DETECTIONS")
 class DetectorSpec(SharedOnCopy):
     """What a Concept Detector hands to Patch Replacer / SAE Steer.
 
-    Shared on copy: it holds the SAE, whose weights must not be duplicated when ComfyUI copies its inputs.
+    Shared on copy: it holds the SAE, whose weights a deep copy (of model_options, say) must never duplicate.
     """
 
     sae: object
