@@ -1,8 +1,9 @@
 # Two commands for a fresh machine: `make demo` (the main job) and `make test` (everything CI runs).
 PYTHON ?= python3
 VENV ?= .venv
-# Used only when the venv has no torch yet. 2.13.0 is the CPU build our machines carry; on your own
-# machine install the torch you want into the venv first (or pass TORCH_SPEC) and it is left alone.
+# Used only when the venv has no torch yet: the version the tests ran with, from the default index (a CUDA
+# build on Linux). For the CPU-only build or another one, install it into the venv first (pip install torch
+# --index-url https://download.pytorch.org/whl/cpu) and it is left alone; or pass TORCH_SPEC.
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 
@@ -20,7 +21,7 @@ lint: setup
 
 test: lint
 	$(BIN)/python -m pytest
-	@if command -v node >/dev/null; then node --test js/tests/; else echo "node not found: js tests skipped"; fi
+	@if command -v node >/dev/null; then node --test tests/js/; else echo "node not found: js tests skipped"; fi
 
 demo: setup
 	$(BIN)/python -m shapes_world.demo

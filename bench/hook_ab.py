@@ -4,8 +4,8 @@ The hooked block of SD1 / SDXL at 512x512 px: a [rows, 1280, 16, 16] map, ReLU-T
 M = 5120 and 20480, one concept latent firing on ~25 % of the patches, rows 1 (cond) and 2 (CFG pair).
 Outputs of both versions are checked equal; times are medians over interleaved repeats.
 
-    git archive main sae_core | tar -x -C /tmp/before        # the version to compare against
-    /work/main/.venv/bin/python bench/hook_ab.py --before /tmp/before [--reps 7] [--threads 1]
+    mkdir BEFORE && git archive REV sae_core | tar -x -C BEFORE     # the version to compare against
+    python bench/hook_ab.py --before BEFORE [--reps 7] [--threads 1]
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ Times, on the same map in the same run: the bare encode (the floor), detection o
 nearest) and SAeUron steering (preserve, which decodes twice). Default size is SAeUron's block:
 16x16 map, 1280 channels, M = 20480, k = 32, a CFG batch of 2.
 
-    /work/main/.venv/bin/python bench/intervention_overhead.py [--device cuda] [--dtype float16] [--reps 5]
+    python bench/intervention_overhead.py [--device cuda] [--dtype float16] [--reps 5]
 """
 
 from __future__ import annotations
@@ -17,15 +17,13 @@ import time
 import torch
 from einops import rearrange
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tests"))
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-
-from planted import coverage_regions, planted_maps, planted_sae  # noqa: E402
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from sae_core.concepts import ConceptDictionary  # noqa: E402
 from sae_core.detect import ConceptDetector  # noqa: E402
 from sae_core.intervention import BlockIntervention, Recorder, ReplaceSettings, StepInfo  # noqa: E402
 from sae_core.steer import SteerSettings  # noqa: E402
+from sae_core.synthetic import coverage_regions, planted_maps, planted_sae  # noqa: E402
 
 
 def timed(fn, reps: int, device: str) -> float:

@@ -9,7 +9,8 @@ build them):
   comfy     - a ComfyUI ModelPatcher clone carrying the nodes' object patch (nodes/hook.install_patch),
               applied with patch_model() around each timed call; the UNet is called with the
               transformer_options the sampler would give (sigmas, cond_or_uncond, sample_sigmas).
-              Needs ComfyUI importable: run with /work/comfyenv/bin/python and COMFYUI_PATH set.
+              Needs ComfyUI importable: run with the Python of a ComfyUI install and COMFYUI_PATH set
+              to its checkout.
   diffusers - UNet2DConditionModel with sae_core.torch_hooks.attach_interventions.
 --path auto takes comfy when ComfyUI imports, else diffusers.
 
@@ -35,8 +36,8 @@ scale with the pixel count and the ratio stays meaningful, fixed per-call costs 
 10-deep transformers cut to depth 2 (a cheaper UNet: the SDXL ratios are pessimistic), fp32, fewer
 rounds. Full mode: 512x512 (latent 64x64), the real depths, fp16, meant for --device cuda.
 
-    COMFYUI_PATH=/work/comfyui /work/comfyenv/bin/python bench/overhead.py --quick --json overhead.json
-    /work/main/.venv/bin/python bench/overhead.py --quick --path diffusers
+    COMFYUI_PATH=path/to/ComfyUI path/to/comfy-python bench/overhead.py --quick --json overhead.json
+    python bench/overhead.py --quick --path diffusers
     python bench/overhead.py --device cuda            # full mode, GPU
 """
 

@@ -9,7 +9,7 @@ Distances (sae_core.stats): W1 between token-norm distributions and the diagonal
 channel moments, each against (a) the unedited maps and (b) concept-free maps of the same background
 statistics. Lower = closer to the model's own activation distribution.
 
-    /work/main/.venv/bin/python bench/planted_stats.py [--grid 16x16] [--images 8] [--width 64] [--latents 256]
+    python bench/planted_stats.py [--grid 16x16] [--images 8] [--width 64] [--latents 256]
 """
 
 from __future__ import annotations
@@ -21,16 +21,14 @@ import sys
 import torch
 from einops import rearrange
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tests"))
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-
-from planted import coverage_regions, planted_maps, planted_sae  # noqa: E402
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from sae_core.concepts import ConceptStatsAccumulator, SelectionRule, build_concept_dictionary  # noqa: E402
 from sae_core.detect import ConceptDetector  # noqa: E402
 from sae_core.intervention import BlockIntervention, ReplaceSettings, StepInfo  # noqa: E402
 from sae_core.stats import activation_shift  # noqa: E402
 from sae_core.steer import SteerSettings  # noqa: E402
+from sae_core.synthetic import coverage_regions, planted_maps, planted_sae  # noqa: E402
 
 
 def run(sae, u, H: int, W: int, B: int, coverage: float, gamma: float) -> dict:

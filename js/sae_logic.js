@@ -1,5 +1,5 @@
 // Pure logic of the SAE Concept Eraser frontend extension (no DOM): payload parsing and validation, step index
-// math, slider position -> clip rectangle, image fitting. Tested with `node --test js/tests/`.
+// math, slider position -> clip rectangle, image fitting. Tested with `node --test tests/js/`.
 // The payload contract (written by nodes/ui_payload.py) is described in its docstrings.
 
 export const MASK_KEY = "sae_mask_steps";

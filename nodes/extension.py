@@ -29,6 +29,7 @@ from ..sae_core.formats import load_sae
 from ..sae_core.gate import learn_presence_gate
 from ..sae_core.intervention import BlockIntervention, ConceptCollector, Recorder, ReplaceSettings
 from ..sae_core.lookahead import LookAheadSettings
+from ..sae_core.mixins import SharedOnCopy
 from ..sae_core.replace import MODES
 from ..sae_core.steer import ERROR_MODES, METHODS, SteerSettings
 from . import folders
@@ -52,17 +53,17 @@ DetectionsType = io.Custom("SAE_DETECTIONS")
 
 
 @dataclass(frozen=True)
-class DetectorSpec:
-    """What a Concept Detector hands to Patch Replacer / SAE Steer."""
+class DetectorSpec(SharedOnCopy):
+    """What a Concept Detector hands to Patch Replacer / SAE Steer.
+
+    Shared on copy: it holds the SAE, whose weights a deep copy (of model_options, say) must never duplicate.
+    """
 
     sae: object
     detector: ConceptDetector
     branches: str
     start_percent: float
     end_percent: float
-
-    def __deepcopy__(self, memo):  # holds SAE weights: never copy
-        return self
 
 
 def _block_names() -> list[str]:

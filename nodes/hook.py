@@ -1,8 +1,9 @@
 """The block hook: an object patch on one SpatialTransformer forward, step identity, per-run state, checks.
 
 Nothing here imports ComfyUI: the ModelPatcher, model_sampling and wrapper executor are used through
-the few attributes ComfyUI gives them (see /work/notes/COMFY_API.md), so the logic is tested with
-small fakes as well as with the real thing (tests/integration).
+the few attributes ComfyUI gives them (the fakes in tests/test_nodes_logic.py list them), so the logic is
+tested with small fakes as well as with the real thing (tests/integration). Step identity: docs/FORMULAS.md
+section 9.
 """
 
 from __future__ import annotations
@@ -18,10 +19,12 @@ try:  # inside ComfyUI the pack is a package and sae_core its sibling
     from ..sae_core.blocks import BlockError, resolve_block
     from ..sae_core.intervention import StepInfo, StepWindow
     from ..sae_core.lookahead import guide_from_recorder
+    from ..sae_core.mixins import SharedOnCopy
 except ImportError:  # imported as top-level `nodes` (tests, scripts) with sae_core on sys.path
     from sae_core.blocks import BlockError, resolve_block
     from sae_core.intervention import StepInfo, StepWindow
     from sae_core.lookahead import guide_from_recorder
+    from sae_core.mixins import SharedOnCopy
 
 logger = logging.getLogger(__name__)
 
@@ -32,11 +35,11 @@ WRAPPER_PREFIX = "sae_concept_eraser."
 _FAMILY_OF_CONFIG = {"SD15": "sd1", "SDXL": "sdxl", "SDXLRefiner": None}
 
 
-class RunState:
+class RunState(SharedOnCopy):
     """Per-patch state shared by the object patch, the OUTER_SAMPLE wrapper and the DETECTIONS output.
 
-    ComfyUI deep-copies model_options on every clone; this holder must stay one object (it carries the
-    recorder the Mask Preview reads), so copying returns self.
+    Shared on copy: every clone of the patched model must see one run state (it carries the recorder the
+    Mask Preview reads and the active-run count the wrapper keeps).
     """
 
     def __init__(self, label: str, recorder=None, intervention=None):
@@ -48,13 +51,6 @@ class RunState:
         self.window = _UNSET
         self.active = 0
         self.runs = 0
-        self.calls = 0  # hooked block calls in the current run (diagnostics only, never used for step identity)
-
-    def __deepcopy__(self, memo):
-        return self
-
-    def __copy__(self):
-        return self
 
     def begin(self, model_sampling) -> None:
         if self.recorder is not None:
@@ -64,7 +60,6 @@ class RunState:
         self.model_sampling = host_sampling(model_sampling)
         self.schedule = (None, None)  # (sample_sigmas object, its host copy), filled by the first call of the run
         self.window = _UNSET
-        self.calls = 0
         self.active += 1
         self.runs += 1
 
@@ -200,7 +195,6 @@ def make_forward(prev: Callable, intervention: Intervention, state: RunState, wi
                 state.window = window_of(state.model_sampling)
             if state.window is not None and not state.window.contains(step):
                 return out
-        state.calls += 1
         return intervention(x, out, step)
 
     forward.sae_state = state  # lets tests and chained patches see what is installed

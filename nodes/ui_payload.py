@@ -1,7 +1,8 @@
 """Frontend payloads of Mask Preview (per-step masks for the step scrubber) and Compare (branches for the slider).
 
 Pure: Pillow and torch only, no ComfyUI import; the nodes pass ComfyUI's temp directory. The contract is
-written in /work/notes/CONTRACT.md ("frontend payload") and read by js/sae_payload.js.
+the docstrings of the two payload functions below; js/sae_logic.js parses and validates it
+(parseMaskPayload, parseComparePayload) and tests/test_ui_payload.py and the js tests hold both ends to it.
 """
 
 from __future__ import annotations

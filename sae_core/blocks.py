@@ -33,9 +33,8 @@ from __future__ import annotations
 import logging
 import math
 import re
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 from .errors import SAEError
 
@@ -54,7 +53,6 @@ __all__ = [
     "canonical_name",
     "check_sae_fits",
     "comfy_key",
-    "family_from_unet_config",
     "grid_size",
     "normalize_family",
     "resolve_block",
@@ -126,16 +124,15 @@ class _FamilyLayout:
 
     channels: tuple[int, ...]  # per level, level 0 first; the deepest level hosts the middle block
     attention_levels: tuple[int, ...]
-    context_dim: int  # text-conditioning width: tells SD1 (768) from SD2 (1024), same block layout
     aliases: tuple[str, ...]
 
 
 _LAYOUTS: dict[str, _FamilyLayout] = {
     # SD 1.x: four levels, attention on the first three; the 4th level (1280, 1/8) has only res blocks
     # and the middle block.
-    "sd1": _FamilyLayout((320, 640, 1280, 1280), (0, 1, 2), 768, ("sd1", "sd14", "sd15", "sd1x")),
+    "sd1": _FamilyLayout((320, 640, 1280, 1280), (0, 1, 2), ("sd1", "sd14", "sd15", "sd1x")),
     # SDXL / SDXL-Turbo: three levels, no attention at level 0; the middle block sits at level 2.
-    "sdxl": _FamilyLayout((320, 640, 1280), (1, 2), 2048, ("sdxl", "sdxlturbo", "sdxlbase")),
+    "sdxl": _FamilyLayout((320, 640, 1280), (1, 2), ("sdxl", "sdxlturbo", "sdxlbase")),
 }
 
 FAMILIES: tuple[str, ...] = tuple(_LAYOUTS)
@@ -212,42 +209,6 @@ def normalize_family(family: str | None) -> str | None:
         f"unknown model family {family!r}: expected one of {', '.join(FAMILIES)} "
         "(sd1 = Stable Diffusion 1.x, sdxl = SDXL and SDXL-Turbo)"
     )
-
-
-def family_from_unet_config(config: Mapping[str, Any]) -> str | None:
-    """The family a UNet config describes, or None when it is none of them (SD 2.x, SDXL refiner, ...).
-
-    Accepts ComfyUI's ``unet_config`` (``model.model.model_config.unet_config``: model_channels,
-    channel_mult, num_res_blocks, transformer_depth, context_dim) and a diffusers ``UNet2DConditionModel``
-    config (block_out_channels, down_block_types, layers_per_block, cross_attention_dim). Block layout and
-    text-conditioning width must both match: SD 2.x has SD1's layout but is another model.
-    """
-    try:
-        if "model_channels" in config:  # ComfyUI
-            mult = list(config["channel_mult"])
-            channels = tuple(int(config["model_channels"]) * int(m) for m in mult)
-            res = config["num_res_blocks"]
-            res = [int(r) for r in res] if isinstance(res, (list, tuple)) else [int(res)] * len(mult)
-            depth = list(config["transformer_depth"])  # one entry per res block of the input side
-            offsets = [sum(res[:level]) for level in range(len(mult))]
-            attention = tuple(lv for lv in range(len(mult)) if int(depth[offsets[lv]]) > 0)
-            context = config.get("context_dim")
-        elif "block_out_channels" in config:  # diffusers
-            channels = tuple(int(c) for c in config["block_out_channels"])
-            lpb = config.get("layers_per_block", 2)
-            res = [int(r) for r in lpb] if isinstance(lpb, (list, tuple)) else [int(lpb)] * len(channels)
-            attention = tuple(i for i, t in enumerate(config["down_block_types"]) if "CrossAttn" in t)
-            context = config.get("cross_attention_dim")
-        else:
-            return None
-    except (KeyError, TypeError, ValueError, IndexError):
-        return None
-    if any(r != _RES_PER_LEVEL for r in res):
-        return None
-    for name, layout in _LAYOUTS.items():
-        if (channels, attention, context) == (layout.channels, layout.attention_levels, layout.context_dim):
-            return name
-    return None
 
 
 def blocks(family: str) -> tuple[BlockSpec, ...]:

@@ -7,7 +7,7 @@ stored as a ``[C, T, K]`` index tensor padded with -1 (K = the largest selection
 only selected latents are kept, and directly usable as a gather index.
 
 Lookup is by nearest stored timestep, so statistics learned with a 100-step sampler serve a 1- or
-4-step one. Formulas: /work/shared/REFERENCE.md section 3.
+4-step one. Formulas: docs/FORMULAS.md sections 5 and 8.
 """
 
 from __future__ import annotations
@@ -16,13 +16,14 @@ import json
 import logging
 import math
 import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Iterable, Mapping, NamedTuple, Sequence
 
 import torch
 from torch import Tensor
 
 from .errors import SAEError
+from .mixins import DictRoundTrip
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ class ConceptMismatchError(SAEError, ValueError):
 
 
 @dataclass(frozen=True)
-class SelectionRule:
+class SelectionRule(DictRoundTrip):
     """How latents are chosen per timestep and what threshold they get.
 
     method: "percentile" keeps {i : score_i(t) > quantile(score(t), percentile / 100)} (torch.quantile,
@@ -91,16 +92,6 @@ class SelectionRule:
             raise ValueError(f"SelectionRule.top_n is {self.top_n}, expected an integer >= 1")
         if self.fixed_threshold is not None and not math.isfinite(float(self.fixed_threshold)):
             raise ValueError(f"SelectionRule.fixed_threshold is {self.fixed_threshold}, expected a finite number or None")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: Mapping) -> SelectionRule:
-        unknown = set(d) - {f.name for f in fields(cls)}
-        if unknown:
-            raise ValueError(f"SelectionRule: unknown keys {sorted(unknown)}; expected {[f.name for f in fields(cls)]}")
-        return cls(**dict(d))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import SAEConfigError
+from .mixins import DictRoundTrip
 
 #: activation -> whether it keeps the top k of the pre-activations
 ACTIVATIONS = {
@@ -23,8 +24,10 @@ NORMALIZATIONS = ("none", "layer_norm", "constant_norm_rescale")
 
 
 @dataclass
-class SAEConfig:
+class SAEConfig(DictRoundTrip):
     """Everything needed to run an SAE's forward exactly, plus where it was trained."""
+
+    _unknown_key_error = SAEConfigError
 
     d_in: int
     """Input width: the hooked block's channel count."""
@@ -98,17 +101,6 @@ class SAEConfig:
     @property
     def is_topk(self) -> bool:
         return ACTIVATIONS[self.activation]
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> SAEConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise SAEConfigError(f"SAEConfig: unknown keys {unknown}; known keys are {sorted(known)}")
-        return cls(**data)
 
     def replace(self, **changes: Any) -> SAEConfig:
         return dataclasses.replace(self, **changes)

@@ -13,14 +13,15 @@ mask is dilated by ``padding`` patches with a (2p+1) x (2p+1) square.
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
-from typing import Iterable, Mapping, NamedTuple, Sequence
+from dataclasses import dataclass
+from typing import Iterable, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from .concepts import ConceptDictionary, ConceptStep
+from .mixins import DictRoundTrip
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +30,7 @@ TEMPORAL_MODES = ("none", "sticky")
 
 
 @dataclass(frozen=True)
-class DetectionSettings:
+class DetectionSettings(DictRoundTrip):
     """How codes become a mask.
 
     threshold_scale: a patch is detected where f_i > threshold_scale * tau_i(t) for a selected i;
@@ -62,13 +63,6 @@ class DetectionSettings:
             raise ValueError(f"DetectionSettings.gate is {self.gate!r}, expected true or false")
         if self.temporal not in TEMPORAL_MODES:
             raise ValueError(f"DetectionSettings.temporal is {self.temporal!r}, expected one of {list(TEMPORAL_MODES)}")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: Mapping) -> DetectionSettings:
-        return cls(**dict(d))
 
 
 class Detection(NamedTuple):

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from dataclasses import asdict, dataclass, field
-from typing import Mapping, NamedTuple, Sequence
+from dataclasses import dataclass, field
+from typing import NamedTuple, Sequence
 
 import torch
 from einops import rearrange
@@ -20,6 +20,7 @@ from torch import Tensor
 
 from .detect import ConceptDetector, detected_fraction, pick_topk
 from .lookahead import GuideMasks, LookAheadSettings
+from .mixins import DictRoundTrip, SharedOnCopy
 from .replace import VALUE_MODES, check_mode, patch_salience, replace_patches
 from .steer import SteerSettings, steer_picked
 
@@ -77,7 +78,7 @@ class StepWindow:
 
 
 @dataclass(frozen=True)
-class ReplaceSettings:
+class ReplaceSettings(DictRoundTrip):
     """PER options. mode: random | nearest | mean; seed: for random (stateless: mixed with the step key
     and the branch, so a step gives the same draw whatever ran before or beside it); target: "output" copies
     whole block-output vectors, "residual" copies only the residual update (out' = in + r[src])."""
@@ -90,13 +91,6 @@ class ReplaceSettings:
         check_mode(self.mode)
         if self.target not in ("output", "residual"):
             raise ValueError(f"ReplaceSettings.target is {self.target!r}, expected 'output' or 'residual'")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: Mapping) -> ReplaceSettings:
-        return cls(**dict(d))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -140,19 +134,17 @@ class MaskRecord:
 
 
 @dataclass
-class Recorder:
-    """Per-run store of detection masks (bit-packed) and score maps (fp16) on the CPU. Reset per run."""
+class Recorder(SharedOnCopy):
+    """Per-run store of detection masks (bit-packed) and score maps (fp16) on the CPU. Reset per run.
+
+    Shared on copy: the patched model's clones must all write to the one recorder that Mask Preview reads.
+    """
 
     record_scores: bool = True
     records: list[MaskRecord] = field(default_factory=list)
 
     def reset(self) -> None:
         self.records.clear()
-
-    def __deepcopy__(self, memo):
-        # ComfyUI deep-copies model_options on every clone; this object holds SAE weights (or the run's records),
-        # which must be shared, not copied.
-        return self
 
     def add(self, label: str, step: StepInfo, branch: int, chunk: int, mask: Tensor, score: Tensor | None,
             all_detected: Tensor) -> None:
@@ -199,9 +191,6 @@ class Recorder:
     def aggregate(self, branch: str = "cond", image: int = 0, label: str | None = None) -> Tensor:
         """[H, W] float: the fraction of recorded steps on which each patch was detected."""
         return self.masks(branch, image, label)[1].float().mean(0)
-
-    def all_detected(self) -> list[MaskRecord]:
-        return [r for r in self.records if r.all_detected]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -292,7 +281,7 @@ def _to_host(*tensors: Tensor | None) -> list[Tensor | None]:
     return [None if t is None else t.cpu() for t in tensors]
 
 
-class BlockIntervention:
+class BlockIntervention(SharedOnCopy):
     """Detect a concept in one block's output and optionally replace (PER) or steer it.
 
     sae: the SparseAutoencoder (encode_with_norm / decode / cfg / W_dec).
@@ -307,6 +296,7 @@ class BlockIntervention:
 
     Per-run memory (the presence gate's verdict per image, sticky masks) is cleared by ``reset()``, which the
     hosts call at the start of every run (torch_hooks.attach_interventions, the ComfyUI sampler wrapper).
+    Shared on copy: it holds the SAE (whose weights must not be duplicated per clone) and the recorder.
     """
 
     def __init__(self, sae, detector: ConceptDetector, edit: ReplaceSettings | SteerSettings | None = None,
@@ -358,11 +348,6 @@ class BlockIntervention:
     def end_lookahead(self) -> None:
         self.reset()
         self.phase, self.guide, self.pass_recorder = "single", None, None
-
-    def __deepcopy__(self, memo):
-        # ComfyUI deep-copies model_options on every clone; this object holds SAE weights (or the run's records),
-        # which must be shared, not copied.
-        return self
 
     @property
     def needs_block_in(self) -> bool:
@@ -535,12 +520,13 @@ class BlockIntervention:
         return torch.where(edited[:, None], in_rows + new_vals, out_rows)
 
 
-class ConceptCollector:
+class ConceptCollector(SharedOnCopy):
     """Learn Concept's block hook: encodes the rows of the chosen branch (cond by default, as SAeUron) and feeds
     their codes to a ConceptStatsAccumulator under ``self.concept``; returns ``block_out`` unchanged.
 
     Set ``collector.concept = name`` before sampling each concept's prompts, and ``collector.sample`` to an id
     per sampling run when the accumulator keeps per-image codes for the presence gate.
+    Shared on copy: it holds the SAE and the accumulator that Learn Concept reads after sampling.
     """
 
     def __init__(self, sae, accumulator, branches: str = "cond", input_space: str | None = None, label: str = "block"):
@@ -555,11 +541,6 @@ class ConceptCollector:
         self.input_space = input_space or getattr(sae.cfg, "input_space", None) or "output"
         self.concept: str | None = None
         self.sample = None  # id of the sampling run (e.g. prompt index): per-image codes for the presence gate
-
-    def __deepcopy__(self, memo):
-        # ComfyUI deep-copies model_options on every clone; this object holds SAE weights (or the run's records),
-        # which must be shared, not copied.
-        return self
 
     def __call__(self, block_in: Tensor | None, block_out: Tensor, step: StepInfo) -> Tensor:
         if self.concept is None:

@@ -10,7 +10,7 @@ Methods (``strength`` is the one number each takes):
 Error term for the result (f = codes of x, f' = edited codes):
   preserve       - x + decode(f') - decode(f) (default); rows whose codes did not change are returned bit-identical;
   legacy_saeuron - decode(f') + (decode(f) - x): the published SAeUron/SAEmnesia code, sign slip included
-                   (REFERENCE.md section 3); moves every patch by -2 (x - x_hat);
+                   (docs/FORMULAS.md section 8); moves every patch by -2 (x - x_hat);
   none           - decode(f'): the pure reconstruction.
 The add methods add their delta on top of the same base (x, decode(f) + (decode(f) - x), decode(f)).
 ``detected_only`` keeps every patch outside the detection mask bit-identical whatever the mode.
@@ -19,13 +19,14 @@ The add methods add their delta on top of the same base (x, decode(f) + (decode(
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
-from typing import Mapping, NamedTuple
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from .concepts import ConceptStep
+from .mixins import DictRoundTrip
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +35,7 @@ ERROR_MODES = ("preserve", "legacy_saeuron", "none")
 
 
 @dataclass(frozen=True)
-class SteerSettings:
+class SteerSettings(DictRoundTrip):
     """method: one of METHODS; strength: gamma / value / strength / alpha (see module docstring);
     error: one of ERROR_MODES; detected_only: leave every undetected patch untouched."""
 
@@ -51,47 +52,10 @@ class SteerSettings:
         if not torch.isfinite(torch.tensor(float(self.strength))):
             raise ValueError(f"SteerSettings.strength is {self.strength}, expected a finite number")
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: Mapping) -> SteerSettings:
-        return cls(**dict(d))
-
 
 class SteerResult(NamedTuple):
     values: Tensor  # [..., d] edited SAE-input vectors
     changed: Tensor  # [...] bool: rows that differ from the input
-
-
-def scale_codes(codes: Tensor, latents: Tensor, thresholds: Tensor, means: Tensor, gamma: float,
-                region: Tensor | None = None) -> Tensor:
-    """SAeUron: codes [..., M]; f_i <- f_i * gamma * mu_i where f_i > tau_i (and region [...], if given)."""
-    if latents.numel() == 0:
-        return codes
-    lat = latents.to(codes.device)
-    sub = codes.index_select(-1, lat)
-    fire = sub > thresholds.to(codes.device, sub.dtype)
-    if region is not None:
-        fire = fire & region[..., None]
-    factor = (float(gamma) * means.to(codes.device, torch.float32)).to(codes.dtype)
-    out = codes.clone()
-    out[..., lat] = torch.where(fire, sub * factor, sub)
-    return out
-
-
-def set_codes(codes: Tensor, latents: Tensor, value: float, region: Tensor | None = None) -> Tensor:
-    """codes [..., M]; f_i <- value for i in latents (where region [...] is true, if given)."""
-    if latents.numel() == 0:
-        return codes
-    lat = latents.to(codes.device)
-    sub = codes.index_select(-1, lat)
-    new = torch.full_like(sub, float(value))
-    if region is not None:
-        new = torch.where(region[..., None], new, sub)
-    out = codes.clone()
-    out[..., lat] = new
-    return out
 
 
 def unbox_delta(x: Tensor, directions: Tensor, means: Tensor, strength: float) -> Tensor:
@@ -103,22 +67,6 @@ def gsae_delta(x: Tensor, directions: Tensor, alpha: float) -> Tensor:
     """G-SAE: alpha * ||x|| * sum_j d_j / ||d_j||, x [..., d], directions [K, d] -> [..., d]."""
     unit = directions.float() / directions.float().norm(dim=-1, keepdim=True).clamp_min(1e-12)
     return (float(alpha) * x.float().norm(dim=-1, keepdim=True) * unit.sum(0)).to(x.dtype)
-
-
-def decode_delta(sae, codes: Tensor, edited: Tensor, latents: Tensor, norm) -> Tensor:
-    """decode(edited, norm) - decode(codes, norm) when only ``latents`` columns differ: [..., K] @ W_dec[K] instead
-    of two dense [..., M] decodes. Exact for the affine decode x_hat = denorm(f W_dec + b_dec) of SparseAutoencoder,
-    whose de-normalisation is y * out_scale + mean per row."""
-    lat = latents.to(codes.device)
-    dl = edited.index_select(-1, lat) - codes.index_select(-1, lat)
-    W = sae.weights(codes.device, codes.dtype).W_dec
-    delta = dl @ W.index_select(0, lat)
-    if norm is not None:
-        scale = getattr(norm, "out_scale", None)
-        if scale is None:  # an unknown normalisation state: fall back to the two full decodes
-            return sae.decode(edited, norm) - sae.decode(codes, norm)
-        delta = delta * scale
-    return delta
 
 
 def steer(sae, x: Tensor, codes: Tensor, norm, step: ConceptStep, mask: Tensor, settings: SteerSettings,
@@ -196,8 +144,9 @@ def steer_picked(sae, x: Tensor, sub: Tensor, dense_codes, norm, step: ConceptSt
 
 
 def _picked_delta(sae, sub: Tensor, new_sub: Tensor, latents: Tensor, norm, dense_codes) -> Tensor:
-    """decode(edited) - decode(codes) where only the ``latents`` columns changed from sub to new_sub: the same
-    arithmetic as ``decode_delta``."""
+    """decode(edited) - decode(codes) where only the ``latents`` columns changed from sub to new_sub:
+    [..., K] @ W_dec[K] instead of two dense [..., M] decodes. Exact for the affine decode
+    x_hat = denorm(f W_dec + b_dec) of SparseAutoencoder, whose de-normalisation is y * out_scale + mean per row."""
     lat = latents.to(sub.device)
     W = sae.weights(sub.device, sub.dtype).W_dec
     delta = (new_sub - sub) @ W.index_select(0, lat)

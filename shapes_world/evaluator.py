@@ -13,7 +13,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from sae_core.mixins import DictRoundTrip
 
 from .scenes import COLOURS, SHAPES, generate_scenes
 
@@ -33,12 +35,9 @@ DEFAULT_DIR = Path(__file__).resolve().parent / "weights"
 
 
 @dataclass
-class EvaluatorConfig:
+class EvaluatorConfig(DictRoundTrip):
     width: int = 32
     groups: int = 8
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def _block(cin: int, cout: int, groups: int) -> nn.Sequential:

@@ -1,6 +1,10 @@
 """Copy a training checkpoint into a small shippable one (fp16 weights + config with provenance).
 
-    python -m shapes_world.export --ckpt /work/shapes_run/step_002750 --out shapes_world/weights
+    python -m shapes_world.train --out RUN --steps 8000 --seed 0      # writes RUN/step_NNNNNN snapshots
+    python -m shapes_world.export --ckpt RUN/step_004713 --out shapes_world/weights
+
+(the shipped weights are step 4713 of that run). The config records the snapshot's folder name, not its
+path, so nothing of the machine it was exported on ends up in the shipped files.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ logger = logging.getLogger(__name__)
 def export(ckpt: Path, out: Path, dtype: torch.dtype = torch.float16, note: str = "") -> Path:
     model, config = load_model(ckpt)
     meta = {k: v for k, v in config.items() if k not in ("format", "model", "vocab")}
-    meta.update({"exported_from": str(ckpt), "dtype": str(dtype).removeprefix("torch.")})
+    meta.update({"exported_from": Path(ckpt).name, "dtype": str(dtype).removeprefix("torch.")})
     if note:
         meta["note"] = note
     return save_model(model, out, meta, dtype=dtype)

@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from sae_core.mixins import DictRoundTrip
 
 from .text import TextEncoder, TextEncoderConfig, Tokenizer
 
@@ -22,7 +24,7 @@ CONFIG_NAME = "config.json"
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(DictRoundTrip):
     """Everything needed to rebuild the model and its noise schedule."""
 
     sample_size: int = 32
@@ -51,15 +53,6 @@ class ModelConfig:
                     f"ModelConfig: channel count {c} must be divisible by norm_num_groups="
                     f"{self.norm_num_groups} and attention_heads={self.attention_heads}"
                 )
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["block_out_channels"] = list(self.block_out_channels)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> ModelConfig:
-        return cls(**d)
 
     def unet_kwargs(self) -> dict:
         return dict(

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from sae_core.mixins import DictRoundTrip
 
 from .scenes import BACKGROUNDS, COLOURS, SHAPES
 
@@ -63,7 +65,7 @@ class Tokenizer:
 
 
 @dataclass
-class TextEncoderConfig:
+class TextEncoderConfig(DictRoundTrip):
     vocab_size: int = len(VOCAB)
     max_length: int = 20  # tokens per caption, <bos> included
     dim: int = 128  # width of encoder_hidden_states (the UNet's cross_attention_dim)
@@ -77,13 +79,6 @@ class TextEncoderConfig:
         for name in ("vocab_size", "max_length", "dim", "layers", "heads", "ff_mult"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TextEncoderConfig: {name}={getattr(self, name)}, expected >= 1")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> TextEncoderConfig:
-        return cls(**d)
 
 
 class TextEncoder(nn.Module):

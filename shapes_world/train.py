@@ -1,6 +1,6 @@
 """Train the shapes-world model on freshly drawn scenes; periodic, resumable checkpoints.
 
-    python -m shapes_world.train --out /tmp/run --steps 3000 --threads 1 --seed 0 --max-minutes 75
+    python -m shapes_world.train --out RUN --steps 8000 --threads 1 --seed 0 --max-minutes 75
 
 Writes OUT/latest/{model.safetensors (EMA weights), config.json, train_state.pt (raw weights +
 optimizer, for --resume)}, snapshots OUT/step_NNNNNN/ (EMA weights + config), and OUT/log.jsonl with

@@ -1,6 +1,6 @@
 """Writers of every checkpoint format in its real on-disk layout, and a float64 NumPy reference forward.
 
-The reference is written from REFERENCE.md, row by row, independently of sae_core.
+The reference is written from docs/FORMULAS.md sections 2 and 3, row by row, independently of sae_core.
 """
 
 from __future__ import annotations
@@ -110,7 +110,7 @@ def _np(t) -> np.ndarray:
 
 def reference_forward(x, w: dict, *, activation: str, k: int | None = None, threshold=None,
                       normalize: str = "none", apply_b_dec: bool = True, ln_eps: float = 1e-5):
-    """(codes, x_hat) for x [..., d] per REFERENCE.md, computed one row at a time in float64."""
+    """(codes, x_hat) for x [..., d] per docs/FORMULAS.md section 2, computed one row at a time in float64."""
     x = _np(x)
     W_enc, b_enc, W_dec, b_dec = (_np(w[n]) for n in ("W_enc", "b_enc", "W_dec", "b_dec"))
     M, d = W_enc.shape

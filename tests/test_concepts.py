@@ -23,7 +23,7 @@ from sae_core.concepts import (
     select_latents,
 )
 
-# -- independent reference (NumPy, float64, written from REFERENCE.md section 3) -------------------
+# -- independent reference (NumPy, float64, written from docs/FORMULAS.md section 5) -------------------
 
 
 def ref_build(means, counts, c, percentile=None, top_n=None):

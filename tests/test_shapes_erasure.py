@@ -2,7 +2,6 @@
 
 import json
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -169,9 +168,8 @@ def test_shipped_world_loads_when_built():
         d.check_compatible(world.sae)
 
 
-def test_bench_erasure_quick_run_writes_json(tiny_world_dir, tmp_path):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-    import erasure as bench  # bench/erasure.py
+def test_bench_erasure_quick_run_writes_json(tiny_world_dir, tmp_path, bench_script):
+    bench = bench_script("erasure")
 
     out = bench.main(["--weights", str(tiny_world_dir[0]), "--concepts", "red", "--targets", "2", "--others", "1",
                       "--steps", "2", "--scale", "-4", "--add", "-2", "--calibration", "4", "--json", str(tmp_path / "e.json")])

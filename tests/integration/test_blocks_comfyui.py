@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from sae_core.blocks import blocks, family_from_unet_config, grid_size, resolve_block
+from sae_core.blocks import blocks, grid_size, resolve_block
 
 COMFYUI_PATH = os.environ.get("COMFYUI_PATH")
 pytestmark = pytest.mark.skipif(
@@ -98,7 +98,6 @@ def test_registry_matches_comfyui_unet(comfy_unets, family):
 
 
 @pytest.mark.parametrize("family, comfy_class", [("sd1", "SD15"), ("sdxl", "SDXL")])
-def test_family_from_comfyui_detected_config(comfy_unets, family, comfy_class):
+def test_comfyui_detects_the_tiny_unets_as_their_family(comfy_unets, family, comfy_class):
     got = comfy_unets[family]
     assert got["model_config"] == comfy_class  # ComfyUI agrees which model these weights are
-    assert family_from_unet_config(got["detected"]) == family

@@ -1,11 +1,11 @@
-// node --test js/tests/   (.mjs: ComfyUI loads every .js under js/ into the browser, never these)
+// node --test tests/js/   (outside js/, the folder ComfyUI serves to browsers)
 import { test } from "node:test";
 import assert from "node:assert/strict";
 
 import {
   COMPARE_KEY, MASK_KEY, PayloadError, checkRef, clipRect, fitRect, isOurNodeType, parseComparePayload,
   parseMaskPayload, sliderFraction, stepAfterKey, stepIndex, stepLabel, viewPath,
-} from "../sae_logic.js";
+} from "../../js/sae_logic.js";
 
 const ref = (filename, type = "temp", subfolder = "") => ({ filename, subfolder, type });
 
