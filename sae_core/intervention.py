@@ -226,6 +226,14 @@ def _row_keys(parts: Sequence[ChunkRows]) -> list[tuple[int, int, int]]:
     return keys
 
 
+def _deciding_rows(keys: list[tuple[int, int, int]], branches: Sequence[int]) -> Tensor:
+    """[R] bool: the rows whose detections may open the presence gate: cond rows, or every row of an
+    intervention that sees no cond rows (branches = uncond)."""
+    if 0 not in branches:
+        return torch.ones(len(keys), dtype=torch.bool)
+    return torch.tensor([f == 0 for f, _, _ in keys], dtype=torch.bool)
+
+
 def _seed_for(seed: int, step: StepInfo, flag: int, occurrence: int) -> int:
     """A per-(step, branch) seed: the cond draw is the same whether or not an uncond chunk ran beside it."""
     key = step.step_index if step.step_index is not None else round(float(step.timestep) * 1000)
@@ -421,28 +429,57 @@ class BlockIntervention(SharedOnCopy):
 
     def _effective_mask(self, mask: Tensor, picked: Tensor, cstep, parts: Sequence[ChunkRows], step: StepInfo) -> Tensor:
         """The mask the edit uses: the detector's, through the look-ahead guide or the presence gate and the
-        temporal rule. Stays on the device (no synchronisation)."""
+        temporal rule. Stays on the device (no synchronisation).
+
+        With the gate (or a guide) the cond branch decides: the gate was learned on cond rows (the prompt names the
+        concept there; the unconditional branch fires elsewhere), so presence opens on cond rows only and the
+        uncond row of an image is edited at its cond row's patches (the same call's, else the last one seen)."""
         if self.phase == "detect":
             return mask
-        images = [j for p in parts for j in range(p.stop - p.start)]
+        keys = _row_keys(parts)
         if self.phase == "edit" and self.guide is not None:
-            g_mask, g_present = self.guide.rows(images, tuple(mask.shape[-2:]), mask.device)
-            base = (g_mask | mask) if self.lookahead is None or self.lookahead.combine == "union" else g_mask
+            g_mask, g_present = self.guide.rows([j for _, _, j in keys], tuple(mask.shape[-2:]), mask.device)
+            base = (g_mask | self._cond_masks(mask, keys)) if self.lookahead is None or self.lookahead.combine == "union" \
+                else g_mask
             return base & g_present[:, None, None]
         s = self.detector.settings
-        keys = _row_keys(parts)
         # a gated concept: gate > 0 at steps where it separates, 0 and not reliable elsewhere (never opens there);
         # gate 0 and reliable = a concept without a gate (older file, typed latents): not gated
         if s.gate and (float(cstep.gate) > 0 or not cstep.reliable):
+            deciders = _deciding_rows(keys, self.branches)
             if cstep.reliable and cstep.latents.numel():
                 opened = detected_fraction(picked, cstep.thresholds.to(picked.device)) >= float(cstep.gate)
+                opened = opened & deciders.to(opened.device)
             else:
                 opened = torch.zeros(mask.shape[0], dtype=torch.bool, device=mask.device)
-            present = self._remember("present", keys, opened, torch.logical_or)
-            mask = mask & present[:, None, None]
+            images = [(o, j) for _, o, j in keys]
+            per_image = {k: torch.zeros((), dtype=torch.bool, device=opened.device) for k in images}
+            for r, k in enumerate(images):  # both rows of an image see the verdict of its cond row
+                per_image[k] = per_image[k] | opened[r]
+            present = self._remember("present", images, torch.stack([per_image[k] for k in images]), torch.logical_or)
+            mask = self._cond_masks(mask, keys) & present[:, None, None]
         if s.temporal == "sticky":
             mask = self._remember("sticky", keys, mask, torch.logical_or)
         return mask
+
+    def _cond_masks(self, mask: Tensor, keys: list[tuple[int, int, int]]) -> Tensor:
+        """Each uncond row takes the mask of its image's cond row: from this call, else the last one remembered;
+        rows of an intervention on the uncond branch alone keep their own."""
+        if 0 not in self.branches:
+            return mask
+        mem = self._memory.setdefault("cond_mask", {})
+        cond_row = {(o, j): r for r, (f, o, j) in enumerate(keys) if f == 0}
+        for r, (f, o, j) in enumerate(keys):
+            if f == 0:
+                mem[(o, j)] = mask[r]
+        src = [r if f == 0 else cond_row.get((o, j), -1) for r, (f, o, j) in enumerate(keys)]
+        if all(i >= 0 for i in src):
+            return mask if src == list(range(len(keys))) else mask[torch.tensor(src, device=mask.device)]
+        rows = []
+        for r, (_f, o, j) in enumerate(keys):
+            m = mask[src[r]] if src[r] >= 0 else mem.get((o, j))
+            rows.append(mask[r] if m is None or m.shape != mask[r].shape else m)
+        return torch.stack(rows)
 
     def _remember(self, what: str, keys: list[tuple], new: Tensor, combine) -> Tensor:
         """Combine ``new`` (rows in ``keys`` order) with what this run remembered for the same rows, store and

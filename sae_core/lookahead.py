@@ -72,14 +72,19 @@ class GuideMasks:
 
 def guide_from_recorder(recorder, detector, settings: LookAheadSettings | None = None, label: str | None = None
                         ) -> GuideMasks:
-    """GuideMasks from pass 1's Recorder (masks and scores of every step, both branches united per image).
+    """GuideMasks from pass 1's Recorder (masks and scores of every step; the cond branch's when it was recorded,
+    as the presence gate was learned on it and the unconditional branch fires elsewhere, else all branches
+    united per image). Pass 2 edits both branches of an image at the guide's patches.
 
     A step counts as reliable where the detector's concepts say so (their presence gate); with the detector's
     gate off, or concepts without a gate, every step is reliable and every image present."""
     settings = settings or LookAheadSettings()
     gated = bool(detector.settings.gate)
     per_image: dict[int, dict] = {}
-    for r in recorder.select(label):
+    records = recorder.select(label)
+    if any(r.branch == "cond" for r in records):  # the cond branch decides (the gate was learned on it)
+        records = [r for r in records if r.branch == "cond"]
+    for r in records:
         steps = per_image.setdefault(r.image, {})
         m = r.mask()
         frac = 0.0 if r.score is None else float((r.score.float() > 0).float().mean())

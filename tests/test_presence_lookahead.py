@@ -340,3 +340,21 @@ def test_patch_salience_matches_a_reference_and_salient_patches_are_never_source
 
 def direction_vec(seed):
     return direction(D, seed=seed) * 2.0
+
+
+def test_gate_is_decided_on_the_cond_branch_and_uncond_rows_follow_its_mask():
+    sae, u = planted_sae(d=D)
+    iv = _gated_iv(u, sae)
+    cond_empty, uncond_busy = _maps([0], u, seed=1), _maps([9], u, seed=2)
+    batch = torch.cat([cond_empty, uncond_busy])  # [cond; uncond]: the unconditional branch alone fires
+    assert iv(None, batch, StepInfo(500.0, chunks=(0, 1))) is batch
+    iv.reset()
+    cond_obj = _maps([7], u, seed=3)
+    uncond_other = _maps([0], u, seed=4)
+    uncond_other[0, :, 5, :] += 2.5 * u[:, None]  # fires on row 5 only, where cond has nothing
+    batch = torch.cat([uncond_other, cond_obj])  # [uncond; cond]
+    out = iv(None, batch, StepInfo(500.0, chunks=(1, 0)))
+    changed_u = (out[0] != batch[0]).any(0)
+    changed_c = (out[1] != batch[1]).any(0)
+    assert torch.equal(changed_u, changed_c)  # both branches at the cond row's patches
+    assert int(changed_c.sum()) == 7 and not changed_u[5].any()
