@@ -181,6 +181,13 @@ def fit_background(images: Tensor, candidates: Tensor, stripe_contrast: float, w
     c = cand[:, None].float()
     cost = F.avg_pool2d(err * c, window, stride=1, padding=window // 2) / F.avg_pool2d(
         c, window, stride=1, padding=window // 2).clamp_min(1e-6)
+    # stripes may bend (to a diagonal) but not turn by 90 degrees: find the direction that fits most pixels and
+    # refit without the one perpendicular to it, so a patch of crossing stripes stays odd
+    best_dir = cost.view(b, 4, PERIOD, h, w).amin(2).argmin(1)  # [B, H, W]
+    votes = F.one_hot(best_dir, 4).mul(cand[..., None]).flatten(1, 2).sum(1)  # [B, 4]
+    perpendicular = torch.tensor([1, 0, 3, 2])[votes.argmax(1)]  # rows <-> columns, diagonal <-> anti-diagonal
+    banned = (torch.arange(4)[None] == perpendicular[:, None]).repeat_interleave(PERIOD, 1)  # [B, 16]
+    cost = cost.masked_fill(banned[:, :, None, None], float("inf"))
     pick = cost.argmin(1)  # [B, H, W]
     on_px = torch.gather(all_layouts[None].expand(b, -1, -1, -1), 1, pick[:, None])  # [B, 1, H, W]
     a4, b4 = level_a[:, :, None, None], level_b[:, :, None, None]
@@ -210,11 +217,11 @@ def _neighbours(x: Tensor, radius: int = EDGE_RADIUS) -> Tensor:
 
 
 def _mix_error(x: Tensor, base: Tensor, ends: Tensor) -> Tensor:
-    """Per-channel max distance of x [B, 3, H, W] from the segments base -> ends [N, B, 3, H, W]: [N, B, H, W]."""
-    d = ends - base[None]
-    v = (x - base)[None]
-    alpha = ((v * d).sum(2, keepdim=True) / d.pow(2).sum(2, keepdim=True).clamp_min(1e-6)).clamp(0, 1)
-    return (v - alpha * d).abs().amax(2)
+    """Per-channel max distance of colours x [..., 3] from the segments base [..., 3] -> ends [..., 3]."""
+    d = ends - base
+    v = x - base
+    alpha = ((v * d).sum(-1, keepdim=True) / d.pow(2).sum(-1, keepdim=True).clamp_min(1e-6)).clamp(0, 1)
+    return (v - alpha * d).abs().amax(-1)
 
 
 @torch.no_grad()
@@ -237,24 +244,51 @@ def judge(images: Tensor, captions: Sequence[str], settings: JudgeSettings | Non
     chroma = x.amax(1) - x.amin(1)
     bg = fit_background(x, (chroma < s.grey_chroma) & ~is_pal, s.stripe_contrast)
 
+    reasons = {r: torch.zeros(b, dtype=torch.long) for r in REASONS}
+    flagged = torch.zeros(b, h, w, dtype=torch.bool)
+    odd_pixels = torch.zeros(b, dtype=torch.long)
+
+    # palette groups by colour: objects (>= min_object pixels) and fragments (smaller)
+    obj_px = torch.zeros(b, h, w, dtype=torch.bool)
+    frag_px = torch.zeros(b, h, w, dtype=torch.bool)
+    for c, name in enumerate(COLOURS):
+        named = torch.tensor([sum(col == name for col, _ in p.objects) for p in parsed])
+        inv, counts, img = _blob_table(components(is_pal & (pal_id == c)))
+        if not counts.numel():
+            continue
+        inside = inv >= 0
+        at = inv.clamp_min(0)
+        is_obj = counts >= s.min_object
+        obj_px |= inside & is_obj[at]
+        unnamed = (named[img] == 0) & (counts >= s.min_blob)
+        frag_px |= inside & (~is_obj & ~unnamed)[at]
+        reasons["unnamed_colour"].index_add_(0, img[unnamed], torch.ones(int(unnamed.sum()), dtype=torch.long))
+        flagged |= inside & unnamed[at]
+        n_obj = torch.zeros(b, dtype=torch.long).index_add_(0, img, is_obj.long())
+        extra = (n_obj - named).clamp_min(0) * (named > 0)
+        reasons["extra_object"] += extra
+        flagged |= inside & (extra[img] > 0)[at] & is_obj[at]  # every object of a colour that has too many
+
     res = x - bg.expected
     off_bg = res.abs().amax(1) > s.bg_tol
-    # edge: a blend of the background (either stripe level) and a nearby palette pixel's colour, the rim a
-    # sampler leaves around an object
-    nb_rgb = _neighbours(x)
-    nb_pal = _neighbours(is_pal[:, None].float())[:, :, 0] > 0  # [N, B, H, W]
-    mix = torch.minimum(_mix_error(x, bg.expected, nb_rgb), _mix_error(x, bg.other, nb_rgb))
-    edge = off_bg & ~is_pal & (nb_pal & (mix < s.mix_tol)).any(0)
+    # edge: a blend of the background (either stripe level) and the colour of a nearby object pixel, the rim
+    # a sampler leaves around an object (fragments are no objects: a dim blob around a speck stays a smudge)
+    nb_obj = _neighbours(obj_px[:, None].float())[:, :, 0] > 0  # [N, B, H, W]
+    maybe = off_bg & ~is_pal & nb_obj.any(0)
+    edge = torch.zeros_like(maybe)
+    if bool(maybe.any()):  # only the few pixels beside an object are tested
+        at = maybe.nonzero(as_tuple=True)
+        nb_rgb = _neighbours(x).permute(1, 3, 4, 0, 2)[at]  # [P, N, 3]
+        px = x.permute(0, 2, 3, 1)[at][:, None]  # [P, 1, 3]
+        mix = torch.minimum(_mix_error(px, bg.expected.permute(0, 2, 3, 1)[at][:, None], nb_rgb),
+                            _mix_error(px, bg.other.permute(0, 2, 3, 1)[at][:, None], nb_rgb))  # [P, N]
+        edge[at] = (nb_obj.permute(1, 2, 3, 0)[at] & (mix < s.mix_tol)).any(1)
     # faint blobs: the residual averaged over the 3x3 pixels that are plain background by themselves
     keep = (~is_pal & ~off_bg).float()[:, None]
     num = F.avg_pool2d(res * keep, 3, stride=1, padding=1, count_include_pad=False)
     den = F.avg_pool2d(keep, 3, stride=1, padding=1, count_include_pad=False)
     faint = (num / den.clamp_min(1e-6)).abs().amax(1) > s.smooth_tol
-    odd = ~is_pal & ~edge & (off_bg | faint)
-
-    reasons = {r: torch.zeros(b, dtype=torch.long) for r in REASONS}
-    flagged = torch.zeros(b, h, w, dtype=torch.bool)
-    odd_pixels = torch.zeros(b, dtype=torch.long)
+    odd = (~is_pal & ~edge & (off_bg | faint)) | frag_px
 
     # odd blobs
     inv, counts, img = _blob_table(components(odd))
@@ -272,22 +306,7 @@ def judge(images: Tensor, captions: Sequence[str], settings: JudgeSettings | Non
             hit = big & (kind == code)
             reasons[name].index_add_(0, img[hit], torch.ones(int(hit.sum()), dtype=torch.long))
         odd_pixels.index_add_(0, img[big], counts[big])
-        flagged |= (inv >= 0) & big[inv.clamp_min(0)]
-
-    # objects by colour
-    for c, name in enumerate(COLOURS):
-        named = torch.tensor([sum(col == name for col, _ in p.objects) for p in parsed])
-        inv, counts, img = _blob_table(components(is_pal & (pal_id == c)))
-        if not counts.numel():
-            continue
-        n_obj = torch.zeros(b, dtype=torch.long).index_add_(0, img, (counts >= s.min_object).long())
-        unnamed = (named[img] == 0) & (counts >= s.min_blob)
-        reasons["unnamed_colour"].index_add_(0, img[unnamed], torch.ones(int(unnamed.sum()), dtype=torch.long))
-        flagged |= (inv >= 0) & unnamed[inv.clamp_min(0)]
-        extra = (n_obj - named).clamp_min(0) * (named > 0)
-        reasons["extra_object"] += extra
-        # mark every object of a colour that has too many
-        flagged |= (inv >= 0) & (extra[img] > 0)[inv.clamp_min(0)] & (counts >= s.min_object)[inv.clamp_min(0)]
+        flagged |= sel & big[inv.clamp_min(0)]
 
     # the background against the caption
     for i, p in enumerate(parsed):
