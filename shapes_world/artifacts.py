@@ -82,6 +82,7 @@ class Judgement(NamedTuple):
     reasons: dict[str, Tensor]  # reason -> [B] long: blobs / objects / 1 per image (see REASONS)
     odd_pixels: Tensor  # [B] long: pixels in counted odd blobs
     flagged: Tensor  # [B, H, W] bool: pixels of the counted blobs and objects (for pictures)
+    blobs: Tensor  # [B, H, W] bool: pixels of the counted odd blobs only (smudge, ghost, broken stripe)
 
 
 def rates(j: Judgement) -> dict[str, float]:
@@ -247,6 +248,7 @@ def judge(images: Tensor, captions: Sequence[str], settings: JudgeSettings | Non
     reasons = {r: torch.zeros(b, dtype=torch.long) for r in REASONS}
     flagged = torch.zeros(b, h, w, dtype=torch.bool)
     odd_pixels = torch.zeros(b, dtype=torch.long)
+    blobs = torch.zeros(b, h, w, dtype=torch.bool)
 
     # palette groups by colour: objects (>= min_object pixels) and fragments (smaller)
     obj_px = torch.zeros(b, h, w, dtype=torch.bool)
@@ -306,7 +308,8 @@ def judge(images: Tensor, captions: Sequence[str], settings: JudgeSettings | Non
             hit = big & (kind == code)
             reasons[name].index_add_(0, img[hit], torch.ones(int(hit.sum()), dtype=torch.long))
         odd_pixels.index_add_(0, img[big], counts[big])
-        flagged |= sel & big[inv.clamp_min(0)]
+        blobs = sel & big[inv.clamp_min(0)]
+        flagged |= blobs
 
     # the background against the caption
     for i, p in enumerate(parsed):
@@ -318,4 +321,4 @@ def judge(images: Tensor, captions: Sequence[str], settings: JudgeSettings | Non
         reasons["background"][i] = int(wrong_level or stripes_unasked)
 
     artifact = torch.stack([reasons[r] > 0 for r in DEFECTS]).any(0)
-    return Judgement(artifact, reasons, odd_pixels, flagged)
+    return Judgement(artifact, reasons, odd_pixels, flagged, blobs)
