@@ -7,24 +7,28 @@ does not use the evaluator. It knows what the scene generator draws (``shapes_wo
 one grey level, or of two levels in stripes of period 4 (horizontal, vertical or diagonal); objects filled with
 one of the six palette colours (small jitter); and it knows what the caption asked for. Per image:
 
-1. Fit the background: the grey level of the low-chroma pixels, or, when the best of the six stripe layouts
-   separates two levels by more than ``stripe_contrast``, those two levels in that layout.
-2. Label every pixel: *background* (within ``bg_tol`` of its expected background colour, per channel),
-   *palette* (within ``palette_tol`` of a palette colour), *edge* (a mix of its expected background and the
-   colour of a palette neighbour, the soft rim a sampler leaves around an object), or *odd* (none of these).
-   A pixel that is not palette is also odd where its residual against the background, averaged over the
-   non-palette pixels of its 3x3 neighbourhood, exceeds ``smooth_tol``: faint blobs noise cannot make.
+1. Background: the grey, non-palette pixels split into two levels (2-means on brightness). Levels further apart
+   than ``stripe_contrast``, each holding a fifth of the pixels, make a striped background; then every pixel
+   takes the stripe direction and phase that fit its 5x5 neighbourhood best. Stripes may bend (the sampler's
+   do) but not turn by 90 degrees against the image's main direction, and a patch where they stop fits no layout.
+2. Pixels: *palette* (within ``palette_tol`` of a palette colour, per channel); *objects* are palette groups of
+   one colour with at least ``min_object`` pixels, smaller groups are *fragments*. *Edge*: off the background but
+   on the blend of its background and the colour of an object pixel within two pixels (the rim a sampler
+   leaves). *Odd*: not palette, not edge, and either more than ``bg_tol`` from its expected background or
+   with a residual, averaged over the 3x3 pixels that are background by themselves, above ``smooth_tol``
+   (faint blobs noise cannot make); fragments are odd too.
 3. Blobs: 8-connected groups of odd pixels with at least ``min_blob`` pixels. A blob is a *smudge* when its
-   pixels are coloured (mean chroma over ``grey_chroma``), a *broken stripe* when it is grey and most of its
+   pixels are coloured (mean chroma over ``grey_chroma``), a *broken_stripe* when it is grey and most of its
    pixels sit at the other stripe level, a *ghost* otherwise (grey, at no level of the background).
-4. Objects: 8-connected groups of palette pixels of one colour. A group of at least ``min_blob`` pixels in a
-   colour the caption does not name is *unnamed_colour* (a recoloured object, a copied neighbour); more groups
-   of at least ``min_object`` pixels in a named colour than the caption has objects of it is *extra_object*.
-5. *background*: the fitted background level is more than ``level_tol`` from the caption's, or stripes where
-   the caption has none.
+4. *unnamed_colour*: a palette group of at least ``min_blob`` pixels in a colour the caption does not name (a
+   recoloured object, a copied neighbour of an unnamed colour).
 
-An image is an artifact when any reason fires. Clean generator scenes (no noise, no rim) give no reason at
-all; the model's own unedited renders give a small rate (measured: README, bench/erasure.py).
+These four are DEFECTS: an image with any of them is an artifact. Two MISMATCHES with the caption are reported
+but not counted, because the model makes them on its own: *extra_object* (more objects of a named colour than
+the caption has: copied neighbours, and the model's duplicates in a quarter of its unedited images) and
+*background* (the fitted base level more than ``level_tol`` from the caption's, or stripes it did not ask for).
+Clean generator scenes give no reason at all; ``bench/artifact_judge.py`` measures the model's own renders and
+the edits.
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ from .scenes import BACKGROUND_GREY, BACKGROUNDS, COLOUR_RGB, COLOURS, parse_cap
 # Local defects: what an edit smears into the picture. An image with any of them is an artifact.
 DEFECTS: tuple[str, ...] = ("smudge", "ghost", "broken_stripe", "unnamed_colour")
 # Content that disagrees with the caption although every pixel is clean: the shapes model itself draws a
-# duplicate object in about a fifth of its unedited images, so these are reported, not counted as artifacts.
+# duplicate object in about a quarter of its unedited images, so these are reported, not counted as artifacts.
 MISMATCHES: tuple[str, ...] = ("extra_object", "background")
 REASONS: tuple[str, ...] = DEFECTS + MISMATCHES
 EDGE_RADIUS = 2  # how far from a palette pixel a blended rim pixel may lie
