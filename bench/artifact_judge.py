@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"1. clean generator scenes ({a.clean}): flagged {out['clean']['rates']['artifact']:.4f}; "
           f"{out['clean']['ms_per_image']:.1f} ms per image")
 
-    world = load_world(a.weights, a.concepts or None)
+    world = load_world(a.weights, a.concepts or None) if a.renders or a.concepts else None
     if a.renders:
         caps = generate_scenes(a.renders, seed=60_000_011).captions
         imgs = render(world.model, caps, seed=0, steps=a.steps)

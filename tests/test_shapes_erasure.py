@@ -201,3 +201,15 @@ def test_window_outside_every_step_leaves_images_identical(tiny_world_dir):
     torch.testing.assert_close(imgs["PER"], imgs["original"], rtol=0, atol=0)
     m = r.methods["PER"]
     assert m["unchanged_identical"] == 1.0 and m["unchanged_psnr_db"] == erasure.PSNR_CAP and m["ood_distance"] == 0.0
+
+
+def test_bench_artifact_judge_quick_run(tmp_path):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import artifact_judge  # bench/artifact_judge.py
+
+    out = artifact_judge.main(["--clean", "24", "--renders", "3", "--steps", "2", "--concepts", "--json",
+                               str(tmp_path / "j.json")])
+    data = json.loads((tmp_path / "j.json").read_text())
+    assert data["clean"]["rates"]["artifact"] == 0.0 == out["clean"]["rates"]["artifact"]
+    assert sum(v["n"] for v in data["renders"]["by_background"].values()) == 3
+    assert set(data["renders"]["rates"]) == {"artifact", *artifacts.REASONS}
