@@ -43,7 +43,8 @@ from shapes_world.erasure import (  # noqa: E402
 from shapes_world.render import render  # noqa: E402
 from shapes_world.scenes import COLOURS, generate_scenes  # noqa: E402
 
-KEYS = ("erasure_rate", "preservation", "unchanged_psnr_db", "unchanged_identical", "artifact_rate", "ood_distance")
+KEYS = ("erasure_rate", "preservation", "unchanged_psnr_db", "unchanged_identical", "artifact_rate", "ood_distance",
+        "artifact_rate_judge")
 
 
 def average(per_concept: dict, method: str) -> dict:
@@ -58,6 +59,8 @@ def average(per_concept: dict, method: str) -> dict:
         m = sum(mse) / len(mse)
         out["unchanged_psnr_db"] = PSNR_CAP if m == 0 else min(PSNR_CAP, 10 * math.log10(1.0 / m))
     out["detection_iou"] = sum(r["detection_iou"] for r in per_concept.values()) / len(per_concept)
+    reasons = [r["methods"][method]["judge_reasons"] for r in per_concept.values()]
+    out["judge_reasons"] = {k: sum(x[k] for x in reasons) / len(reasons) for k in reasons[0]}
     return out
 
 
@@ -110,18 +113,19 @@ def main(argv: list[str] | None = None) -> dict:
         ref = rows[PER_DEFAULT_NAME]["erasure_rate"]
         matched = min(steer_names, key=lambda m: (abs(rows[m]["erasure_rate"] - ref), abs(methods[m].strength)))
     baseline_artifacts = sum(r["methods"]["original"]["artifact_rate"] for r in per_concept.values()) / len(per_concept)
+    baseline_judge = sum(r["methods"]["original"]["artifact_rate_judge"] for r in per_concept.values()) / len(per_concept)
 
     print(f"\nshapes world erasure, concepts {a.concepts}, {a.targets}+{a.others} prompts each, {a.steps} DDIM steps, "
           f"CFG {a.cfg:g}; edits on the mask with padding {a.padding}, min_region {a.min_region}, window {a.window or 'all steps'}; artifact threshold {artifact_pixels} unrecognised pixels (unedited images over it: "
-          f"{baseline_artifacts:.3f})")
+          f"{baseline_artifacts:.3f}); judge = shapes_world.artifacts (unedited images flagged: {baseline_judge:.3f})")
     print(f"{'method':22s} {'erasure':>8s} {'preserv.':>8s} {'PSNR dB':>8s} {'ident.':>8s} {'det IoU':>8s} {'artifact':>8s} "
-          f"{'OOD W1':>8s}")
+          f"{'OOD W1':>8s} {'judge':>8s}")
     for m in methods:
         r = rows[m]
         tag = " *best" if m == best else (" *matched" if m == matched else "")
         print(f"{m:22s} {r['erasure_rate']:8.3f} {r['preservation']:8.3f} {r['unchanged_psnr_db']:8.2f} "
               f"{r['unchanged_identical']:8.3f} "
-              f"{r['detection_iou']:8.3f} {r['artifact_rate']:8.3f} {r['ood_distance']:8.4f}{tag}")
+              f"{r['detection_iou']:8.3f} {r['artifact_rate']:8.3f} {r['ood_distance']:8.4f} {r['artifact_rate_judge']:8.3f}{tag}")
     print("per concept detection IoU: " + ", ".join(f"{c} {per_concept[c]['detection_iou']:.3f}" for c in a.concepts))
     print(f"[{time.time() - t0:.0f} s]")
 
@@ -130,6 +134,7 @@ def main(argv: list[str] | None = None) -> dict:
         "steer": {} if best is None else {**rows[best], "best": best, "strength": methods[best].strength,
                                           "matched_to_per_erasure": matched, "sweep": {m: rows[m] for m in steer_names}},
         "artifact_pixels": artifact_pixels, "unedited_artifact_rate": baseline_artifacts,
+        "unedited_artifact_rate_judge": baseline_judge,
         "per_concept": per_concept,
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items() if k != "json"},
     }

@@ -20,6 +20,9 @@ prompts that do not ("other prompts"):
   artifact_rate     images with at least `artifact_pixels` pixels the evaluator cannot name with confidence
                     (see ``unrecognised``); the threshold is the count exceeded by only 5 % of the model's own
                     unedited images in the same run, so the rate measures what the edit adds;
+  artifact_rate_judge images with a visible defect by ``shapes_world.artifacts.judge`` (smudges, ghost blobs, broken
+                    stripes, unnamed colours; from pixels and caption, no evaluator, no calibration); judge_reasons:
+                    the share of images per reason (with copied objects, "extra_object", which is no defect);
   ood_distance      Wasserstein-1 distance between the token norms of the edited block outputs and those of
                     the unedited run (cond branch, every step): how far the edit moves the activations.
 """
@@ -45,6 +48,7 @@ from sae_core.sae import SparseAutoencoder
 from sae_core.stats import activation_shift
 from sae_core.steer import SteerSettings
 
+from . import artifacts
 from .evaluator import PixelEvaluator, load_evaluator
 from .learn import BLOCK, CONCEPT_DIR, SAE_NAME, ActivationTap, names_in
 from .model import ShapesModel, load_model
@@ -275,10 +279,16 @@ def evaluate_concept(world: World, concept: str, target_caps: list[str], other_c
             if other_caps else float("nan"),
             "artifact_rate": float((unrec >= artifact_pixels).float().mean()),
             "ood_distance": activation_shift(run.acts, orig.acts).norm_w1,
+            **_judged(run.images, caps),
         }
     result.methods["original"] = {"artifact_rate": float((base_unrec >= artifact_pixels).float().mean()),
-                                  "artifact_pixels": float(artifact_pixels)}
+                                  "artifact_pixels": float(artifact_pixels), **_judged(orig.images, caps)}
     return result, images
+
+
+def _judged(images: Tensor, captions: list[str]) -> dict:
+    r = artifacts.rates(artifacts.judge(images, captions))
+    return {"artifact_rate_judge": r.pop("artifact"), "judge_reasons": r}
 
 
 def artifact_threshold(counts: Tensor, quantile: float = 0.95) -> int:

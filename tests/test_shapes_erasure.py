@@ -12,7 +12,7 @@ pytest.importorskip("diffusers")
 
 from sae_core.concepts import load_concepts  # noqa: E402
 from sae_core.formats import load_sae  # noqa: E402
-from shapes_world import erasure, learn  # noqa: E402
+from shapes_world import artifacts, erasure, learn  # noqa: E402
 from shapes_world.demo import run_demo  # noqa: E402
 from shapes_world.model import load_model  # noqa: E402
 from shapes_world.render import render  # noqa: E402
@@ -132,8 +132,9 @@ def test_evaluate_concept_is_repeatable_and_in_range(tiny_world_dir):
     assert set(imgs) == {"original", *methods}
     for name in methods:
         m = r1.methods[name]
-        for k in ("erasure_rate", "preservation", "artifact_rate"):
+        for k in ("erasure_rate", "preservation", "artifact_rate", "artifact_rate_judge"):
             assert math.isnan(m[k]) or 0.0 <= m[k] <= 1.0
+        assert set(m["judge_reasons"]) == set(artifacts.REASONS)
         assert m["ood_distance"] >= 0.0 and m["unchanged_psnr_db"] <= erasure.PSNR_CAP
 
 
@@ -175,7 +176,8 @@ def test_bench_erasure_quick_run_writes_json(tiny_world_dir, tmp_path, bench_scr
                       "--steps", "2", "--scale", "-4", "--add", "-2", "--calibration", "4", "--json", str(tmp_path / "e.json")])
     data = json.loads((tmp_path / "e.json").read_text())
     for part in ("per", "steer"):
-        for k in ("erasure_rate", "preservation", "unchanged_psnr_db", "detection_iou", "artifact_rate", "ood_distance"):
+        for k in ("erasure_rate", "preservation", "unchanged_psnr_db", "detection_iou", "artifact_rate", "ood_distance",
+                  "artifact_rate_judge", "judge_reasons"):
             assert k in data[part]
     assert data["steer"]["best"] in data["steer"]["sweep"]
     assert out["per"]["detection_iou"] == data["per"]["detection_iou"]
@@ -197,3 +199,15 @@ def test_window_outside_every_step_leaves_images_identical(tiny_world_dir):
     torch.testing.assert_close(imgs["PER"], imgs["original"], rtol=0, atol=0)
     m = r.methods["PER"]
     assert m["unchanged_identical"] == 1.0 and m["unchanged_psnr_db"] == erasure.PSNR_CAP and m["ood_distance"] == 0.0
+
+
+def test_bench_artifact_judge_quick_run(tmp_path):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import artifact_judge  # bench/artifact_judge.py
+
+    out = artifact_judge.main(["--clean", "24", "--renders", "3", "--steps", "2", "--concepts", "--json",
+                               str(tmp_path / "j.json")])
+    data = json.loads((tmp_path / "j.json").read_text())
+    assert data["clean"]["rates"]["artifact"] == 0.0 == out["clean"]["rates"]["artifact"]
+    assert sum(v["n"] for v in data["renders"]["by_background"].values()) == 3
+    assert set(data["renders"]["rates"]) == {"artifact", *artifacts.REASONS}
