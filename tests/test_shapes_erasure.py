@@ -201,9 +201,8 @@ def test_window_outside_every_step_leaves_images_identical(tiny_world_dir):
     assert m["unchanged_identical"] == 1.0 and m["unchanged_psnr_db"] == erasure.PSNR_CAP and m["ood_distance"] == 0.0
 
 
-def test_bench_artifact_judge_quick_run(tmp_path):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-    import artifact_judge  # bench/artifact_judge.py
+def test_bench_artifact_judge_quick_run(tmp_path, bench_script):
+    artifact_judge = bench_script("artifact_judge")
 
     out = artifact_judge.main(["--clean", "24", "--renders", "3", "--steps", "2", "--concepts", "--json",
                                str(tmp_path / "j.json")])
