@@ -123,20 +123,21 @@ def learn_presence_gate(dictionary: ConceptDictionary, accumulator: ConceptStats
             "pass a sample id to add() (ConceptCollector.sample)"
         )
     labels_seen = {k[0] for k in accumulator.samples}
-    gates, rel = [], []
+    gates, rel, counts = [], [], {}
     for name in dictionary.names:
         pos_labels = {lb for lb in labels_seen if is_positive(name, lb)}
         if not pos_labels or pos_labels == labels_seen:
             raise ValueError(f"learn_presence_gate: concept {name!r} needs kept images of its own prompts and of "
                              f"contrast prompts; kept labels {sorted(labels_seen)}")
         labels, fr = sample_fractions(dictionary, name, accumulator)
-        fit = fit_gate(torch.tensor([is_positive(name, lb) for lb in labels], dtype=torch.bool), fr)
+        is_pos = torch.tensor([is_positive(name, lb) for lb in labels], dtype=torch.bool)
+        fit = fit_gate(is_pos, fr)
+        counts[name] = {"concept_images": int(is_pos.sum()), "contrast_images": int((~is_pos).sum())}
         logger.info("presence gate %r: %d of %d steps reliable, J max %.2f, gate %.4f..%.4f", name,
                     int(fit.reliable.sum()), fit.gate.numel(), float(fit.youden.max()),
                     float(fit.gate.min()), float(fit.gate.max()))
         gates.append(fit.gate)
         rel.append(fit.reliable)
     meta = replace(dictionary.meta, extra={**dictionary.meta.extra, "gate": {
-        "statistic": "detected_fraction", "min_j": MIN_J, "rel_j": REL_J,
-        "images": {lb: sum(1 for k in accumulator.samples if k[0] == lb) for lb in sorted(labels_seen)}}})
+        "statistic": "detected_fraction", "min_j": MIN_J, "rel_j": REL_J, "images": counts}})
     return replace(dictionary, gate=torch.stack(gates), reliable=torch.stack(rel), meta=meta)
