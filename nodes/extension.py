@@ -25,6 +25,7 @@ from ..sae_core.concepts import (
 )
 from ..sae_core.config import ACTIVATIONS, INPUT_SPACES
 from ..sae_core.detect import ConceptDetector, DetectionSettings
+from ..sae_core.errors import SAEFileExistsError, SAEFileNotFoundError, SAEInputError
 from ..sae_core.formats import load_sae
 from ..sae_core.intervention import BlockIntervention, ConceptCollector, Recorder, ReplaceSettings
 from ..sae_core.replace import MODES
@@ -179,7 +180,7 @@ class ConceptDetectorNode(io.ComfyNode):
                                                    name="typed", sae_fingerprint=sae.fingerprint())
             sources.append((typed, None))
         if not sources:
-            raise ValueError("Concept Detector: no concept connected and no latent ids typed; connect a CONCEPT "
+            raise SAEInputError("Concept Detector: no concept connected and no latent ids typed; connect a CONCEPT "
                              "(Learn Concept / Load Concept) or type latent ids")
         check_window(start_percent, end_percent)
         settings = DetectionSettings(threshold_scale=threshold_scale, padding=padding, min_region=min_region)
@@ -293,7 +294,7 @@ class MaskPreview(io.ComfyNode):
                 opacity: float, color: str) -> io.NodeOutput:
         rec = detections.recorder
         if rec is None or not rec.records:
-            raise ValueError(
+            raise SAEInputError(
                 f"Mask Preview: {detections.label} recorded nothing; sample the patched model first (connect "
                 "images decoded from that KSampler) and check start/end percent and branches"
             )
@@ -360,10 +361,10 @@ class LearnConcept(io.ComfyNode):
                 scheduler: str, seed: int, selection: str, percentile: float, top_n: int) -> io.NodeOutput:
         name = concept_name.strip()
         if not name or name == CONTRAST_LABEL:
-            raise ValueError(f"Learn Concept: concept_name {concept_name!r} is empty or reserved; type a name like 'cat'")
+            raise SAEInputError(f"Learn Concept: concept_name {concept_name!r} is empty or reserved; type a name like 'cat'")
         prompts = parse_prompts(concept_prompts)
         if not prompts:
-            raise ValueError("Learn Concept: concept_prompts is empty; type at least one prompt (one per line)")
+            raise SAEInputError("Learn Concept: concept_prompts is empty; type at least one prompt (one per line)")
         contrast = parse_prompts(contrast_prompts) or list(DEFAULT_CONTRAST)
         rule = SelectionRule(method=selection, percentile=percentile, top_n=top_n)
         key, block = resolve_hook(sae, model)
@@ -422,7 +423,7 @@ class SaveConcept(io.ComfyNode):
     def execute(cls, concept, filename: str, overwrite: bool) -> io.NodeOutput:
         path = folders.concept_save_path(folder_paths, filename)
         if os.path.exists(path) and not overwrite:
-            raise FileExistsError(f"Save Concept: {path} exists; pick another filename or switch overwrite on")
+            raise SAEFileExistsError(f"Save Concept: {path} exists; pick another filename or switch overwrite on")
         concept.save(path)
         return io.NodeOutput(concept, ui=ui.PreviewText(f"saved {list(concept.names)} to {path}"))
 
@@ -447,7 +448,7 @@ class LoadConcept(io.ComfyNode):
     def execute(cls, concept_name: str, sae=None) -> io.NodeOutput:
         path = folder_paths.get_full_path(folders.CONCEPT_FOLDER, concept_name)
         if path is None:
-            raise FileNotFoundError(f"Load Concept: {concept_name!r} not found in models/{folders.CONCEPT_FOLDER} "
+            raise SAEFileNotFoundError(f"Load Concept: {concept_name!r} not found in models/{folders.CONCEPT_FOLDER} "
                                     f"({folder_paths.get_folder_paths(folders.CONCEPT_FOLDER)})")
         return io.NodeOutput(load_concepts(path, sae=sae))
 

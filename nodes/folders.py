@@ -6,8 +6,10 @@ import os
 from pathlib import Path
 
 try:
+    from ..sae_core.errors import SAEFileNotFoundError, SAEInputError
     from ..sae_core.formats import find_checkpoints
 except ImportError:  # imported as top-level `nodes`
+    from sae_core.errors import SAEFileNotFoundError, SAEInputError
     from sae_core.formats import find_checkpoints
 
 SAE_FOLDER = "sae"
@@ -64,7 +66,7 @@ def resolve_sae_entry(folder_paths, entry: str) -> str:
         full = folder_paths.get_full_path(SAE_FOLDER, entry)
         if full:
             return full
-    raise FileNotFoundError(
+    raise SAEFileNotFoundError(
         f"SAE {entry!r} not found under models/{SAE_FOLDER} ({folder_paths.get_folder_paths(SAE_FOLDER)}); "
         "refresh the node list (press r) or put the file there"
     )
@@ -76,7 +78,7 @@ def concept_save_path(folder_paths, name: str) -> str:
     if stem.endswith(".safetensors"):
         stem = stem[: -len(".safetensors")]
     if not stem or "/" in stem or "\\" in stem or stem.startswith("."):
-        raise ValueError(f"concept file name {name!r}: expected a plain name like 'cat' (no folders, not hidden)")
+        raise SAEInputError(f"concept file name {name!r}: expected a plain name like 'cat' (no folders, not hidden)")
     root = folder_paths.get_folder_paths(CONCEPT_FOLDER)[0]
     os.makedirs(root, exist_ok=True)
     return os.path.join(root, stem + ".safetensors")

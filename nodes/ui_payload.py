@@ -13,6 +13,11 @@ import numpy as np
 from PIL import Image
 from torch import Tensor
 
+try:  # inside ComfyUI the pack is a package and sae_core its sibling
+    from ..sae_core.errors import SAEInputError
+except ImportError:  # imported as top-level `nodes`
+    from sae_core.errors import SAEInputError
+
 MASK_KEY = "sae_mask_steps"
 COMPARE_KEY = "sae_compare"
 MAX_STEPS = 1000  # more recorded steps than this are not sent (each is one small PNG)
@@ -42,10 +47,10 @@ def mask_step_payload(images: Tensor, per_image: list[tuple[list, Tensor]], colo
     image scaled without smoothing. Steps beyond MAX_STEPS are dropped (``truncated`` says so).
     """
     if len(per_image) != images.shape[0]:
-        raise ValueError(f"mask_step_payload: {len(per_image)} recorded map sets for {images.shape[0]} images; "
+        raise SAEInputError(f"mask_step_payload: {len(per_image)} recorded map sets for {images.shape[0]} images; "
                          "expected one per image")
     if not 0.0 <= opacity <= 1.0:
-        raise ValueError(f"mask_step_payload: opacity is {opacity}, expected 0..1")
+        raise SAEInputError(f"mask_step_payload: opacity is {opacity}, expected 0..1")
     target = os.path.join(out_dir, subfolder)
     os.makedirs(target, exist_ok=True)
     rgb = np.array([round(c * 255) for c in color], dtype=np.uint8)
@@ -53,7 +58,7 @@ def mask_step_payload(images: Tensor, per_image: list[tuple[list, Tensor]], colo
     entries = []
     for i, (keys, maps) in enumerate(per_image):
         if maps.ndim != 3 or maps.shape[0] != len(keys):
-            raise ValueError(f"mask_step_payload: image {i} has maps of shape {tuple(maps.shape)} for {len(keys)} "
+            raise SAEInputError(f"mask_step_payload: image {i} has maps of shape {tuple(maps.shape)} for {len(keys)} "
                              "steps; expected [steps, h, w]")
         base_name = f"{prefix}_{i:03d}_image.png"
         width, height = _save_rgb(images[i], os.path.join(target, base_name))
@@ -80,7 +85,7 @@ def compare_payload(images: list[Tensor], labels: list[str], out_dir: str, subfo
                     folder_type: str = "temp") -> dict:
     """Write the first image of each branch; return ``{COMPARE_KEY: [{"label", "image": ref, width, height}]}``."""
     if len(images) != len(labels) or len(images) < 2:
-        raise ValueError(f"compare_payload: {len(images)} images and {len(labels)} labels; expected two or three of each")
+        raise SAEInputError(f"compare_payload: {len(images)} images and {len(labels)} labels; expected two or three of each")
     target = os.path.join(out_dir, subfolder)
     os.makedirs(target, exist_ok=True)
     prefix = _prefix()

@@ -22,7 +22,14 @@ from typing import Iterable, Mapping, NamedTuple, Sequence
 import torch
 from torch import Tensor
 
-from .errors import SAEError
+from .errors import (
+    ConceptFileError,
+    ConceptMismatchError,
+    SAEFileNotFoundError,
+    SAEInputError,
+    SAELookupError,
+    TrustRequiredError,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -32,14 +39,6 @@ METADATA_KEY = "sae_concepts"
 SCORE_EPS = 1e-8  # SAeUron's denominator guard
 _TENSOR_KEYS = ("timesteps", "latents", "scores", "thresholds", "means")
 METHODS = ("percentile", "top_n", "specific")
-
-
-class ConceptFileError(SAEError, ValueError):
-    """A concept file is not readable as a concept dictionary (wrong format, keys, shapes)."""
-
-
-class ConceptMismatchError(SAEError, ValueError):
-    """A concept dictionary is used with an SAE it was not learned with."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -75,20 +74,20 @@ class SelectionRule:
 
     def __post_init__(self):
         if self.method not in METHODS:
-            raise ValueError(f"SelectionRule.method is {self.method!r}, expected one of {list(METHODS)}")
+            raise SAEInputError(f"SelectionRule.method is {self.method!r}, expected one of {list(METHODS)}")
         if not (0.0 <= float(self.max_ratio) <= 1.0):
-            raise ValueError(f"SelectionRule.max_ratio is {self.max_ratio}, expected a value in [0, 1] (e.g. 0.2)")
+            raise SAEInputError(f"SelectionRule.max_ratio is {self.max_ratio}, expected a value in [0, 1] (e.g. 0.2)")
         if not (0.0 <= float(self.min_rate) < 1.0):
-            raise ValueError(f"SelectionRule.min_rate is {self.min_rate}, expected a share of patches in [0, 1)")
+            raise SAEInputError(f"SelectionRule.min_rate is {self.min_rate}, expected a share of patches in [0, 1)")
         if self.method == "percentile" and not (0.0 < float(self.percentile) < 100.0):
-            raise ValueError(
+            raise SAEInputError(
                 f"SelectionRule.percentile is {self.percentile}, expected a value in (0, 100), "
                 "e.g. 99.99 (SAeUron objects) or 99.999 (styles)"
             )
         if self.method in ("top_n", "specific") and int(self.top_n) < 1:
-            raise ValueError(f"SelectionRule.top_n is {self.top_n}, expected an integer >= 1")
+            raise SAEInputError(f"SelectionRule.top_n is {self.top_n}, expected an integer >= 1")
         if self.fixed_threshold is not None and not math.isfinite(float(self.fixed_threshold)):
-            raise ValueError(f"SelectionRule.fixed_threshold is {self.fixed_threshold}, expected a finite number or None")
+            raise SAEInputError(f"SelectionRule.fixed_threshold is {self.fixed_threshold}, expected a finite number or None")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -97,7 +96,7 @@ class SelectionRule:
     def from_dict(cls, d: Mapping) -> SelectionRule:
         unknown = set(d) - {f.name for f in fields(cls)}
         if unknown:
-            raise ValueError(f"SelectionRule: unknown keys {sorted(unknown)}; expected {[f.name for f in fields(cls)]}")
+            raise SAEInputError(f"SelectionRule: unknown keys {sorted(unknown)}; expected {[f.name for f in fields(cls)]}")
         return cls(**dict(d))
 
 
@@ -111,7 +110,7 @@ def saeuron_scores(mu_c: Tensor, mu_notc: Tensor) -> Tensor:
     mu_c, mu_notc: [T, M] mean codes of the concept and of everything else; returns [T, M] float64.
     """
     if mu_c.shape != mu_notc.shape or mu_c.ndim != 2:
-        raise ValueError(f"saeuron_scores: mu_c {tuple(mu_c.shape)} and mu_notc {tuple(mu_notc.shape)} must both be [T, M]")
+        raise SAEInputError(f"saeuron_scores: mu_c {tuple(mu_c.shape)} and mu_notc {tuple(mu_notc.shape)} must both be [T, M]")
     a = mu_c.double()
     b = mu_notc.double()
     return a / (a.sum(-1, keepdim=True) + SCORE_EPS) - b / (b.sum(-1, keepdim=True) + SCORE_EPS)
@@ -136,7 +135,7 @@ def specific_latents(rate_c: Tensor, rate_notc: Tensor, rule: SelectionRule) -> 
     """The "specific" rule: rate_c, rate_notc [T, M] firing rates -> (scores r_c - r_notc [T, M] float64,
     per timestep the kept latent ids, best score first, at most rule.top_n)."""
     if rate_c.shape != rate_notc.shape or rate_c.ndim != 2:
-        raise ValueError(f"specific_latents: rates {tuple(rate_c.shape)} and {tuple(rate_notc.shape)} must both be [T, M]")
+        raise SAEInputError(f"specific_latents: rates {tuple(rate_c.shape)} and {tuple(rate_notc.shape)} must both be [T, M]")
     rc, rn = rate_c.double(), rate_notc.double()
     scores = rc - rn
     keep = (rn <= float(rule.max_ratio) * rc) & (rc >= float(rule.min_rate)) & (rc > 0)
@@ -172,7 +171,7 @@ class ConceptStatsAccumulator:
 
     def __init__(self, n_latents: int):
         if int(n_latents) < 1:
-            raise ValueError(f"ConceptStatsAccumulator: n_latents is {n_latents}, expected >= 1")
+            raise SAEInputError(f"ConceptStatsAccumulator: n_latents is {n_latents}, expected >= 1")
         self.n_latents = int(n_latents)
         self._sums: dict[str, dict[float, Tensor]] = {}
         self._fires: dict[str, dict[float, Tensor]] = {}
@@ -181,7 +180,7 @@ class ConceptStatsAccumulator:
     def add(self, concept: str, timestep: float, codes: Tensor) -> None:
         """Add codes [..., M] (every leading position counts as one row) for one concept and step."""
         if codes.shape[-1] != self.n_latents:
-            raise ValueError(
+            raise SAEInputError(
                 f"ConceptStatsAccumulator.add({concept!r}): codes have {codes.shape[-1]} latents, "
                 f"expected {self.n_latents}; feed codes of the SAE this accumulator was made for"
             )
@@ -208,7 +207,7 @@ class ConceptStatsAccumulator:
 
     def stats(self) -> ConceptStats:
         if len(self._sums) < 2:
-            raise ValueError(
+            raise SAEInputError(
                 f"ConceptStatsAccumulator: have concepts {list(self._sums)}, need at least 2 "
                 "(a concept and a contrast set) to compute SAeUron scores"
             )
@@ -217,7 +216,7 @@ class ConceptStatsAccumulator:
         for n in names[1:]:
             if set(self._sums[n]) != set(keys):
                 missing = sorted(set(keys) ^ set(self._sums[n]))
-                raise ValueError(
+                raise SAEInputError(
                     f"ConceptStatsAccumulator: concept {n!r} was recorded at other timesteps than {names[0]!r} "
                     f"(differing: {missing[:8]}); sample every concept with the same sampler and steps"
                 )
@@ -245,7 +244,7 @@ class ConceptStep(NamedTuple):
     def merge(steps: Sequence[ConceptStep]) -> ConceptStep:
         """Union of several steps; a latent that appears twice keeps its first entry."""
         if not steps:
-            raise ValueError("ConceptStep.merge: no steps given")
+            raise SAEInputError("ConceptStep.merge: no steps given")
         lat = torch.cat([s.latents for s in steps])
         keep = _first_occurrence(lat)
         return ConceptStep(
@@ -332,15 +331,15 @@ class ConceptDictionary:
         """A timestep-independent concept from typed latent ids (fixed threshold, optional mu)."""
         ids = torch.tensor([int(i) for i in latents], dtype=torch.long)
         if ids.numel() == 0:
-            raise ValueError("ConceptDictionary.from_latents: no latent ids given; type at least one id")
+            raise SAEInputError("ConceptDictionary.from_latents: no latent ids given; type at least one id")
         bad = [int(i) for i in ids if not 0 <= int(i) < n_latents]
         if bad:
-            raise ValueError(f"ConceptDictionary.from_latents: latent ids {bad} out of range 0..{n_latents - 1} for this SAE")
+            raise SAEInputError(f"ConceptDictionary.from_latents: latent ids {bad} out of range 0..{n_latents - 1} for this SAE")
         if len(set(ids.tolist())) != ids.numel():
-            raise ValueError(f"ConceptDictionary.from_latents: latent ids {ids.tolist()} contain duplicates")
+            raise SAEInputError(f"ConceptDictionary.from_latents: latent ids {ids.tolist()} contain duplicates")
         mu = torch.ones(ids.numel()) if means is None else torch.tensor([float(m) for m in means])
         if mu.numel() != ids.numel():
-            raise ValueError(f"ConceptDictionary.from_latents: {mu.numel()} means for {ids.numel()} latents")
+            raise SAEInputError(f"ConceptDictionary.from_latents: {mu.numel()} means for {ids.numel()} latents")
         shape = (1, 1, ids.numel())
         return cls(
             (name,), int(n_latents), torch.zeros(1), ids.view(shape), torch.zeros(shape),
@@ -376,7 +375,7 @@ class ConceptDictionary:
         out = []
         for n in names:
             if n not in self.names:
-                raise KeyError(f"concept {n!r} is not in this dictionary; it holds {list(self.names)}")
+                raise SAELookupError(f"concept {n!r} is not in this dictionary; it holds {list(self.names)}")
             out.append(self.names.index(n))
         return out
 
@@ -459,7 +458,7 @@ def load_concepts(path: str | os.PathLike, sae=None) -> ConceptDictionary:
 
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: concept file not found")
+        raise SAEFileNotFoundError(f"{path}: concept file not found")
     try:
         with safe_open(path, framework="pt") as fh:
             meta = fh.metadata() or {}
@@ -528,16 +527,16 @@ def build_concept_dictionary(
     names = tuple(stats.names)
     C, T, M = stats.means.shape
     if C < 2:
-        raise ValueError(f"build_concept_dictionary: {C} concept(s) {list(names)}; need at least 2 (a concept and a contrast)")
+        raise SAEInputError(f"build_concept_dictionary: {C} concept(s) {list(names)}; need at least 2 (a concept and a contrast)")
     if stats.counts.shape != (C, T) or stats.timesteps.shape != (T,) or len(names) != C:
-        raise ValueError(
+        raise SAEInputError(
             f"build_concept_dictionary: inconsistent stats: names {len(names)}, timesteps {tuple(stats.timesteps.shape)}, "
             f"means {tuple(stats.means.shape)}, counts {tuple(stats.counts.shape)}"
         )
     keep = list(names) if keep is None else list(keep)
     for k in keep:
         if k not in names:
-            raise KeyError(f"build_concept_dictionary: keep names {k!r}, not among the recorded concepts {list(names)}")
+            raise SAELookupError(f"build_concept_dictionary: keep names {k!r}, not among the recorded concepts {list(names)}")
     means = stats.means.double()
     w = stats.counts.double()[..., None]  # [C, T, 1]
     tau_all = concept_thresholds(means) if rule.fixed_threshold is None else None
@@ -545,7 +544,7 @@ def build_concept_dictionary(
     wsum = w.sum(0)
     if rule.method == "specific":
         if stats.rates is None or stats.rates.shape != means.shape:
-            raise ValueError(
+            raise SAEInputError(
                 "build_concept_dictionary: selection 'specific' needs firing rates [C, T, M] in the stats (recorded by "
                 "ConceptStatsAccumulator); these stats have none (e.g. imported SAeUron means). Use 'percentile' or 'top_n'"
             )
@@ -610,7 +609,7 @@ def import_saeuron_stats(path: str | os.PathLike, *, trust: bool = False, timest
     """
     path = os.fspath(path)
     if not trust:
-        raise PermissionError(
+        raise TrustRequiredError(
             f"{path}: SAeUron statistics are a Python pickle, which can execute code when loaded; refusing to unpickle. "
             "If you trust this file, pass trust=True (CLI: --trust), build the dictionary and share it as safetensors"
         )
@@ -635,6 +634,6 @@ def import_saeuron_stats(path: str | os.PathLike, *, trust: bool = False, timest
     steps = shape[0]
     ts = ddim_leading_timesteps(steps) if timesteps is None else torch.as_tensor(timesteps, dtype=torch.float64)
     if ts.shape != (steps,):
-        raise ValueError(f"{path}: {steps} steps in the file but timesteps has shape {tuple(ts.shape)}")
+        raise SAEInputError(f"{path}: {steps} steps in the file but timesteps has shape {tuple(ts.shape)}")
     cnt = torch.tensor(counts, dtype=torch.float64)[:, None].expand(len(names), steps).clone()
     return ConceptStats(tuple(names), ts, torch.stack(means), cnt)

@@ -19,6 +19,7 @@ from einops import rearrange
 from torch import Tensor
 
 from .detect import ConceptDetector, pick_topk
+from .errors import SAEInputError, SAELookupError, SAEStateError, SAETypeError
 from .replace import check_mode, replace_patches
 from .steer import SteerSettings, steer_picked
 
@@ -40,7 +41,7 @@ class StepInfo:
     def __post_init__(self):
         object.__setattr__(self, "chunks", tuple(int(c) for c in self.chunks))
         if not self.chunks or any(c not in (0, 1) for c in self.chunks):
-            raise ValueError(f"StepInfo.chunks is {self.chunks}, expected a non-empty tuple of 0 (cond) / 1 (uncond) flags")
+            raise SAEInputError(f"StepInfo.chunks is {self.chunks}, expected a non-empty tuple of 0 (cond) / 1 (uncond) flags")
 
     @property
     def key(self) -> int | float:
@@ -65,7 +66,7 @@ class StepWindow:
             return False
         if self.sigma_min is not None or self.sigma_max is not None:
             if step.sigma is None:
-                raise ValueError("StepWindow has sigma bounds but the StepInfo has no sigma; pass sigma or use timestep bounds")
+                raise SAEInputError("StepWindow has sigma bounds but the StepInfo has no sigma; pass sigma or use timestep bounds")
             s = float(step.sigma)
             if self.sigma_min is not None and s < self.sigma_min:
                 return False
@@ -87,7 +88,7 @@ class ReplaceSettings:
     def __post_init__(self):
         check_mode(self.mode)
         if self.target not in ("output", "residual"):
-            raise ValueError(f"ReplaceSettings.target is {self.target!r}, expected 'output' or 'residual'")
+            raise SAEInputError(f"ReplaceSettings.target is {self.target!r}, expected 'output' or 'residual'")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -180,7 +181,7 @@ class Recorder:
         """(step keys, [S, H, W] bool) in recording order; several chunks of one branch are united."""
         recs = self.select(label, branch, image)
         if not recs:
-            raise KeyError(
+            raise SAELookupError(
                 f"Recorder: nothing recorded for branch={branch!r}, image={image}, label={label!r}; recorded labels "
                 f"{self.labels()}, branches {sorted({r.branch for r in self.records})}, images "
                 f"{sorted({r.image for r in self.records})}"
@@ -191,7 +192,7 @@ class Recorder:
             by_key[r.key] = by_key[r.key] | m if r.key in by_key else m
         shapes = {tuple(m.shape) for m in by_key.values()}
         if len(shapes) != 1:
-            raise ValueError(f"Recorder: masks of label {label!r} have several grid sizes {sorted(shapes)}; pick one label")
+            raise SAEInputError(f"Recorder: masks of label {label!r} have several grid sizes {sorted(shapes)}; pick one label")
         return list(by_key), torch.stack(list(by_key.values()))
 
     def aggregate(self, branch: str = "cond", image: int = 0, label: str | None = None) -> Tensor:
@@ -217,7 +218,7 @@ def chunk_rows(batch: int, chunks: Sequence[int], branches: Sequence[int]) -> li
     """Equal chunks of the batch, one per flag; the ones whose flag is in ``branches``."""
     n = len(chunks)
     if batch % n:
-        raise ValueError(
+        raise SAEInputError(
             f"batch of {batch} rows does not split into {n} equal CFG chunks {tuple(chunks)}; the StepInfo chunks "
             "must match the rows of this call (ComfyUI cond_or_uncond)"
         )
@@ -297,14 +298,14 @@ class BlockIntervention:
                  branches: str = "both", window: StepWindow | None = None, recorder: Recorder | None = None,
                  label: str = "block", input_space: str | None = None):
         if branches not in BRANCHES:
-            raise ValueError(f"BlockIntervention({label}): branches is {branches!r}, expected one of {list(BRANCHES)}")
+            raise SAEInputError(f"BlockIntervention({label}): branches is {branches!r}, expected one of {list(BRANCHES)}")
         if edit is not None and not isinstance(edit, (ReplaceSettings, SteerSettings)):
-            raise TypeError(f"BlockIntervention({label}): edit is {type(edit).__name__}, expected ReplaceSettings, SteerSettings or None")
+            raise SAETypeError(f"BlockIntervention({label}): edit is {type(edit).__name__}, expected ReplaceSettings, SteerSettings or None")
         space = input_space or getattr(sae.cfg, "input_space", None) or "output"
         if space not in ("output", "residual"):
-            raise ValueError(f"BlockIntervention({label}): input_space is {space!r}, expected 'output' or 'residual'")
+            raise SAEInputError(f"BlockIntervention({label}): input_space is {space!r}, expected 'output' or 'residual'")
         if detector.n_latents != int(sae.cfg.n_latents):
-            raise ValueError(
+            raise SAEInputError(
                 f"BlockIntervention({label}): the detector's concepts have {detector.n_latents} latents, the SAE "
                 f"{getattr(sae, 'source', '')} has {sae.cfg.n_latents}; use the SAE the concepts were learned with"
             )
@@ -325,12 +326,12 @@ class BlockIntervention:
     def _validate(self, block_in: Tensor | None, block_out: Tensor) -> None:
         d = int(self.sae.cfg.d_in)
         if block_out.ndim != 4 or block_out.shape[1] != d:
-            raise ValueError(
+            raise SAEInputError(
                 f"BlockIntervention({self.label}): block output has shape {tuple(block_out.shape)}, expected "
                 f"[B, {d}, H, W] for SAE {getattr(self.sae, 'source', '')} (d_in = {d}); hook the block the SAE was trained on"
             )
         if self.needs_block_in and (block_in is None or block_in.shape != block_out.shape):
-            raise ValueError(
+            raise SAEInputError(
                 f"BlockIntervention({self.label}): needs the block input with the output's shape {tuple(block_out.shape)} "
                 f"(residual SAE or residual replacement), got {None if block_in is None else tuple(block_in.shape)}"
             )
@@ -452,9 +453,9 @@ class ConceptCollector:
 
     def __init__(self, sae, accumulator, branches: str = "cond", input_space: str | None = None, label: str = "block"):
         if branches not in BRANCHES:
-            raise ValueError(f"ConceptCollector({label}): branches is {branches!r}, expected one of {list(BRANCHES)}")
+            raise SAEInputError(f"ConceptCollector({label}): branches is {branches!r}, expected one of {list(BRANCHES)}")
         if int(accumulator.n_latents) != int(sae.cfg.n_latents):
-            raise ValueError(
+            raise SAEInputError(
                 f"ConceptCollector({label}): accumulator has {accumulator.n_latents} latents, SAE "
                 f"{getattr(sae, 'source', '')} has {sae.cfg.n_latents}"
             )
@@ -469,14 +470,14 @@ class ConceptCollector:
 
     def __call__(self, block_in: Tensor | None, block_out: Tensor, step: StepInfo) -> Tensor:
         if self.concept is None:
-            raise RuntimeError(f"ConceptCollector({self.label}): set .concept to the name of the prompts being sampled")
+            raise SAEStateError(f"ConceptCollector({self.label}): set .concept to the name of the prompts being sampled")
         d = int(self.sae.cfg.d_in)
         if block_out.ndim != 4 or block_out.shape[1] != d:
-            raise ValueError(
+            raise SAEInputError(
                 f"ConceptCollector({self.label}): block output has shape {tuple(block_out.shape)}, expected [B, {d}, H, W]"
             )
         if self.input_space == "residual" and (block_in is None or block_in.shape != block_out.shape):
-            raise ValueError(f"ConceptCollector({self.label}): a residual SAE needs the block input with the output's shape")
+            raise SAEInputError(f"ConceptCollector({self.label}): a residual SAE needs the block input with the output's shape")
         parts = chunk_rows(block_out.shape[0], step.chunks, self.branches)
         if not parts:
             return block_out

@@ -18,6 +18,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from .errors import SAEInputError
+
 logger = logging.getLogger(__name__)
 
 MODES = ("random", "nearest", "mean")
@@ -30,7 +32,7 @@ class Replacement(NamedTuple):
 
 def check_mode(mode: str) -> str:
     if mode not in MODES:
-        raise ValueError(f"replacement mode is {mode!r}, expected one of {list(MODES)}")
+        raise SAEInputError(f"replacement mode is {mode!r}, expected one of {list(MODES)}")
     return mode
 
 
@@ -67,7 +69,7 @@ def replace_patches(
 ) -> Replacement:
     """values [B, H, W, C], mask [B, H, W] bool -> detected patches filled from non-detected ones."""
     if values.ndim != 4 or mask.shape != values.shape[:3]:
-        raise ValueError(
+        raise SAEInputError(
             f"replace_patches: values {tuple(values.shape)} must be [B, H, W, C] and mask {tuple(mask.shape)} "
             "must be [B, H, W] with the same B, H, W"
         )

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import SAEConfig
-from .errors import SAENonFiniteError, SAEShapeError
+from .errors import SAEInputError, SAENonFiniteError, SAEShapeError
 
 
 class NormState(NamedTuple):
@@ -237,7 +237,7 @@ class SparseAutoencoder(nn.Module):
     def encode_topk(self, x: Tensor) -> TopKCodes:
         """Kept latents only (TopK kinds): cheaper than dense codes when M is large."""
         if not self.cfg.is_topk:
-            raise ValueError(f"encode_topk needs a TopK-style activation, this SAE uses {self.cfg.activation!r}")
+            raise SAEInputError(f"encode_topk needs a TopK-style activation, this SAE uses {self.cfg.activation!r}")
         norm: list = []
         values, indices = self._select(self.pre_acts(x, norm), inplace=True)
         return TopKCodes(values, indices, norm[0])

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from .concepts import ConceptStep
+from .errors import SAEInputError
 
 logger = logging.getLogger(__name__)
 
@@ -45,11 +46,11 @@ class SteerSettings:
 
     def __post_init__(self):
         if self.method not in METHODS:
-            raise ValueError(f"SteerSettings.method is {self.method!r}, expected one of {list(METHODS)}")
+            raise SAEInputError(f"SteerSettings.method is {self.method!r}, expected one of {list(METHODS)}")
         if self.error not in ERROR_MODES:
-            raise ValueError(f"SteerSettings.error is {self.error!r}, expected one of {list(ERROR_MODES)}")
+            raise SAEInputError(f"SteerSettings.error is {self.error!r}, expected one of {list(ERROR_MODES)}")
         if not torch.isfinite(torch.tensor(float(self.strength))):
-            raise ValueError(f"SteerSettings.strength is {self.strength}, expected a finite number")
+            raise SAEInputError(f"SteerSettings.strength is {self.strength}, expected a finite number")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -126,7 +127,7 @@ def steer(sae, x: Tensor, codes: Tensor, norm, step: ConceptStep, mask: Tensor, 
     """x [..., d] SAE inputs, codes [..., M] = their codes (with ``norm`` from encode_with_norm),
     mask [...] detection -> SteerResult. Thresholds are scaled by ``threshold_scale`` like detection."""
     if codes.shape[:-1] != x.shape[:-1] or mask.shape != x.shape[:-1]:
-        raise ValueError(
+        raise SAEInputError(
             f"steer: x {tuple(x.shape)}, codes {tuple(codes.shape)} and mask {tuple(mask.shape)} must share leading dims"
         )
     sub = codes.index_select(-1, step.latents.to(codes.device))
@@ -142,7 +143,7 @@ def steer_picked(sae, x: Tensor, sub: Tensor, dense_codes, norm, step: ConceptSt
     ``values`` is a new tensor even when ``changed`` is all false (rows not changed are bit-identical to x).
     """
     if sub.shape[:-1] != x.shape[:-1] or mask.shape != x.shape[:-1] or sub.shape[-1] != step.latents.numel():
-        raise ValueError(
+        raise SAEInputError(
             f"steer: x {tuple(x.shape)}, picked codes {tuple(sub.shape)} (one column per selected latent, "
             f"{step.latents.numel()}) and mask {tuple(mask.shape)} must share leading dims"
         )
