@@ -25,6 +25,14 @@ def recorded_maps(recorder, what: str = "mask", branch: str = "cond", image: int
     """
     if what not in SHOW:
         raise SAEInputError(f"show is {what!r}, expected one of {list(SHOW)}")
+    branches = {r.branch for r in recorder.records if label is None or r.label == label}
+    if recorder.records and branch not in branches:
+        hint = (" At cfg 1 the sampler runs no uncond pass, so only 'cond' is ever recorded." if branch == "uncond"
+                else " The detector's branches setting leaves this branch out.")
+        raise SAEInputError(
+            f"Mask Preview: branch {branch!r} recorded nothing; recorded branches: {sorted(branches)}.{hint} "
+            f"Choose branch {sorted(branches)[0]!r}" if branches else f"Mask Preview: label {label!r} recorded nothing"
+        )
     if what == "mask":
         keys, masks = recorder.masks(branch, image, label)
         return keys, masks.float()

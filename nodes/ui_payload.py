@@ -15,8 +15,10 @@ from torch import Tensor
 
 try:  # inside ComfyUI the pack is a package and sae_core its sibling
     from ..sae_core.errors import SAEInputError
+    from ..sae_core.files import atomic_write
 except ImportError:  # imported as top-level `nodes`
     from sae_core.errors import SAEInputError
+    from sae_core.files import atomic_write
 
 MASK_KEY = "sae_mask_steps"
 COMPARE_KEY = "sae_compare"
@@ -33,7 +35,8 @@ def _prefix() -> str:
 
 def _save_rgb(img: Tensor, path: str) -> tuple[int, int]:
     arr = (img[..., :3].detach().float().clamp(0, 1).cpu().numpy() * 255.0).round().astype(np.uint8)
-    Image.fromarray(arr, "RGB").save(path, compress_level=1)
+    atomic_write(path, lambda tmp: Image.fromarray(arr, "RGB").save(tmp, format="PNG", compress_level=1),
+                 what="preview image")
     return arr.shape[1], arr.shape[0]
 
 
@@ -70,7 +73,9 @@ def mask_step_payload(images: Tensor, per_image: list[tuple[list, Tensor]], colo
             rgba[..., :3] = rgb
             rgba[..., 3] = np.round(m * opacity * 255.0).astype(np.uint8)
             name = f"{prefix}_{i:03d}_step{s:04d}.png"
-            Image.fromarray(rgba, "RGBA").save(os.path.join(target, name), compress_level=1)
+            atomic_write(os.path.join(target, name),
+                         lambda tmp, rgba=rgba: Image.fromarray(rgba, "RGBA").save(tmp, format="PNG", compress_level=1),
+                         what="mask preview image")
             masks.append(_ref(name, subfolder, folder_type))
         entries.append({
             "image": i, "width": width, "height": height, "grid": [int(maps.shape[1]), int(maps.shape[2])],

@@ -30,6 +30,7 @@ from .errors import (
     SAELookupError,
     TrustRequiredError,
 )
+from .files import atomic_write, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -425,8 +426,7 @@ class ConceptDictionary:
     def to_json(self, path: str | os.PathLike | None = None, indent: int = 1) -> str:
         text = json.dumps(self.to_dict(), indent=indent)
         if path is not None:
-            with open(path, "w", encoding="utf-8") as fh:
-                fh.write(text)
+            atomic_write_text(path, text, what="concept JSON")
         return text
 
     def _meta_dict(self) -> dict:
@@ -448,7 +448,9 @@ class ConceptDictionary:
             "scores": self.scores.contiguous(), "thresholds": self.thresholds.contiguous(),
             "means": self.means.contiguous(),
         }
-        save_file(tensors, os.fspath(path), metadata={METADATA_KEY: json.dumps(header)})
+        metadata = {METADATA_KEY: json.dumps(header)}
+        # the installed safetensors need not write atomically (floor 0.4): a temporary file renamed over the target
+        atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata), what="concept file")
         logger.info("saved concept dictionary %s (%s) to %s", list(self.names), self.timesteps.numel(), path)
 
 

@@ -9,6 +9,7 @@ from safetensors.torch import save_file
 
 from ..config import SAEConfig
 from ..errors import SAEConfigError, SAEFormatError
+from ..files import atomic_write
 from ._io import read_safetensors
 
 FORMAT = "sae-concept-eraser/sae"
@@ -63,10 +64,7 @@ def write(sae, path: str | Path) -> Path:
         "summary": f"{sae.cfg.hook_point} {sae.cfg.model_family} {sae.cfg.input_space} "
         f"{sae.cfg.activation} k={sae.cfg.k} M={sae.cfg.n_latents} d={sae.cfg.d_in}",
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    tmp.replace(path)  # never leave a half-written file under the final name
-    return path
+    # a unique temporary file beside the target, renamed over it: never a half-written file under the final name
+    return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata), what="SAE file")
 
 
