@@ -17,6 +17,7 @@ import logging
 import math
 import os
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 from typing import Iterable, Mapping, NamedTuple, Sequence
 
 import torch
@@ -25,6 +26,7 @@ from torch import Tensor
 from .errors import (
     ConceptFileError,
     ConceptMismatchError,
+    SAEError,
     SAEFileNotFoundError,
     SAEInputError,
     SAELookupError,
@@ -295,7 +297,7 @@ class ConceptDictionary:
     def __post_init__(self):
         self.names = tuple(self.names)
         C, T = len(self.names), self.timesteps.numel()
-        if len(set(self.names)) != C or C == 0:
+        if len(set(self.names)) != C or C == 0 or not all(isinstance(n, str) and n for n in self.names):
             raise ConceptFileError(f"concept names must be unique and non-empty, found {list(self.names)}")
         if self.timesteps.ndim != 1 or T == 0:
             raise ConceptFileError(f"timesteps must be a non-empty [T] tensor, found shape {tuple(self.timesteps.shape)}")
@@ -308,10 +310,25 @@ class ConceptDictionary:
                 raise ConceptFileError(
                     f"{key} has shape {tuple(getattr(self, key).shape)}, expected {tuple(self.latents.shape)} like latents"
                 )
+        if not isinstance(self.n_latents, int) or isinstance(self.n_latents, bool) or self.n_latents <= 0:
+            raise ConceptFileError(f"n_latents should be a positive integer, found {self.n_latents!r}")
+        if self.latents.is_floating_point() or self.latents.dtype == torch.bool:
+            raise ConceptFileError(f"latents have dtype {self.latents.dtype}, expected integer latent ids")
         if self.latents.numel() and (int(self.latents.max()) >= self.n_latents or int(self.latents.min()) < -1):
             raise ConceptFileError(
                 f"latent ids range {int(self.latents.min())}..{int(self.latents.max())}, expected -1 (padding) "
                 f"or 0..{self.n_latents - 1}"
+            )
+        for key in ("timesteps", "scores", "thresholds", "means"):
+            t = getattr(self, key)
+            if t.numel() and not bool(torch.isfinite(t.float()).all()):
+                bad = int((~torch.isfinite(t.float())).sum())
+                raise ConceptFileError(f"{key} holds {bad} NaN/inf values, expected finite numbers; learn or save "
+                                       "the concept again")
+        if self.thresholds.numel() and float(self.thresholds.min()) < 0:
+            raise ConceptFileError(
+                f"thresholds hold negative values (min {float(self.thresholds.min()):.4g}), expected values >= 0: SAE "
+                "codes are never negative, so a negative threshold would mark every patch"
             )
         self.timesteps = self.timesteps.float()
         self.latents = self.latents.long()
@@ -330,6 +347,16 @@ class ConceptDictionary:
         sae_fingerprint: str | None = None,
     ) -> ConceptDictionary:
         """A timestep-independent concept from typed latent ids (fixed threshold, optional mu)."""
+        bad_ids = [i for i in latents if isinstance(i, bool) or not isinstance(i, (int, torch.Tensor))
+                   or (isinstance(i, torch.Tensor) and (i.numel() != 1 or i.is_floating_point()))]
+        if bad_ids:
+            raise SAEInputError(f"ConceptDictionary.from_latents: latent ids {bad_ids} are not integers; type whole ids")
+        t = float(threshold)
+        if not math.isfinite(t) or t < 0:
+            raise SAEInputError(
+                f"ConceptDictionary.from_latents: threshold is {threshold}, expected a finite number >= 0 (SAE codes "
+                "are never negative, so a negative threshold would mark every patch)"
+            )
         ids = torch.tensor([int(i) for i in latents], dtype=torch.long)
         if ids.numel() == 0:
             raise SAEInputError("ConceptDictionary.from_latents: no latent ids given; type at least one id")
@@ -339,6 +366,8 @@ class ConceptDictionary:
         if len(set(ids.tolist())) != ids.numel():
             raise SAEInputError(f"ConceptDictionary.from_latents: latent ids {ids.tolist()} contain duplicates")
         mu = torch.ones(ids.numel()) if means is None else torch.tensor([float(m) for m in means])
+        if not bool(torch.isfinite(mu).all()):
+            raise SAEInputError(f"ConceptDictionary.from_latents: means {mu.tolist()} hold NaN/inf; expected finite numbers")
         if mu.numel() != ids.numel():
             raise SAEInputError(f"ConceptDictionary.from_latents: {mu.numel()} means for {ids.numel()} latents")
         shape = (1, 1, ids.numel())
@@ -454,20 +483,45 @@ class ConceptDictionary:
         logger.info("saved concept dictionary %s (%s) to %s", list(self.names), self.timesteps.numel(), path)
 
 
+def _check_header(header: dict, path: str) -> None:
+    """Types of the JSON header's entries, each named with what was expected and found."""
+    names = header["names"]
+    if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
+        raise ConceptFileError(f"{path}: metadata 'names' should be a list of non-empty strings, found {names!r}")
+    n = header["n_latents"]
+    if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
+        raise ConceptFileError(f"{path}: metadata 'n_latents' should be a positive integer, found {n!r}")
+    fp = header.get("sae_fingerprint")
+    if fp is not None and (not isinstance(fp, str) or not fp):
+        raise ConceptFileError(f"{path}: metadata 'sae_fingerprint' should be a string or null, found {fp!r}")
+    for key in ("hook_point", "model_family"):
+        if header.get(key) is not None and not isinstance(header[key], str):
+            raise ConceptFileError(f"{path}: metadata {key!r} should be a string or null, found {header[key]!r}")
+    prompts = header.get("prompts")
+    if prompts is not None and (not isinstance(prompts, dict) or not all(
+            isinstance(v, list) and all(isinstance(p, str) for p in v) for v in prompts.values())):
+        raise ConceptFileError(
+            f"{path}: metadata 'prompts' should be an object {{concept: [prompt, ...]}}, found {prompts!r}"[:300]
+        )
+    for key in ("selection", "extra"):
+        if header.get(key) is not None and not isinstance(header[key], dict):
+            raise ConceptFileError(f"{path}: metadata {key!r} should be an object, found {header[key]!r}"[:300])
+
+
 def load_concepts(path: str | os.PathLike, sae=None) -> ConceptDictionary:
     """Load a dictionary written by ``ConceptDictionary.save``; with ``sae``, check it belongs to it."""
-    from safetensors import safe_open
+    from .formats._io import read_safetensors
 
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise ConceptFileError(f"{path}: is a directory, expected a concept .safetensors file")
     if not os.path.isfile(path):
         raise SAEFileNotFoundError(f"{path}: concept file not found")
     try:
-        with safe_open(path, framework="pt") as fh:
-            meta = fh.metadata() or {}
-            keys = set(fh.keys())
-            tensors = {k: fh.get_tensor(k) for k in keys}
-    except Exception as e:  # safetensors raises its own error types for a damaged header
-        raise ConceptFileError(f"{path}: not a readable safetensors file ({e}); expected a concept file saved by this pack") from e
+        tensors, meta = read_safetensors(Path(path))
+    except SAEError as e:  # truncated, foreign or unreadable: say what was expected here
+        raise ConceptFileError(f"{e}; expected a concept file saved by this pack") from e
+    keys = set(tensors)
     if METADATA_KEY not in meta:
         raise ConceptFileError(
             f"{path}: metadata has no {METADATA_KEY!r} entry (found {sorted(meta)}); this is not a concept "
@@ -475,8 +529,13 @@ def load_concepts(path: str | os.PathLike, sae=None) -> ConceptDictionary:
         )
     try:
         header = json.loads(meta[METADATA_KEY])
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, RecursionError) as e:
         raise ConceptFileError(f"{path}: metadata {METADATA_KEY!r} is not valid JSON ({e})") from e
+    if not isinstance(header, dict):
+        raise ConceptFileError(
+            f"{path}: metadata {METADATA_KEY!r} should be a JSON object, found a JSON {type(header).__name__}; "
+            "the file was edited or written by another tool: save the concept again"
+        )
     if header.get("format") != FORMAT_NAME or header.get("format_version") != FORMAT_VERSION:
         raise ConceptFileError(
             f"{path}: format {header.get('format')!r} version {header.get('format_version')!r}, expected "
@@ -488,6 +547,18 @@ def load_concepts(path: str | os.PathLike, sae=None) -> ConceptDictionary:
     for k in ("names", "n_latents"):
         if k not in header:
             raise ConceptFileError(f"{path}: metadata lacks {k!r}; found keys {sorted(header)}")
+    _check_header(header, path)
+    for k in ("timesteps", "scores", "thresholds", "means"):
+        if not tensors[k].is_floating_point():
+            raise ConceptFileError(
+                f"{path}: tensor {k!r} has dtype {str(tensors[k].dtype).replace('torch.', '')}, expected a float dtype"
+            )
+    lat = tensors["latents"]
+    if lat.is_floating_point() or lat.dtype == torch.bool or lat.is_complex():
+        raise ConceptFileError(
+            f"{path}: tensor 'latents' has dtype {str(lat.dtype).replace('torch.', '')}, expected integer latent ids "
+            "(int32 or int64); float ids would be truncated to other latents"
+        )
     try:
         d = ConceptDictionary(
             tuple(header["names"]), int(header["n_latents"]), tensors["timesteps"], tensors["latents"],
@@ -500,6 +571,12 @@ def load_concepts(path: str | os.PathLike, sae=None) -> ConceptDictionary:
         )
     except ConceptFileError as e:
         raise ConceptFileError(f"{path}: {e}") from e
+    if sae is not None and d.meta.sae_fingerprint is None:
+        raise ConceptMismatchError(
+            f"{path}: records no SAE fingerprint (sae_fingerprint is null), so it cannot be checked against "
+            f"{getattr(sae, 'source', None) or 'the given SAE'}; learn the concept again with this SAE, or load it "
+            "without an SAE connected if you are sure it belongs to it"
+        )
     if sae is not None:
         d.check_compatible(sae, source=path)
     return d
@@ -613,7 +690,8 @@ def import_saeuron_stats(path: str | os.PathLike, *, trust: bool = False, timest
     if not trust:
         raise TrustRequiredError(
             f"{path}: SAeUron statistics are a Python pickle, which can execute code when loaded; refusing to unpickle. "
-            "If you trust this file, pass trust=True (CLI: --trust), build the dictionary and share it as safetensors"
+            "If you trust this file, call import_saeuron_stats(path, trust=True) from Python (the command line never "
+            "unpickles), build the dictionary and share it as a safetensors concept file"
         )
     import pickle
 

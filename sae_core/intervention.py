@@ -313,6 +313,7 @@ class BlockIntervention:
         self.branches = BRANCHES[branches]
         self.window, self.recorder, self.label, self.input_space = window, recorder, label, space
         self._lat_cache: dict = {}
+        self._warned_nonfinite = False
 
     def __deepcopy__(self, memo):
         # ComfyUI deep-copies model_options on every clone; this object holds SAE weights (or the run's records),
@@ -338,6 +339,8 @@ class BlockIntervention:
 
     def __call__(self, block_in: Tensor | None, block_out: Tensor, step: StepInfo) -> Tensor:
         self._validate(block_in, block_out)
+        if block_out.numel() == 0:  # an empty batch (or grid): nothing to detect or edit
+            return block_out
         if self.window is not None and not self.window.contains(step):
             return block_out
         parts = chunk_rows(block_out.shape[0], step.chunks, self.branches)
@@ -362,8 +365,16 @@ class BlockIntervention:
         record = self.recorder is not None
         want_mask = record or isinstance(self.edit, ReplaceSettings)
         score = det.score.to(torch.float16) if record and self.recorder.record_scores else None
-        host = _to_host(mask if want_mask else None, score, None if res is None else res.changed.any())
-        mask_h, score_h, changed_h = host
+        nonfinite = None if self._warned_nonfinite else ~torch.isfinite(tokens).all()
+        host = _to_host(mask if want_mask else None, score, None if res is None else res.changed.any(), nonfinite)
+        mask_h, score_h, changed_h, nonfinite_h = host
+        if nonfinite_h is not None and bool(nonfinite_h):
+            self._warned_nonfinite = True  # once per intervention: a diverging sampler emits them at every step
+            logger.warning(
+                "%s: the block emits NaN/inf activations at timestep %.1f; those patches are never detected and never "
+                "copied into others (PER skips them as sources). The model or its precision diverged: try fp32/bf16 "
+                "or another sampler", self.label, float(step.timestep),
+            )
         new_rows = None
 
         if isinstance(self.edit, ReplaceSettings) and bool(mask_h.any()):
@@ -479,7 +490,7 @@ class ConceptCollector:
         if self.input_space == "residual" and (block_in is None or block_in.shape != block_out.shape):
             raise SAEInputError(f"ConceptCollector({self.label}): a residual SAE needs the block input with the output's shape")
         parts = chunk_rows(block_out.shape[0], step.chunks, self.branches)
-        if not parts:
+        if not parts or block_out.numel() == 0:
             return block_out
         idx = torch.cat([torch.arange(p.start, p.stop) for p in parts]).to(block_out.device)
         a = block_out.index_select(0, idx)

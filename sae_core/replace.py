@@ -7,7 +7,8 @@ only from that map. Modes:
   nearest - the non-detected patch nearest in grid coordinates (Euclidean; ties -> lowest row-major index);
   mean    - the mean of all non-detected patches (accumulated in float32).
 An empty mask returns the input tensor itself. A map that is detected everywhere has no source and
-is returned unchanged; ``all_detected`` reports it.
+is returned unchanged; ``all_detected`` reports it. Patches holding NaN or inf are never sources (they
+would spread into finite patches); a map whose every undetected patch is non-finite is left unchanged.
 """
 
 from __future__ import annotations
@@ -36,18 +37,26 @@ def check_mode(mode: str) -> str:
     return mode
 
 
-def source_indices(mask: Tensor, mode: str, generator: torch.Generator | None = None) -> list[tuple[Tensor, Tensor] | None]:
+def finite_patches(values: Tensor) -> Tensor:
+    """[B, H, W] bool on the CPU: patches of values [B, H, W, C] whose every channel is finite (may be sources)."""
+    return torch.isfinite(values).all(-1).cpu()
+
+
+def source_indices(mask: Tensor, mode: str, generator: torch.Generator | None = None,
+                   eligible: Tensor | None = None) -> list[tuple[Tensor, Tensor] | None]:
     """Per map of mask [B, H, W]: (dst, src) flat row-major indices, or None when nothing to do.
 
-    For "mean" src is every non-detected index (the caller averages them).
+    For "mean" src is every non-detected index (the caller averages them). ``eligible`` [B, H, W] bool, when given,
+    restricts the sources further (non-finite patches are never copied into finite ones).
     """
     check_mode(mode)
     B, H, W = mask.shape
     flat = mask.reshape(B, H * W).cpu()
+    ok = None if eligible is None else eligible.reshape(B, H * W).cpu()
     out: list[tuple[Tensor, Tensor] | None] = []
     for b in range(B):
         dst = torch.nonzero(flat[b]).flatten()
-        src_all = torch.nonzero(~flat[b]).flatten()
+        src_all = torch.nonzero(~flat[b] if ok is None else ~flat[b] & ok[b]).flatten()
         if dst.numel() == 0 or src_all.numel() == 0:
             out.append(None)
             continue
@@ -77,7 +86,7 @@ def replace_patches(
     all_detected = mask.reshape(B, -1).all(-1).cpu()
     if not bool(mask.any()):
         return Replacement(values, all_detected)
-    pairs = source_indices(mask, mode, generator)
+    pairs = source_indices(mask, mode, generator, eligible=finite_patches(values))
     if all(p is None for p in pairs):
         logger.debug("PER: every patch detected in all %d map(s); nothing to copy from, left unchanged", B)
         return Replacement(values, all_detected)

@@ -49,6 +49,13 @@ class SAEWeights(NamedTuple):
 
 
 def _check(name: str, tensor: Tensor, shape: tuple[int, ...], source: str) -> None:
+    if not isinstance(tensor, Tensor):
+        raise SAEShapeError(f"{source}: {name!r} should be a tensor of shape {shape}, found {type(tensor).__name__}")
+    if not tensor.is_floating_point():
+        raise SAEShapeError(
+            f"{source}: tensor {name!r} has dtype {str(tensor.dtype).replace('torch.', '')}, expected a floating-point "
+            "dtype (float32, float16, bfloat16); the file is damaged or was written by another tool"
+        )
     if tuple(tensor.shape) != shape:
         raise SAEShapeError(
             f"{source}: tensor {name!r} has shape {tuple(tensor.shape)}, expected {shape} "

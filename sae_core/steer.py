@@ -72,7 +72,7 @@ def scale_codes(codes: Tensor, latents: Tensor, thresholds: Tensor, means: Tenso
         return codes
     lat = latents.to(codes.device)
     sub = codes.index_select(-1, lat)
-    fire = sub > thresholds.to(codes.device, sub.dtype)
+    fire = sub.float() > thresholds.to(codes.device, torch.float32)  # float32, as detection compares
     if region is not None:
         fire = fire & region[..., None]
     factor = (float(gamma) * means.to(codes.device, torch.float32)).to(codes.dtype)
@@ -153,7 +153,9 @@ def steer_picked(sae, x: Tensor, sub: Tensor, dense_codes, norm, step: ConceptSt
     new_sub = None
     delta = None
     if lat.numel() and s.method == "saeuron_scale":
-        fire = sub > (step.thresholds * float(threshold_scale)).to(sub.device, sub.dtype)
+        # the same float32 comparison as detection (score = f - scale * tau > 0), whatever the input dtype, so
+        # detection and steering agree on every patch near tau in fp16 / bf16 too
+        fire = sub.float() > float(threshold_scale) * step.thresholds.to(sub.device, torch.float32)
         if region is not None:
             fire = fire & region[..., None]
         factor = (float(s.strength) * step.means.to(sub.device, torch.float32)).to(sub.dtype)

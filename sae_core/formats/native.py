@@ -29,15 +29,30 @@ def read(path: Path) -> tuple[SAEConfig, dict]:
             f"expected {FORMAT!r}); give the checkpoint's directory (with its cfg.json) instead, or convert "
             f"it with `python -m sae_core convert`"
         )
-    version = int(metadata.get("format_version", "0"))
+    text = metadata.get("format_version", "0")
+    if not text.isascii() or not text.isdigit():
+        raise SAEFormatError(
+            f"{path}: metadata 'format_version' is {text!r}, expected a whole number like '{VERSION}'; the file "
+            "was edited or written by another tool: convert the original checkpoint again"
+        )
+    version = int(text)
     if version > VERSION:
         raise SAEFormatError(
             f"{path}: format_version {version} is newer than this pack reads ({VERSION}); update the pack"
         )
+    if "config" not in metadata:
+        raise SAEFormatError(f"{path}: metadata 'config' is missing; found metadata keys {sorted(metadata)}")
     try:
-        cfg = SAEConfig.from_dict(json.loads(metadata["config"]))
-    except (KeyError, json.JSONDecodeError) as e:
-        raise SAEFormatError(f"{path}: metadata 'config' is missing or not JSON ({e})") from e
+        raw = json.loads(metadata["config"])
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise SAEFormatError(f"{path}: metadata 'config' is not valid JSON ({e}); expected an object") from e
+    if not isinstance(raw, dict) or not raw:
+        raise SAEFormatError(
+            f"{path}: metadata 'config' should be a non-empty JSON object of SAEConfig fields, found "
+            f"{json.dumps(raw)[:60]}; convert the original checkpoint again"
+        )
+    try:
+        cfg = SAEConfig.from_dict(raw)
     except SAEConfigError as e:
         raise SAEFormatError(f"{path}: metadata 'config' is invalid: {e}") from e
     unknown = sorted(set(tensors) - set(_TENSORS))
