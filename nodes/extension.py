@@ -27,12 +27,26 @@ from ..sae_core.config import ACTIVATIONS, INPUT_SPACES
 from ..sae_core.detect import ConceptDetector, DetectionSettings
 from ..sae_core.errors import SAEFileExistsError, SAEFileNotFoundError, SAEInputError
 from ..sae_core.formats import load_sae
-from ..sae_core.intervention import BlockIntervention, ConceptCollector, Recorder, ReplaceSettings
+from ..sae_core.intervention import (
+    REGION_MODES,
+    BlockIntervention,
+    ConceptCollector,
+    Recorder,
+    ReplaceSettings,
+)
 from ..sae_core.replace import MODES
-from ..sae_core.steer import ERROR_MODES, METHODS, SteerSettings
+from ..sae_core.steer import CFG_SIGNS, ERROR_MODES, METHODS
 from . import folders
 from .grid import compare_grid
-from .hook import RunState, check_window, family_of_config, install_patch, resolve_hook, sigma_window
+from .hook import (
+    RunState,
+    check_window,
+    family_of_config,
+    install_patch,
+    resolve_hook,
+    sigma_window,
+    steer_settings,
+)
 from .learn import DEFAULT_CONTRAST, parse_latent_ids, parse_prompts
 from .masks import AGGREGATES, SHOW, normalise, overlay, parse_color, pick_step, recorded_maps, upscale
 from .ui_payload import compare_payload, mask_step_payload
@@ -73,13 +87,13 @@ def _block_names() -> list[str]:
     return names
 
 
-def _patch(model, spec: DetectorSpec, edit, kind: str):
+def _patch(model, spec: DetectorSpec, edit, kind: str, region=None, region_mode: str = "intersect"):
     """Validate against the model, then clone and patch the SAE's block. Returns (model, RunState)."""
     key, name = resolve_hook(spec.sae, model)
     recorder = Recorder()
     state = RunState(f"{kind} {name}", recorder)
     intervention = BlockIntervention(spec.sae, spec.detector, edit, branches=spec.branches, recorder=recorder,
-                                     label=name)
+                                     label=name, region=region, region_mode=region_mode)
     start, end = spec.start_percent, spec.end_percent
     check_window(start, end)
 
@@ -240,9 +254,24 @@ class SAESteer(io.ComfyNode):
                                tooltip="gamma / value / multiplier of the method; 0 with 'add' methods changes nothing."),
                 io.Combo.Input("error", options=list(ERROR_MODES), default="preserve",
                                tooltip="preserve: x + decode(f') - decode(f) (untouched patches exact); legacy_saeuron: "
-                                       "the published code's sign slip; none: pure reconstruction."),
+                                       "the published SAeUron/SAEmnesia hook with its sign slip, which moves every "
+                                       "patch: it always edits every patch and ignores detected_only, so it "
+                                       "reproduces the published numbers; none: pure reconstruction."),
                 io.Boolean.Input("detected_only", default=True,
-                                 tooltip="Edit only detected patches (on) or every patch (off)."),
+                                 tooltip="Edit only detected patches (on) or every patch (off). Ignored with error "
+                                         "legacy_saeuron, which moves every patch as published."),
+                io.Boolean.Input("use_beta", default=False, optional=True,
+                                 tooltip="saeuron_scale only: SAEmnesia's multiplier strength * ||f|| / ||d_i|| (code "
+                                         "norm of the patch over the latent's decoder norm) instead of strength * mu."),
+                io.Combo.Input("cfg_sign", options=list(CFG_SIGNS), default="same", optional=True,
+                               tooltip="Add methods: 'same' adds on both CFG branches; 'opposite' subtracts on the "
+                                       "uncond branch and adds on the cond one (sdxl-unbox on SDXL base)."),
+                io.Mask.Input("mask", optional=True,
+                              tooltip="Optional painted region (any resolution; resized to the block's grid, a patch "
+                                      "counts where at least half of it is painted)."),
+                io.Combo.Input("mask_mode", options=list(REGION_MODES), default="intersect", optional=True,
+                               tooltip="With a mask: 'intersect' edits detected patches inside it only; 'replace' "
+                                       "edits the painted patches whatever the detector finds."),
             ],
             outputs=[
                 io.Model.Output(display_name="MODEL", tooltip="The patched model; sample it with a KSampler."),
@@ -252,9 +281,10 @@ class SAESteer(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, detector: DetectorSpec, method: str, strength: float, error: str,
-                detected_only: bool) -> io.NodeOutput:
-        edit = SteerSettings(method=method, strength=strength, error=error, detected_only=detected_only)
-        patched, state = _patch(model, detector, edit, "SAE Steer")
+                detected_only: bool, use_beta: bool = False, cfg_sign: str = "same", mask=None,
+                mask_mode: str = "intersect") -> io.NodeOutput:
+        edit = steer_settings(method, strength, error, detected_only, use_beta, cfg_sign)
+        patched, state = _patch(model, detector, edit, "SAE Steer", region=mask, region_mode=mask_mode)
         return io.NodeOutput(patched, state)
 
 
@@ -369,7 +399,7 @@ class LearnConcept(io.ComfyNode):
         rule = SelectionRule(method=selection, percentile=percentile, top_n=top_n)
         key, block = resolve_hook(sae, model)
         family = family_of_config(model.model.model_config)
-        acc = ConceptStatsAccumulator(int(sae.cfg.n_latents))
+        acc = ConceptStatsAccumulator(int(sae.cfg.n_latents), fire_above=sae.firing_level)
         collector = ConceptCollector(sae, acc, branches="cond", label=block)
         state = RunState("Learn Concept", None)
         patched = install_patch(model, key, collector, state, comfy.patcher_extension.WrappersMP.OUTER_SAMPLE)

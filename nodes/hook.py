@@ -18,10 +18,12 @@ try:  # inside ComfyUI the pack is a package and sae_core its sibling
     from ..sae_core.blocks import BlockError, resolve_block
     from ..sae_core.errors import SAEInputError
     from ..sae_core.intervention import StepInfo, StepWindow
+    from ..sae_core.steer import SteerSettings
 except ImportError:  # imported as top-level `nodes` (tests, scripts) with sae_core on sys.path
     from sae_core.blocks import BlockError, resolve_block
     from sae_core.errors import SAEInputError
     from sae_core.intervention import StepInfo, StepWindow
+    from sae_core.steer import SteerSettings
 
 logger = logging.getLogger(__name__)
 
@@ -286,3 +288,15 @@ def resolve_hook(sae, model, block: str | None = None) -> tuple[str, str]:
             f"d_in={cfg.d_in}; load the SAE trained for this block, or pick the block it was trained on"
         )
     return key, spec.diffusers
+
+
+def steer_settings(method: str, strength: float, error: str, detected_only: bool, use_beta: bool = False,
+                   cfg_sign: str = "same") -> SteerSettings:
+    """SAE Steer's inputs as SteerSettings. The legacy error mode reproduces the published SAeUron / SAEmnesia hook,
+    which moves every patch, so it ignores detected_only (the node's tooltip says so) rather than silently limiting
+    the published numbers to the detected patches."""
+    if error == "legacy_saeuron" and detected_only:
+        logger.info("SAE Steer: error legacy_saeuron edits every patch as published; detected_only is ignored")
+        detected_only = False
+    return SteerSettings(method=method, strength=strength, error=error, detected_only=detected_only,
+                         use_beta=use_beta, cfg_sign=cfg_sign)

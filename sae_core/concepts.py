@@ -172,10 +172,14 @@ class ConceptStatsAccumulator:
     20480 latents. Timesteps are matched after rounding to 1e-3.
     """
 
-    def __init__(self, n_latents: int):
+    def __init__(self, n_latents: int, fire_above: float = 0.0):
+        """``fire_above``: a latent counts as active (firing rates, rule "specific") where its code exceeds this;
+        0 for ReLU-style SAEs, 0.5 = sigmoid(0) for Sigmoid(TopK) ones (``SparseAutoencoder.firing_level``), whose
+        every kept latent is > 0."""
         if int(n_latents) < 1:
             raise SAEInputError(f"ConceptStatsAccumulator: n_latents is {n_latents}, expected >= 1")
         self.n_latents = int(n_latents)
+        self.fire_above = float(fire_above)
         self._sums: dict[str, dict[float, Tensor]] = {}
         self._fires: dict[str, dict[float, Tensor]] = {}
         self._counts: dict[str, dict[float, int]] = {}
@@ -191,7 +195,7 @@ class ConceptStatsAccumulator:
         rows = codes.reshape(-1, self.n_latents)
         s = rows.sum(0, dtype=torch.float32 if rows.device.type == "mps" else torch.float64)
         s = s.detach().to("cpu", torch.float64)
-        f = (rows > 0).sum(0).detach().to("cpu", torch.float64)
+        f = (rows > self.fire_above).sum(0).detach().to("cpu", torch.float64)
         per_t = self._sums.setdefault(concept, {})
         fires = self._fires.setdefault(concept, {})
         cnt = self._counts.setdefault(concept, {})
@@ -239,24 +243,33 @@ class ConceptStep(NamedTuple):
 
     latents: Tensor  # [K] int64, unique
     thresholds: Tensor  # [K] float32 tau_i(t)
-    means: Tensor  # [K] float32 mu_c,i(t) of the concept that contributed the latent
-    concept: Tensor  # [K] int64 index into names of the contributing concept
+    means: Tensor  # [K] float32 mu_c,i(t) (the largest over the concepts that selected the latent)
+    concept: Tensor  # [K] int64 index into names of the first concept that selected the latent
     timestep: float  # the stored timestep that was used
 
     @staticmethod
     def merge(steps: Sequence[ConceptStep]) -> ConceptStep:
-        """Union of several steps; a latent that appears twice keeps its first entry."""
+        """Union of several steps. A latent selected by several concepts fires where any of them fires, so it gets
+        the smallest of their thresholds, and the largest of their means, so SAeUron's ablation f * gamma * mu is
+        as strong as each concept asks; neither depends on the order of the concepts."""
         if not steps:
             raise SAEInputError("ConceptStep.merge: no steps given")
         lat = torch.cat([s.latents for s in steps])
         keep = _first_occurrence(lat)
-        return ConceptStep(
-            lat[keep],
-            torch.cat([s.thresholds for s in steps])[keep],
-            torch.cat([s.means for s in steps])[keep],
-            torch.cat([s.concept for s in steps])[keep],
-            steps[0].timestep,
-        )
+        tau = torch.cat([s.thresholds for s in steps])
+        mu = torch.cat([s.means for s in steps])
+        if keep.numel() != lat.numel():  # shared latents: reduce over every entry of the same id
+            slot = torch.searchsorted(lat[keep].sort().values, lat)
+            order = lat[keep].sort().indices
+            K = keep.numel()
+            tau_k = torch.full((K,), float("inf")).scatter_reduce(0, slot, tau.float(), "amin")
+            mu_k = torch.full((K,), float("-inf")).scatter_reduce(0, slot, mu.float(), "amax")
+            inv = torch.empty_like(order)
+            inv[order] = torch.arange(K)
+            return ConceptStep(lat[keep], tau_k[inv], mu_k[inv], torch.cat([s.concept for s in steps])[keep],
+                               steps[0].timestep)
+        return ConceptStep(lat[keep], tau[keep], mu[keep], torch.cat([s.concept for s in steps])[keep],
+                           steps[0].timestep)
 
 
 def _first_occurrence(ids: Tensor) -> Tensor:

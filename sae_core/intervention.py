@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Mapping, NamedTuple, Sequence
 
 import torch
+import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
 
@@ -26,6 +27,7 @@ from .steer import SteerSettings, steer_picked
 logger = logging.getLogger(__name__)
 
 BRANCHES = {"cond": (0,), "uncond": (1,), "both": (0, 1)}
+REGION_MODES = ("intersect", "replace")
 BRANCH_NAMES = {0: "cond", 1: "uncond"}
 
 
@@ -292,11 +294,16 @@ class BlockIntervention:
     recorder: Recorder or None.
     label: names this intervention in records and error messages (e.g. the block name).
     input_space: override of sae.cfg.input_space ("output": SAE sees block_out; "residual": block_out - block_in).
+    region: an optional user-drawn mask [N, H_img, W_img] (or [H_img, W_img]) in 0..1 at any resolution; it is
+        resized to the block's grid (a patch is inside where at least half of it is painted) and either replaces
+        the detector's mask (region_mode "replace") or restricts it (region_mode "intersect"). N is 1 (every
+        image) or the number of images per CFG branch.
     """
 
     def __init__(self, sae, detector: ConceptDetector, edit: ReplaceSettings | SteerSettings | None = None,
                  branches: str = "both", window: StepWindow | None = None, recorder: Recorder | None = None,
-                 label: str = "block", input_space: str | None = None):
+                 label: str = "block", input_space: str | None = None, region: Tensor | None = None,
+                 region_mode: str = "intersect"):
         if branches not in BRANCHES:
             raise SAEInputError(f"BlockIntervention({label}): branches is {branches!r}, expected one of {list(BRANCHES)}")
         if edit is not None and not isinstance(edit, (ReplaceSettings, SteerSettings)):
@@ -309,6 +316,20 @@ class BlockIntervention:
                 f"BlockIntervention({label}): the detector's concepts have {detector.n_latents} latents, the SAE "
                 f"{getattr(sae, 'source', '')} has {sae.cfg.n_latents}; use the SAE the concepts were learned with"
             )
+        if region_mode not in REGION_MODES:
+            raise SAEInputError(f"BlockIntervention({label}): region_mode is {region_mode!r}, expected one of {list(REGION_MODES)}")
+        if region is not None:
+            if not isinstance(region, Tensor) or region.ndim not in (2, 3) or region.numel() == 0:
+                raise SAEInputError(
+                    f"BlockIntervention({label}): region should be a mask [N, H, W] or [H, W] (a ComfyUI MASK), found "
+                    f"{tuple(region.shape) if isinstance(region, Tensor) else type(region).__name__}"
+                )
+            if not bool(torch.isfinite(region.float()).all()):
+                raise SAEInputError(f"BlockIntervention({label}): region holds NaN/inf values, expected 0..1")
+            region = region.detach().float()
+            region = region[None] if region.ndim == 2 else region
+        self.region, self.region_mode = region, region_mode
+        self._region_cache: dict = {}
         self.sae, self.detector, self.edit = sae, detector, edit
         self.branches = BRANCHES[branches]
         self.window, self.recorder, self.label, self.input_space = window, recorder, label, space
@@ -355,10 +376,16 @@ class BlockIntervention:
         sub, dense_codes, norm = self._encode(tokens, cstep, step.timestep)
         det = self.detector.detect_picked(sub, cstep)
         mask = det.mask
+        if self.region is not None:
+            user = self._region_rows(parts, mask.shape[1:], mask.device)
+            mask = user if self.region_mode == "replace" else mask & user
         res = None
         if isinstance(self.edit, SteerSettings) and cstep.latents.numel():
+            sign = None
+            if self.edit.cfg_sign == "opposite" and self.edit.method in ("unbox_add", "gsae_add"):
+                sign = torch.cat([torch.full((p.stop - p.start,), -1.0 if p.flag == 1 else 1.0) for p in parts])
             res = steer_picked(self.sae, tokens, sub, dense_codes, norm, cstep, mask, self.edit,
-                               self.detector.settings.threshold_scale)
+                               self.detector.settings.threshold_scale, row_sign=sign)
         # Everything the host must see comes over in one device -> host transfer (one synchronisation per call):
         # the mask (PER draws its sources on the CPU; the recorder), the score (recorder), whether steering changed
         # anything (to return block_out itself otherwise).
@@ -397,6 +424,27 @@ class BlockIntervention:
         if new_rows is None:
             return block_out
         return _put(block_out, rows, new_rows)
+
+    def _region_rows(self, parts, hw: tuple[int, int], device) -> Tensor:
+        """The user's region on the block's grid for the rows of ``parts``: [rows, H, W] bool."""
+        H, W = int(hw[0]), int(hw[1])
+        key = (H, W, device)
+        grid = self._region_cache.get(key)
+        if grid is None:
+            # area average: a patch is inside where at least half of its pixels are painted
+            grid = F.interpolate(self.region[:, None], size=(H, W), mode="area")[:, 0] >= 0.5
+            grid = self._region_cache[key] = grid.to(device)
+        n = grid.shape[0]
+        rows = []
+        for p in parts:
+            size = p.stop - p.start
+            if n not in (1, size):
+                raise SAEInputError(
+                    f"BlockIntervention({self.label}): the region mask has {n} images, expected 1 or {size} (one per "
+                    "image of the batch); give one mask, or one per image"
+                )
+            rows.append(grid.expand(size, H, W) if n == 1 else grid)
+        return torch.cat(rows) if len(rows) > 1 else rows[0]
 
     def _encode(self, tokens: Tensor, cstep, timestep: float):
         """(codes of the selected latents [..., K], () -> dense codes [..., M], norm state). TopK SAEs build no

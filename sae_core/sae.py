@@ -274,6 +274,12 @@ class SparseAutoencoder(nn.Module):
             x_hat = x_hat + x @ self.weights(x.device, x.dtype).W_skip.mT
         return SAEOutput(codes, x_hat)
 
+    @property
+    def firing_level(self) -> float:
+        """The code above which a latent counts as firing: its pre-activation is positive. 0 for the ReLU kinds;
+        0.5 = sigmoid(0) for Sigmoid(TopK), where every kept latent has a positive code."""
+        return 0.5 if self.cfg.activation == "sigmoid_topk" else 0.0
+
     # -- identity ------------------------------------------------------------------------------
 
     def fingerprint(self) -> str:
