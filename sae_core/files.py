@@ -80,11 +80,17 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None], *, what
     except OSError as e:
         raise SAEWriteError(f"{path}: cannot create a file in {directory} ({e.strerror or e}); check the folder "
                             "exists and is writable") from e
-    os.close(fd)
+    try:
+        # what open(path, "w") would give: 0666 minus the umask, read off the file O_CREAT just made (no umask race)
+        mode = stat.S_IMODE(os.fstat(fd).st_mode)
+    finally:
+        os.close(fd)
     try:
         with contextlib.suppress(FileNotFoundError):  # a replaced file keeps its permissions
-            os.chmod(tmp, stat.S_IMODE(os.stat(path).st_mode))
+            mode = stat.S_IMODE(os.stat(path).st_mode)
         write(tmp)
+        # writers may recreate the file (safetensors does, with 0600): set the mode on what they left
+        os.chmod(tmp, mode)
         fd = os.open(tmp, os.O_RDONLY | getattr(os, "O_BINARY", 0))
         try:
             os.fsync(fd)
