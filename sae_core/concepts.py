@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -31,6 +30,8 @@ from .errors import (
     SAEInputError,
     SAELookupError,
     TrustRequiredError,
+    require_int,
+    require_number,
 )
 from .files import atomic_write, atomic_write_text
 
@@ -76,21 +77,25 @@ class SelectionRule:
     min_rate: float = 0.002
 
     def __post_init__(self):
-        if self.method not in METHODS:
+        if not isinstance(self.method, str) or self.method not in METHODS:
             raise SAEInputError(f"SelectionRule.method is {self.method!r}, expected one of {list(METHODS)}")
-        if not (0.0 <= float(self.max_ratio) <= 1.0):
+        max_ratio = require_number("SelectionRule.max_ratio", self.max_ratio)
+        min_rate = require_number("SelectionRule.min_rate", self.min_rate)
+        percentile = require_number("SelectionRule.percentile", self.percentile)
+        if not (0.0 <= max_ratio <= 1.0):
             raise SAEInputError(f"SelectionRule.max_ratio is {self.max_ratio}, expected a value in [0, 1] (e.g. 0.2)")
-        if not (0.0 <= float(self.min_rate) < 1.0):
+        if not (0.0 <= min_rate < 1.0):
             raise SAEInputError(f"SelectionRule.min_rate is {self.min_rate}, expected a share of patches in [0, 1)")
-        if self.method == "percentile" and not (0.0 < float(self.percentile) < 100.0):
+        if self.method == "percentile" and not (0.0 < percentile < 100.0):
             raise SAEInputError(
                 f"SelectionRule.percentile is {self.percentile}, expected a value in (0, 100), "
                 "e.g. 99.99 (SAeUron objects) or 99.999 (styles)"
             )
-        if self.method in ("top_n", "specific") and int(self.top_n) < 1:
+        top_n = require_int("SelectionRule.top_n", self.top_n)
+        if self.method in ("top_n", "specific") and top_n < 1:
             raise SAEInputError(f"SelectionRule.top_n is {self.top_n}, expected an integer >= 1")
-        if self.fixed_threshold is not None and not math.isfinite(float(self.fixed_threshold)):
-            raise SAEInputError(f"SelectionRule.fixed_threshold is {self.fixed_threshold}, expected a finite number or None")
+        if self.fixed_threshold is not None:
+            require_number("SelectionRule.fixed_threshold", self.fixed_threshold, minimum=0.0)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -360,12 +365,15 @@ class ConceptDictionary:
         sae_fingerprint: str | None = None,
     ) -> ConceptDictionary:
         """A timestep-independent concept from typed latent ids (fixed threshold, optional mu)."""
+        if isinstance(latents, (str, bytes)) or not hasattr(latents, "__iter__"):
+            raise SAEInputError(f"ConceptDictionary.from_latents: latents is {latents!r}, expected a list of latent ids")
+        latents = list(latents)
         bad_ids = [i for i in latents if isinstance(i, bool) or not isinstance(i, (int, torch.Tensor))
                    or (isinstance(i, torch.Tensor) and (i.numel() != 1 or i.is_floating_point()))]
         if bad_ids:
             raise SAEInputError(f"ConceptDictionary.from_latents: latent ids {bad_ids} are not integers; type whole ids")
-        t = float(threshold)
-        if not math.isfinite(t) or t < 0:
+        t = require_number("ConceptDictionary.from_latents: threshold", threshold)
+        if t < 0:
             raise SAEInputError(
                 f"ConceptDictionary.from_latents: threshold is {threshold}, expected a finite number >= 0 (SAE codes "
                 "are never negative, so a negative threshold would mark every patch)"
@@ -378,7 +386,10 @@ class ConceptDictionary:
             raise SAEInputError(f"ConceptDictionary.from_latents: latent ids {bad} out of range 0..{n_latents - 1} for this SAE")
         if len(set(ids.tolist())) != ids.numel():
             raise SAEInputError(f"ConceptDictionary.from_latents: latent ids {ids.tolist()} contain duplicates")
-        mu = torch.ones(ids.numel()) if means is None else torch.tensor([float(m) for m in means])
+        if means is not None and (isinstance(means, (str, bytes)) or not hasattr(means, "__iter__")):
+            raise SAEInputError(f"ConceptDictionary.from_latents: means is {means!r}, expected a list of numbers")
+        mu = torch.ones(ids.numel()) if means is None else torch.tensor(
+            [require_number("ConceptDictionary.from_latents: a mean", m, finite=False) for m in means])
         if not bool(torch.isfinite(mu).all()):
             raise SAEInputError(f"ConceptDictionary.from_latents: means {mu.tolist()} hold NaN/inf; expected finite numbers")
         if mu.numel() != ids.numel():

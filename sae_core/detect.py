@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .concepts import ConceptDictionary, ConceptStep
-from .errors import SAEInputError
+from .errors import SAEInputError, require_int, require_number
 
 logger = logging.getLogger(__name__)
 
@@ -42,12 +42,9 @@ class DetectionSettings:
     min_region: int = 0
 
     def __post_init__(self):
-        if not float(self.threshold_scale) >= 0.0:
-            raise SAEInputError(f"DetectionSettings.threshold_scale is {self.threshold_scale}, expected a number >= 0")
-        if int(self.padding) != self.padding or self.padding < 0:
-            raise SAEInputError(f"DetectionSettings.padding is {self.padding}, expected an integer >= 0 (patches)")
-        if int(self.min_region) != self.min_region or self.min_region < 0:
-            raise SAEInputError(f"DetectionSettings.min_region is {self.min_region}, expected an integer >= 0 (patches)")
+        require_number("DetectionSettings.threshold_scale", self.threshold_scale, minimum=0.0)
+        require_int("DetectionSettings.padding", self.padding, minimum=0)
+        require_int("DetectionSettings.min_region", self.min_region, minimum=0)
 
     def to_dict(self) -> dict:
         return asdict(self)

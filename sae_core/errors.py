@@ -107,6 +107,45 @@ class ConceptMismatchError(SAEError):
     """A concept dictionary is used with an SAE it was not learned with."""
 
 
+# -- small checks shared by the settings dataclasses ---------------------------------------------
+
+
+def require_number(where: str, value, *, minimum: float | None = None, finite: bool = True) -> float:
+    """``value`` as a float, refused with SAEInputError unless it is a real number (not a bool) in range."""
+    import math
+
+    if isinstance(value, bool) or not isinstance(value, (int, float)) and not _is_scalar_tensor(value):
+        raise SAEInputError(f"{where} is {value!r}, expected a number")
+    try:
+        out = float(value)
+    except (TypeError, ValueError, OverflowError) as e:
+        raise SAEInputError(f"{where} is {value!r}, expected a number") from e
+    if finite and not math.isfinite(out):
+        raise SAEInputError(f"{where} is {value!r}, expected a finite number")
+    if minimum is not None and not out >= minimum:
+        raise SAEInputError(f"{where} is {value!r}, expected a number >= {minimum:g}")
+    return out
+
+
+def require_int(where: str, value, *, minimum: int | None = None) -> int:
+    """``value`` as an int, refused with SAEInputError unless it is a whole number (not a bool) >= minimum."""
+    if isinstance(value, bool):
+        raise SAEInputError(f"{where} is {value!r}, expected an integer")
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if _is_scalar_tensor(value) and not value.is_floating_point():
+        value = int(value)
+    if not isinstance(value, int):
+        raise SAEInputError(f"{where} is {value!r}, expected an integer")
+    if minimum is not None and value < minimum:
+        raise SAEInputError(f"{where} is {value!r}, expected an integer >= {minimum}")
+    return value
+
+
+def _is_scalar_tensor(value) -> bool:
+    return type(value).__name__ == "Tensor" and getattr(value, "numel", lambda: 0)() == 1
+
+
 for _cls in list(globals().values()):
     if isinstance(_cls, type) and issubclass(_cls, SAEError):
         _cls.__module__ = "sae_core"

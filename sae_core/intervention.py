@@ -20,7 +20,7 @@ from einops import rearrange
 from torch import Tensor
 
 from .detect import ConceptDetector, pick_topk
-from .errors import SAEInputError, SAELookupError, SAEStateError, SAETypeError
+from .errors import SAEInputError, SAELookupError, SAEStateError, SAETypeError, require_int, require_number
 from .replace import check_mode, replace_patches
 from .steer import SteerSettings, steer_picked
 
@@ -41,7 +41,17 @@ class StepInfo:
     step_index: int | None = None
 
     def __post_init__(self):
-        object.__setattr__(self, "chunks", tuple(int(c) for c in self.chunks))
+        require_number("StepInfo.timestep", self.timestep)
+        if self.sigma is not None:
+            require_number("StepInfo.sigma", self.sigma, minimum=0.0, finite=False)
+        if self.step_index is not None:
+            require_int("StepInfo.step_index", self.step_index)
+        chunks = self.chunks
+        if isinstance(chunks, (str, bytes, dict)) or not hasattr(chunks, "__iter__") or any(
+                isinstance(c, bool) or not isinstance(c, int) and not (isinstance(c, Tensor) and c.numel() == 1)
+                for c in chunks):
+            raise SAEInputError(f"StepInfo.chunks is {chunks!r}, expected a non-empty tuple of 0 (cond) / 1 (uncond) flags")
+        object.__setattr__(self, "chunks", tuple(int(c) for c in chunks))
         if not self.chunks or any(c not in (0, 1) for c in self.chunks):
             raise SAEInputError(f"StepInfo.chunks is {self.chunks}, expected a non-empty tuple of 0 (cond) / 1 (uncond) flags")
 
@@ -88,8 +98,11 @@ class ReplaceSettings:
     target: str = "output"
 
     def __post_init__(self):
+        if not isinstance(self.mode, str):
+            raise SAEInputError(f"ReplaceSettings.mode is {self.mode!r}, expected one of random, nearest, mean")
         check_mode(self.mode)
-        if self.target not in ("output", "residual"):
+        require_int("ReplaceSettings.seed", self.seed)
+        if not isinstance(self.target, str) or self.target not in ("output", "residual"):
             raise SAEInputError(f"ReplaceSettings.target is {self.target!r}, expected 'output' or 'residual'")
 
     def to_dict(self) -> dict:

@@ -68,7 +68,7 @@ class SteerSettings:
         for name in ("detected_only", "use_beta"):
             if not isinstance(getattr(self, name), bool):
                 raise SAEInputError(f"SteerSettings.{name} is {getattr(self, name)!r}, expected true or false")
-        if self.cfg_sign not in CFG_SIGNS:
+        if not isinstance(self.cfg_sign, str) or self.cfg_sign not in CFG_SIGNS:
             raise SAEInputError(f"SteerSettings.cfg_sign is {self.cfg_sign!r}, expected one of {list(CFG_SIGNS)}")
         if self.use_beta and self.method != "saeuron_scale":
             raise SAEInputError(f"SteerSettings.use_beta scales saeuron_scale's multiplier; method is {self.method!r}")

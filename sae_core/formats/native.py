@@ -58,6 +58,10 @@ def read(path: Path) -> tuple[SAEConfig, dict]:
     unknown = sorted(set(tensors) - set(_TENSORS))
     if unknown:
         raise SAEFormatError(f"{path}: unexpected tensors {unknown}; expected some of {list(_TENSORS)}")
+    missing = [k for k in _TENSORS[:4] if k not in tensors]
+    if missing:
+        raise SAEFormatError(f"{path}: missing tensors {missing}; found {sorted(tensors)}, expected {list(_TENSORS[:4])} "
+                             "and optionally the rest of " + str(list(_TENSORS[4:])))
     return cfg, dict(tensors)
 
 
