@@ -12,8 +12,8 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from safetensors.torch import save, save_file
 from sae_builders import random_weights, write_saelens, write_sparsify, write_unbox
+from safetensors.torch import save, save_file
 
 from sae_core.concepts import ConceptDictionary, load_concepts
 from sae_core.config import SAEConfig
