@@ -516,16 +516,20 @@ def test_steer_painted_mask_and_mask_preview_at_cfg_1(pack, sd1):
     name, key, d = SD1_BLOCK
     sae = make_sae(pack, d)
     det = typed_detector(pack, sae, [1, 2])
-    # 96x128 image -> latent 12x16 -> this block's grid 6x8 (stride 2); paint the left 3 columns of cells
+    # 96x128 image -> this tiny block's grid 3x4, cells of 32x32 pixels: two columns of cells painted, one cell
+    # exactly half painted (inside), one cell less than half (outside)
     paint = torch.zeros(1, 96, 128)
-    paint[:, :, :48] = 1.0
+    paint[:, :, :64] = 1.0
+    paint[:, :16, 64:96] = 1.0
+    paint[:, :15, 96:] = 1.0
     m, dets = ext.SAESteer.execute(sd1.model, det, method="set", strength=0.0, error="preserve", detected_only=True,
                                    mask=paint, mask_mode="replace").args
     sample(m, "sd1", cfg=1.0, width=128, height=96)
     keys, grids = dets.recorder.masks("cond", 0)
-    assert keys == [0, 1, 2] and grids.shape[1:] == (6, 8)
-    ref = torch.zeros(6, 8, dtype=torch.bool)
-    ref[:, :3] = True
+    assert keys == [0, 1, 2] and grids.shape[1:] == (3, 4)
+    ref = torch.zeros(3, 4, dtype=torch.bool)
+    ref[:, :2] = True
+    ref[0, 2] = True
     assert all(torch.equal(g, ref) for g in grids)
     images = torch.rand(1, 96, 128, 3)
     with pytest.raises(pack.sae_core.SAEInputError, match=r"branch 'uncond' recorded nothing.*At cfg 1") as e:
