@@ -15,7 +15,7 @@ import torch
 from . import blocks as B
 from .config import ACTIVATIONS, INPUT_SPACES
 from .errors import SAEConfigError, SAEError, SAEFormatError, SAENonFiniteError
-from .files import check_file_name
+from .files import check_file_name, check_folder
 from .formats import detect_format, load_sae, read_checkpoint, save_native
 from .sae import SparseAutoencoder
 
@@ -336,6 +336,7 @@ def cmd_convert(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     if args.k is not None and args.k <= 0:
         raise SAEConfigError(f"--k {args.k}: expected a positive integer (latents kept per patch)")
     dst = check_file_name(args.dst, "destination")
+    check_folder(dst, "SAE file")
     if dst.is_dir():
         raise SAEFormatError(f"{dst}: is a directory; expected the path of the .safetensors file to write")
     if dst.suffix != ".safetensors":

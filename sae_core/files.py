@@ -41,6 +41,16 @@ def check_file_name(path: str | os.PathLike, what: str = "file") -> Path:
     return p
 
 
+def check_folder(path: str | os.PathLike, what: str = "file") -> None:
+    """Refuse a destination whose folder (or a folder above it) is an existing file, before any work is done."""
+    path = Path(path)
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise SAEWriteError(f"{path}: {parent} is a file, not a folder; expected a folder to write the {what} into")
+            return
+
+
 def _new_temp(directory: Path, name: str) -> tuple[int, Path]:
     """An exclusive new file beside the target: mode 0666 & ~umask (what ``open(path, 'w')`` would give)."""
     for _ in range(100):
@@ -72,6 +82,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None], *, what
     """
     path = check_file_name(path, what)
     directory = path.parent if str(path.parent) else Path(".")
+    check_folder(path, what)
     try:
         directory.mkdir(parents=True, exist_ok=True)
         fd, tmp = _new_temp(directory, path.name)

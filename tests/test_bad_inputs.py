@@ -536,6 +536,10 @@ CLI_CASES = [
     ("convert-dst-exists", lambda t: ("convert", native_file(t), native_file(t)), ["already exists", "--force"]),
     ("convert-dst-dir", lambda t: ("convert", native_file(t), _mkdirs(t / "d.safetensors"), "--force"), ["is a directory"]),
     ("convert-family", lambda t: ("convert", native_file(t), t / "o.safetensors", "--family", "sd3"), ["unknown model family 'sd3'"]),
+    ("inspect-device", lambda t: ("inspect", "/dev/null" if os.path.exists("/dev/null") else t / "nope"),
+     ["/dev/null" if os.path.exists("/dev/null") else "nope"]),
+    ("convert-dst-under-a-file", lambda t: ("convert", native_file(t), native_file(t) / "o.safetensors"),
+     ["bad.safetensors is a file, not a folder"]),
     ("convert-src-pickle", lambda t: ("convert", unbox_dir(t) and (_write(t / "unbox" / "state_dict.pth", pickle.dumps(Evil())), t / "unbox")[1],
                                       t / "o.safetensors"), ["safe loading refuses"]),
 ]

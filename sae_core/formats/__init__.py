@@ -57,6 +57,9 @@ def detect_format(path: str | Path) -> tuple[str, Path]:
 def _detect_format(path: Path) -> tuple[str, Path]:
     if not path.exists():
         raise SAEFormatError(f"{path}: no such file or directory; expected an SAE file or checkpoint directory")
+    if not path.is_file() and not path.is_dir():
+        raise SAEFormatError(f"{path}: neither a regular file nor a directory (a device, pipe or socket); expected an "
+                             "SAE file or checkpoint directory")
     if path.is_file():
         if path.suffix == ".safetensors" and _layout_of(path.parent) and path.name in (sparsify.WEIGHTS, saelens.WEIGHTS):
             return _layout_of(path.parent), path.parent
