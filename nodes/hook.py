@@ -15,12 +15,12 @@ from typing import Any, Callable
 import torch
 
 try:  # inside ComfyUI the pack is a package and sae_core its sibling
-    from ..sae_core.blocks import BlockError, resolve_block
+    from ..sae_core.blocks import BlockError, BlockMismatchError, resolve_block
     from ..sae_core.errors import SAEInputError
     from ..sae_core.intervention import StepInfo, StepWindow
     from ..sae_core.steer import SteerSettings
 except ImportError:  # imported as top-level `nodes` (tests, scripts) with sae_core on sys.path
-    from sae_core.blocks import BlockError, resolve_block
+    from sae_core.blocks import BlockError, BlockMismatchError, resolve_block
     from sae_core.errors import SAEInputError
     from sae_core.intervention import StepInfo, StepWindow
     from sae_core.steer import SteerSettings
@@ -273,7 +273,7 @@ def resolve_hook(sae, model, block: str | None = None) -> tuple[str, str]:
     try:
         spec = resolve_block(name, family)
     except BlockError as e:
-        raise SAEInputError(f"{source}: {e}") from None
+        raise type(e)(f"{source}: {e}") from None
     key = spec.comfy_key
     try:
         module = model.get_model_object(key)
@@ -283,7 +283,7 @@ def resolve_hook(sae, model, block: str | None = None) -> tuple[str, str]:
     if found is None:
         raise SAEInputError(f"{source}: {key} is a {type(module).__name__}, expected a SpatialTransformer block")
     if int(found) != int(cfg.d_in):
-        raise SAEInputError(
+        raise BlockMismatchError(
             f"{source}: block {spec.diffusers} ({key}) has {found} channels in this model, the SAE expects "
             f"d_in={cfg.d_in}; load the SAE trained for this block, or pick the block it was trained on"
         )
