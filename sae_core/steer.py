@@ -70,6 +70,11 @@ class SteerSettings:
                 raise SAEInputError(f"SteerSettings.{name} is {getattr(self, name)!r}, expected true or false")
         if not isinstance(self.cfg_sign, str) or self.cfg_sign not in CFG_SIGNS:
             raise SAEInputError(f"SteerSettings.cfg_sign is {self.cfg_sign!r}, expected one of {list(CFG_SIGNS)}")
+        if self.cfg_sign == "opposite" and self.method not in ("unbox_add", "gsae_add"):
+            raise SAEInputError(
+                f"SteerSettings.cfg_sign 'opposite' flips the added direction on the uncond branch; method "
+                f"{self.method!r} adds none: use unbox_add or gsae_add, or cfg_sign 'same'"
+            )
         if self.use_beta and self.method != "saeuron_scale":
             raise SAEInputError(f"SteerSettings.use_beta scales saeuron_scale's multiplier; method is {self.method!r}")
         if self.method not in METHODS:

@@ -457,6 +457,8 @@ VALUE_CASES = [
     ("steer-strength-string", lambda: SteerSettings(strength="1"), SAEInputError, ["strength is '1'", "finite number"]),
     ("steer-error", lambda: SteerSettings(error="fix"), SAEInputError, ["error is 'fix'", "preserve"]),
     ("steer-cfg-sign", lambda: SteerSettings(cfg_sign="flip"), SAEInputError, ["cfg_sign is 'flip'", "opposite"]),
+    ("steer-cfg-sign-method", lambda: SteerSettings("set", 1.0, cfg_sign="opposite"), SAEInputError,
+     ["cfg_sign 'opposite'", "method 'set'", "use unbox_add or gsae_add"]),
     ("steer-from-dict", lambda: SteerSettings.from_dict({"gamma": 1}), SAEInputError, ["unknown keys ['gamma']", "expected"]),
     ("replace-mode", lambda: ReplaceSettings(mode="blur"), SAEInputError, ["mode is 'blur'", "random"]),
     ("replace-target", lambda: ReplaceSettings(target="input"), SAEInputError, ["target is 'input'", "'output' or 'residual'"]),
