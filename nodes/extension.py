@@ -25,16 +25,31 @@ from ..sae_core.concepts import (
 )
 from ..sae_core.config import ACTIVATIONS, INPUT_SPACES
 from ..sae_core.detect import TEMPORAL_MODES, ConceptDetector, DetectionSettings
+from ..sae_core.errors import SAEFileExistsError, SAEFileNotFoundError, SAEInputError
 from ..sae_core.formats import load_sae
 from ..sae_core.gate import learn_presence_gate
-from ..sae_core.intervention import BlockIntervention, ConceptCollector, Recorder, ReplaceSettings
+from ..sae_core.intervention import (
+    REGION_MODES,
+    BlockIntervention,
+    ConceptCollector,
+    Recorder,
+    ReplaceSettings,
+)
 from ..sae_core.lookahead import LookAheadSettings
 from ..sae_core.mixins import SharedOnCopy
 from ..sae_core.replace import MODES
-from ..sae_core.steer import ERROR_MODES, METHODS, SteerSettings
+from ..sae_core.steer import CFG_SIGNS, ERROR_MODES, METHODS
 from . import folders
 from .grid import compare_grid
-from .hook import RunState, check_window, family_of_config, install_patch, resolve_hook, sigma_window
+from .hook import (
+    RunState,
+    check_window,
+    family_of_config,
+    install_patch,
+    resolve_hook,
+    sigma_window,
+    steer_settings,
+)
 from .learn import DEFAULT_CONTRAST, parse_latent_ids, parse_prompts
 from .masks import AGGREGATES, SHOW, normalise, overlay, parse_color, pick_step, recorded_maps, upscale
 from .ui_payload import compare_payload, mask_step_payload
@@ -75,12 +90,13 @@ def _block_names() -> list[str]:
     return names
 
 
-def _patch(model, spec: DetectorSpec, edit, kind: str, lookahead: LookAheadSettings | None = None):
+def _patch(model, spec: DetectorSpec, edit, kind: str, region=None, region_mode: str = "intersect",
+           lookahead: LookAheadSettings | None = None):
     """Validate against the model, then clone and patch the SAE's block. Returns (model, RunState)."""
     key, name = resolve_hook(spec.sae, model)
     recorder = Recorder()
     intervention = BlockIntervention(spec.sae, spec.detector, edit, branches=spec.branches, recorder=recorder,
-                                     label=name, lookahead=lookahead)
+                                     label=name, region=region, region_mode=region_mode, lookahead=lookahead)
     state = RunState(f"{kind} {name}", recorder, intervention)
     start, end = spec.start_percent, spec.end_percent
     check_window(start, end)
@@ -190,7 +206,7 @@ class ConceptDetectorNode(io.ComfyNode):
                                                    name="typed", sae_fingerprint=sae.fingerprint())
             sources.append((typed, None))
         if not sources:
-            raise ValueError("Concept Detector: no concept connected and no latent ids typed; connect a CONCEPT "
+            raise SAEInputError("Concept Detector: no concept connected and no latent ids typed; connect a CONCEPT "
                              "(Learn Concept / Load Concept) or type latent ids")
         check_window(start_percent, end_percent)
         settings = DetectionSettings(threshold_scale=threshold_scale, padding=padding, min_region=min_region,
@@ -263,9 +279,24 @@ class SAESteer(io.ComfyNode):
                                tooltip="gamma / value / multiplier of the method; 0 with 'add' methods changes nothing."),
                 io.Combo.Input("error", options=list(ERROR_MODES), default="preserve",
                                tooltip="preserve: x + decode(f') - decode(f) (untouched patches exact); legacy_saeuron: "
-                                       "the published code's sign slip; none: pure reconstruction."),
+                                       "the published SAeUron/SAEmnesia hook with its sign slip, which moves every "
+                                       "patch: it always edits every patch and ignores detected_only, so it "
+                                       "reproduces the published numbers; none: pure reconstruction."),
                 io.Boolean.Input("detected_only", default=True,
-                                 tooltip="Edit only detected patches (on) or every patch (off)."),
+                                 tooltip="Edit only detected patches (on) or every patch (off). Ignored with error "
+                                         "legacy_saeuron, which moves every patch as published."),
+                io.Boolean.Input("use_beta", default=False, optional=True,
+                                 tooltip="saeuron_scale only: SAEmnesia's multiplier strength * ||f|| / ||d_i|| (code "
+                                         "norm of the patch over the latent's decoder norm) instead of strength * mu."),
+                io.Combo.Input("cfg_sign", options=list(CFG_SIGNS), default="same", optional=True,
+                               tooltip="Add methods: 'same' adds on both CFG branches; 'opposite' subtracts on the "
+                                       "uncond branch and adds on the cond one (sdxl-unbox on SDXL base)."),
+                io.Mask.Input("mask", optional=True,
+                              tooltip="Optional painted region (any resolution; resized to the block's grid, a patch "
+                                      "counts where at least half of it is painted)."),
+                io.Combo.Input("mask_mode", options=list(REGION_MODES), default="intersect", optional=True,
+                               tooltip="With a mask: 'intersect' edits detected patches inside it only; 'replace' "
+                                       "edits the painted patches whatever the detector finds."),
             ],
             outputs=[
                 io.Model.Output(display_name="MODEL", tooltip="The patched model; sample it with a KSampler."),
@@ -275,9 +306,10 @@ class SAESteer(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, detector: DetectorSpec, method: str, strength: float, error: str,
-                detected_only: bool) -> io.NodeOutput:
-        edit = SteerSettings(method=method, strength=strength, error=error, detected_only=detected_only)
-        patched, state = _patch(model, detector, edit, "SAE Steer")
+                detected_only: bool, use_beta: bool = False, cfg_sign: str = "same", mask=None,
+                mask_mode: str = "intersect") -> io.NodeOutput:
+        edit = steer_settings(method, strength, error, detected_only, use_beta, cfg_sign)
+        patched, state = _patch(model, detector, edit, "SAE Steer", region=mask, region_mode=mask_mode)
         return io.NodeOutput(patched, state)
 
 
@@ -317,7 +349,7 @@ class MaskPreview(io.ComfyNode):
                 opacity: float, color: str) -> io.NodeOutput:
         rec = detections.recorder
         if rec is None or not rec.records:
-            raise ValueError(
+            raise SAEInputError(
                 f"Mask Preview: {detections.label} recorded nothing; sample the patched model first (connect "
                 "images decoded from that KSampler) and check start/end percent and branches"
             )
@@ -384,16 +416,16 @@ class LearnConcept(io.ComfyNode):
                 scheduler: str, seed: int, selection: str, percentile: float, top_n: int) -> io.NodeOutput:
         name = concept_name.strip()
         if not name or name == CONTRAST_LABEL:
-            raise ValueError(f"Learn Concept: concept_name {concept_name!r} is empty or reserved; type a name like 'cat'")
+            raise SAEInputError(f"Learn Concept: concept_name {concept_name!r} is empty or reserved; type a name like 'cat'")
         prompts = parse_prompts(concept_prompts)
         if not prompts:
-            raise ValueError("Learn Concept: concept_prompts is empty; type at least one prompt (one per line)")
+            raise SAEInputError("Learn Concept: concept_prompts is empty; type at least one prompt (one per line)")
         contrast = parse_prompts(contrast_prompts) or list(DEFAULT_CONTRAST)
         rule = SelectionRule(method=selection, percentile=percentile, top_n=top_n)
         key, block = resolve_hook(sae, model)
         family = family_of_config(model.model.model_config)
         # per-image codes kept for the presence gate (about 6 bytes x k per patch and step)
-        acc = ConceptStatsAccumulator(int(sae.cfg.n_latents), keep_samples=True,
+        acc = ConceptStatsAccumulator(int(sae.cfg.n_latents), fire_above=sae.firing_level, keep_samples=True,
                                       sample_top=int(sae.cfg.k) if getattr(sae.cfg, "k", None) else 64)
         collector = ConceptCollector(sae, acc, branches="cond", label=block)
         state = RunState("Learn Concept", None)
@@ -449,7 +481,7 @@ class SaveConcept(io.ComfyNode):
     def execute(cls, concept, filename: str, overwrite: bool) -> io.NodeOutput:
         path = folders.concept_save_path(folder_paths, filename)
         if os.path.exists(path) and not overwrite:
-            raise FileExistsError(f"Save Concept: {path} exists; pick another filename or switch overwrite on")
+            raise SAEFileExistsError(f"Save Concept: {path} exists; pick another filename or switch overwrite on")
         concept.save(path)
         return io.NodeOutput(concept, ui=ui.PreviewText(f"saved {list(concept.names)} to {path}"))
 
@@ -474,7 +506,7 @@ class LoadConcept(io.ComfyNode):
     def execute(cls, concept_name: str, sae=None) -> io.NodeOutput:
         path = folder_paths.get_full_path(folders.CONCEPT_FOLDER, concept_name)
         if path is None:
-            raise FileNotFoundError(f"Load Concept: {concept_name!r} not found in models/{folders.CONCEPT_FOLDER} "
+            raise SAEFileNotFoundError(f"Load Concept: {concept_name!r} not found in models/{folders.CONCEPT_FOLDER} "
                                     f"({folder_paths.get_folder_paths(folders.CONCEPT_FOLDER)})")
         return io.NodeOutput(load_concepts(path, sae=sae))
 

@@ -8,6 +8,11 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
+try:  # inside ComfyUI the pack is a package and sae_core its sibling
+    from ..sae_core.errors import SAEInputError
+except ImportError:  # imported as top-level `nodes`
+    from sae_core.errors import SAEInputError
+
 GAP = 4  # pixels between panels
 BAR = 24  # label bar height
 
@@ -37,12 +42,12 @@ def compare_grid(images: list[Tensor], labels: list[str]) -> Tensor:
     repeat their last image.
     """
     if not 2 <= len(images) <= 3:
-        raise ValueError(f"Compare takes 2 or 3 images, got {len(images)}")
+        raise SAEInputError(f"Compare takes 2 or 3 images, got {len(images)}")
     if len(labels) != len(images):
-        raise ValueError(f"{len(labels)} labels for {len(images)} images")
+        raise SAEInputError(f"{len(labels)} labels for {len(images)} images")
     for i, img in enumerate(images):
         if img.ndim != 4 or img.shape[-1] not in (3, 4):
-            raise ValueError(f"image {i + 1} has shape {tuple(img.shape)}, expected [N, H, W, 3] (a ComfyUI IMAGE)")
+            raise SAEInputError(f"image {i + 1} has shape {tuple(img.shape)}, expected [N, H, W, 3] (a ComfyUI IMAGE)")
     height = images[0].shape[1]
     panels = [_fit_height(img[..., :3], height) for img in images]
     n = max(p.shape[0] for p in panels)

@@ -16,15 +16,19 @@ from typing import Any, Callable
 import torch
 
 try:  # inside ComfyUI the pack is a package and sae_core its sibling
-    from ..sae_core.blocks import BlockError, resolve_block
+    from ..sae_core.blocks import BlockError, BlockMismatchError, resolve_block
+    from ..sae_core.errors import SAEInputError
     from ..sae_core.intervention import StepInfo, StepWindow
     from ..sae_core.lookahead import guide_from_recorder
     from ..sae_core.mixins import SharedOnCopy
+    from ..sae_core.steer import SteerSettings
 except ImportError:  # imported as top-level `nodes` (tests, scripts) with sae_core on sys.path
-    from sae_core.blocks import BlockError, resolve_block
+    from sae_core.blocks import BlockError, BlockMismatchError, resolve_block
+    from sae_core.errors import SAEInputError
     from sae_core.intervention import StepInfo, StepWindow
     from sae_core.lookahead import guide_from_recorder
     from sae_core.mixins import SharedOnCopy
+    from sae_core.steer import SteerSettings
 
 logger = logging.getLogger(__name__)
 
@@ -116,7 +120,7 @@ def step_info(transformer_options: dict, model_sampling, state: RunState | None 
     caches the run's schedule."""
     sigmas = transformer_options.get("sigmas")
     if sigmas is None:
-        raise ValueError(
+        raise SAEInputError(
             "SAE hook: transformer_options has no 'sigmas'; the model was called outside ComfyUI's sampler. "
             "Sample with a KSampler / SamplerCustom node"
         )
@@ -142,7 +146,7 @@ def step_info(transformer_options: dict, model_sampling, state: RunState | None 
 
 def check_window(start_percent: float, end_percent: float) -> None:
     if not 0.0 <= start_percent <= end_percent <= 1.0:
-        raise ValueError(
+        raise SAEInputError(
             f"start_percent {start_percent} and end_percent {end_percent}: expected 0 <= start <= end <= 1 "
             "(0 = first step, 1 = last step)"
         )
@@ -281,36 +285,48 @@ def resolve_hook(sae, model, block: str | None = None) -> tuple[str, str]:
     config = model.model.model_config
     family = family_of_config(config)
     if family is None:
-        raise ValueError(
+        raise SAEInputError(
             f"{source}: the model is {type(config).__name__}, expected an SD 1.x or SDXL UNet (sd1, sdxl); "
             "SAE hooks exist only for those families"
         )
     sae_family = getattr(cfg, "model_family", None)
     if sae_family is not None and sae_family != family:
-        raise ValueError(
+        raise SAEInputError(
             f"{source}: the SAE was trained on {sae_family} (hook point {cfg.hook_point}), but the model is "
             f"{family} ({type(config).__name__}); use an SAE trained on {family} or the {sae_family} model"
         )
     name = block or cfg.hook_point
     if not name:
-        raise ValueError(
+        raise SAEInputError(
             f"{source}: the SAE file records no hook point; pick the block it was trained on in Load SAE (block)"
         )
     try:
         spec = resolve_block(name, family)
     except BlockError as e:
-        raise ValueError(f"{source}: {e}") from None
+        raise type(e)(f"{source}: {e}") from None
     key = spec.comfy_key
     try:
         module = model.get_model_object(key)
     except AttributeError:
-        raise ValueError(f"{source}: block {spec.diffusers} ({key}) does not exist in this {family} model") from None
+        raise SAEInputError(f"{source}: block {spec.diffusers} ({key}) does not exist in this {family} model") from None
     found = getattr(module, "in_channels", None)
     if found is None:
-        raise ValueError(f"{source}: {key} is a {type(module).__name__}, expected a SpatialTransformer block")
+        raise SAEInputError(f"{source}: {key} is a {type(module).__name__}, expected a SpatialTransformer block")
     if int(found) != int(cfg.d_in):
-        raise ValueError(
+        raise BlockMismatchError(
             f"{source}: block {spec.diffusers} ({key}) has {found} channels in this model, the SAE expects "
             f"d_in={cfg.d_in}; load the SAE trained for this block, or pick the block it was trained on"
         )
     return key, spec.diffusers
+
+
+def steer_settings(method: str, strength: float, error: str, detected_only: bool, use_beta: bool = False,
+                   cfg_sign: str = "same") -> SteerSettings:
+    """SAE Steer's inputs as SteerSettings. The legacy error mode reproduces the published SAeUron / SAEmnesia hook,
+    which moves every patch, so it ignores detected_only (the node's tooltip says so) rather than silently limiting
+    the published numbers to the detected patches."""
+    if error == "legacy_saeuron" and detected_only:
+        logger.info("SAE Steer: error legacy_saeuron edits every patch as published; detected_only is ignored")
+        detected_only = False
+    return SteerSettings(method=method, strength=strength, error=error, detected_only=detected_only,
+                         use_beta=use_beta, cfg_sign=cfg_sign)

@@ -7,6 +7,11 @@ from __future__ import annotations
 
 import re
 
+try:  # inside ComfyUI the pack is a package and sae_core its sibling
+    from ..sae_core.errors import SAEInputError
+except ImportError:  # imported as top-level `nodes`
+    from sae_core.errors import SAEInputError
+
 # Generic scenes of many kinds: SAeUron's mu_notc is "everything else", and a varied set keeps one
 # contrast prompt from dominating the score of latents that merely encode photo style or layout.
 DEFAULT_CONTRAST = (
@@ -33,5 +38,5 @@ def parse_latent_ids(text: str) -> list[int]:
     parts = [p for p in re.split(r"[\s,;]+", text.strip()) if p]
     bad = [p for p in parts if not re.fullmatch(r"\d+", p)]
     if bad:
-        raise ValueError(f"latent ids {text!r}: {bad} are not non-negative integers; type ids like '12, 40, 7'")
+        raise SAEInputError(f"latent ids {text!r}: {bad} are not non-negative integers; type ids like '12, 40, 7'")
     return [int(p) for p in parts]

@@ -14,6 +14,13 @@ import numpy as np
 from PIL import Image
 from torch import Tensor
 
+try:  # inside ComfyUI the pack is a package and sae_core its sibling
+    from ..sae_core.errors import SAEInputError
+    from ..sae_core.files import atomic_write
+except ImportError:  # imported as top-level `nodes`
+    from sae_core.errors import SAEInputError
+    from sae_core.files import atomic_write
+
 MASK_KEY = "sae_mask_steps"
 COMPARE_KEY = "sae_compare"
 MAX_STEPS = 1000  # more recorded steps than this are not sent (each is one small PNG)
@@ -29,7 +36,8 @@ def _prefix() -> str:
 
 def _save_rgb(img: Tensor, path: str) -> tuple[int, int]:
     arr = (img[..., :3].detach().float().clamp(0, 1).cpu().numpy() * 255.0).round().astype(np.uint8)
-    Image.fromarray(arr, "RGB").save(path, compress_level=1)
+    atomic_write(path, lambda tmp: Image.fromarray(arr, "RGB").save(tmp, format="PNG", compress_level=1),
+                 what="preview image")
     return arr.shape[1], arr.shape[0]
 
 
@@ -43,10 +51,10 @@ def mask_step_payload(images: Tensor, per_image: list[tuple[list, Tensor]], colo
     image scaled without smoothing. Steps beyond MAX_STEPS are dropped (``truncated`` says so).
     """
     if len(per_image) != images.shape[0]:
-        raise ValueError(f"mask_step_payload: {len(per_image)} recorded map sets for {images.shape[0]} images; "
+        raise SAEInputError(f"mask_step_payload: {len(per_image)} recorded map sets for {images.shape[0]} images; "
                          "expected one per image")
     if not 0.0 <= opacity <= 1.0:
-        raise ValueError(f"mask_step_payload: opacity is {opacity}, expected 0..1")
+        raise SAEInputError(f"mask_step_payload: opacity is {opacity}, expected 0..1")
     target = os.path.join(out_dir, subfolder)
     os.makedirs(target, exist_ok=True)
     rgb = np.array([round(c * 255) for c in color], dtype=np.uint8)
@@ -54,7 +62,7 @@ def mask_step_payload(images: Tensor, per_image: list[tuple[list, Tensor]], colo
     entries = []
     for i, (keys, maps) in enumerate(per_image):
         if maps.ndim != 3 or maps.shape[0] != len(keys):
-            raise ValueError(f"mask_step_payload: image {i} has maps of shape {tuple(maps.shape)} for {len(keys)} "
+            raise SAEInputError(f"mask_step_payload: image {i} has maps of shape {tuple(maps.shape)} for {len(keys)} "
                              "steps; expected [steps, h, w]")
         base_name = f"{prefix}_{i:03d}_image.png"
         width, height = _save_rgb(images[i], os.path.join(target, base_name))
@@ -66,7 +74,9 @@ def mask_step_payload(images: Tensor, per_image: list[tuple[list, Tensor]], colo
             rgba[..., :3] = rgb
             rgba[..., 3] = np.round(m * opacity * 255.0).astype(np.uint8)
             name = f"{prefix}_{i:03d}_step{s:04d}.png"
-            Image.fromarray(rgba, "RGBA").save(os.path.join(target, name), compress_level=1)
+            atomic_write(os.path.join(target, name),
+                         lambda tmp, rgba=rgba: Image.fromarray(rgba, "RGBA").save(tmp, format="PNG", compress_level=1),
+                         what="mask preview image")
             masks.append(_ref(name, subfolder, folder_type))
         entries.append({
             "image": i, "width": width, "height": height, "grid": [int(maps.shape[1]), int(maps.shape[2])],
@@ -81,7 +91,7 @@ def compare_payload(images: list[Tensor], labels: list[str], out_dir: str, subfo
                     folder_type: str = "temp") -> dict:
     """Write the first image of each branch; return ``{COMPARE_KEY: [{"label", "image": ref, width, height}]}``."""
     if len(images) != len(labels) or len(images) < 2:
-        raise ValueError(f"compare_payload: {len(images)} images and {len(labels)} labels; expected two or three of each")
+        raise SAEInputError(f"compare_payload: {len(images)} images and {len(labels)} labels; expected two or three of each")
     target = os.path.join(out_dir, subfolder)
     os.makedirs(target, exist_ok=True)
     prefix = _prefix()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Any, TextIO
@@ -13,7 +14,8 @@ import torch
 
 from . import blocks as B
 from .config import ACTIVATIONS, INPUT_SPACES
-from .errors import SAEError, SAEFormatError, SAENonFiniteError
+from .errors import SAEConfigError, SAEError, SAEFormatError, SAENonFiniteError
+from .files import check_file_name, check_folder
 from .formats import detect_format, load_sae, read_checkpoint, save_native
 from .sae import SparseAutoencoder
 
@@ -327,7 +329,16 @@ def _resolve_hook(sae: SparseAutoencoder, hook: str | None, family: str | None, 
 
 
 def cmd_convert(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    dst = Path(args.dst)
+    if args.activation is not None and args.activation not in ACTIVATIONS:
+        raise SAEConfigError(f"--activation {args.activation!r} is unknown; expected one of {sorted(ACTIVATIONS)}")
+    if args.input_space is not None and args.input_space not in INPUT_SPACES:
+        raise SAEConfigError(f"--input-space {args.input_space!r} is unknown; expected one of {list(INPUT_SPACES)}")
+    if args.k is not None and args.k <= 0:
+        raise SAEConfigError(f"--k {args.k}: expected a positive integer (latents kept per patch)")
+    dst = check_file_name(args.dst, "destination")
+    check_folder(dst, "SAE file")
+    if dst.is_dir():
+        raise SAEFormatError(f"{dst}: is a directory; expected the path of the .safetensors file to write")
     if dst.suffix != ".safetensors":
         raise SAEFormatError(
             f"{dst}: the destination must end in .safetensors (the native single-file format)"
@@ -416,11 +427,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="hook point to record, any spelling (up_blocks.1.attentions.1, output_blocks.4.1, up.1.1)",
     )
     c.add_argument("--family", help="model family to record: sd1 or sdxl (sdxl-turbo)")
+    # values are checked by convert itself, so a wrong one gets the same one-line error and exit 1 as a bad file
     c.add_argument(
-        "--input-space", choices=INPUT_SPACES, help="what the SAE reads: block output or residual update"
+        "--input-space", metavar="{" + ",".join(INPUT_SPACES) + "}",
+        help="what the SAE reads: block output or residual update",
     )
     c.add_argument(
-        "--activation", choices=sorted(ACTIVATIONS), help="override the activation (G-SAE: sigmoid_topk)"
+        "--activation", metavar="{" + ",".join(sorted(ACTIVATIONS)) + "}",
+        help="override the activation (G-SAE: sigmoid_topk)",
     )
     c.add_argument("--k", type=int, help="override k (latents kept per patch)")
     c.add_argument("--force", action="store_true", help="overwrite the destination if it exists")
@@ -468,6 +482,15 @@ def main(argv: list[str] | None = None, *, out: TextIO | None = None, err: TextI
         return commands[args.command]()
     except (SAEError, OSError) as e:  # OSError: unreadable source, unwritable destination
         err.write(f"error: {_one_line(e)}\n")
+        return 1
+    except KeyboardInterrupt:
+        err.write("error: interrupted\n")
+        return 130
+    except Exception as e:  # never a traceback for the user: a one-line report of what is a bug of the pack
+        if os.environ.get("SAE_DEBUG"):
+            raise
+        err.write(f"error: unexpected {type(e).__name__}: {_one_line(e)} -- this is a bug of the pack; please report "
+                  "it with the command you ran (set SAE_DEBUG=1 to see the traceback)\n")
         return 1
 
 

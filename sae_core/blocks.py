@@ -36,7 +36,14 @@ import re
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from .errors import SAEError
+from .errors import (
+    AmbiguousBlockError,
+    BlockError,
+    BlockMismatchError,
+    SAEInputError,
+    UnknownBlockError,
+    UnknownFamilyError,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -59,26 +66,6 @@ __all__ = [
 ]
 
 COMFY_PREFIX = "diffusion_model."
-
-
-class BlockError(SAEError, ValueError):
-    """Base class of the registry's errors (an SAEError and a ValueError, so callers may catch either)."""
-
-
-class UnknownFamilyError(BlockError):
-    """The model family is not one the registry knows."""
-
-
-class UnknownBlockError(BlockError):
-    """The name is not a hookable SpatialTransformer of the family (or of any family)."""
-
-
-class AmbiguousBlockError(BlockError):
-    """The name exists in several families and nothing says which one is meant."""
-
-
-class BlockMismatchError(BlockError):
-    """An SAE's input width does not match the channels of the block it is meant for."""
 
 
 class BlockSpec(NamedTuple):
@@ -325,7 +312,7 @@ def grid_size(block: BlockSpec | str, latent_h: int, latent_w: int, family: str 
     spec = resolve_block(block, family)
     for label, v in (("latent_h", latent_h), ("latent_w", latent_w)):
         if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-            raise ValueError(f"grid_size: {label} must be a positive int (latent size), got {v!r}")
+            raise SAEInputError(f"grid_size: {label} must be a positive int (latent size), got {v!r}")
     return Grid(math.ceil(latent_h / spec.stride), math.ceil(latent_w / spec.stride))
 
 

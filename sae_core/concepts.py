@@ -14,15 +14,26 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Iterable, Mapping, NamedTuple, Sequence
 
 import torch
 from torch import Tensor
 
-from .errors import SAEError
+from .errors import (
+    ConceptFileError,
+    ConceptMismatchError,
+    SAEError,
+    SAEFileNotFoundError,
+    SAEInputError,
+    SAELookupError,
+    TrustRequiredError,
+    require_int,
+    require_number,
+)
+from .files import atomic_write, atomic_write_text
 from .mixins import DictRoundTrip
 
 logger = logging.getLogger(__name__)
@@ -35,14 +46,6 @@ SCORE_EPS = 1e-8  # SAeUron's denominator guard
 _TENSOR_KEYS = ("timesteps", "latents", "scores", "thresholds", "means")
 _GATE_KEYS = ("gate", "reliable")
 METHODS = ("percentile", "top_n", "specific")
-
-
-class ConceptFileError(SAEError, ValueError):
-    """A concept file is not readable as a concept dictionary (wrong format, keys, shapes)."""
-
-
-class ConceptMismatchError(SAEError, ValueError):
-    """A concept dictionary is used with an SAE it was not learned with."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -77,21 +80,25 @@ class SelectionRule(DictRoundTrip):
     min_rate: float = 0.002
 
     def __post_init__(self):
-        if self.method not in METHODS:
-            raise ValueError(f"SelectionRule.method is {self.method!r}, expected one of {list(METHODS)}")
-        if not (0.0 <= float(self.max_ratio) <= 1.0):
-            raise ValueError(f"SelectionRule.max_ratio is {self.max_ratio}, expected a value in [0, 1] (e.g. 0.2)")
-        if not (0.0 <= float(self.min_rate) < 1.0):
-            raise ValueError(f"SelectionRule.min_rate is {self.min_rate}, expected a share of patches in [0, 1)")
-        if self.method == "percentile" and not (0.0 < float(self.percentile) < 100.0):
-            raise ValueError(
+        if not isinstance(self.method, str) or self.method not in METHODS:
+            raise SAEInputError(f"SelectionRule.method is {self.method!r}, expected one of {list(METHODS)}")
+        max_ratio = require_number("SelectionRule.max_ratio", self.max_ratio)
+        min_rate = require_number("SelectionRule.min_rate", self.min_rate)
+        percentile = require_number("SelectionRule.percentile", self.percentile)
+        if not (0.0 <= max_ratio <= 1.0):
+            raise SAEInputError(f"SelectionRule.max_ratio is {self.max_ratio}, expected a value in [0, 1] (e.g. 0.2)")
+        if not (0.0 <= min_rate < 1.0):
+            raise SAEInputError(f"SelectionRule.min_rate is {self.min_rate}, expected a share of patches in [0, 1)")
+        if self.method == "percentile" and not (0.0 < percentile < 100.0):
+            raise SAEInputError(
                 f"SelectionRule.percentile is {self.percentile}, expected a value in (0, 100), "
                 "e.g. 99.99 (SAeUron objects) or 99.999 (styles)"
             )
-        if self.method in ("top_n", "specific") and int(self.top_n) < 1:
-            raise ValueError(f"SelectionRule.top_n is {self.top_n}, expected an integer >= 1")
-        if self.fixed_threshold is not None and not math.isfinite(float(self.fixed_threshold)):
-            raise ValueError(f"SelectionRule.fixed_threshold is {self.fixed_threshold}, expected a finite number or None")
+        top_n = require_int("SelectionRule.top_n", self.top_n)
+        if self.method in ("top_n", "specific") and top_n < 1:
+            raise SAEInputError(f"SelectionRule.top_n is {self.top_n}, expected an integer >= 1")
+        if self.fixed_threshold is not None:
+            require_number("SelectionRule.fixed_threshold", self.fixed_threshold, minimum=0.0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -104,7 +111,7 @@ def saeuron_scores(mu_c: Tensor, mu_notc: Tensor) -> Tensor:
     mu_c, mu_notc: [T, M] mean codes of the concept and of everything else; returns [T, M] float64.
     """
     if mu_c.shape != mu_notc.shape or mu_c.ndim != 2:
-        raise ValueError(f"saeuron_scores: mu_c {tuple(mu_c.shape)} and mu_notc {tuple(mu_notc.shape)} must both be [T, M]")
+        raise SAEInputError(f"saeuron_scores: mu_c {tuple(mu_c.shape)} and mu_notc {tuple(mu_notc.shape)} must both be [T, M]")
     a = mu_c.double()
     b = mu_notc.double()
     return a / (a.sum(-1, keepdim=True) + SCORE_EPS) - b / (b.sum(-1, keepdim=True) + SCORE_EPS)
@@ -129,7 +136,7 @@ def specific_latents(rate_c: Tensor, rate_notc: Tensor, rule: SelectionRule) -> 
     """The "specific" rule: rate_c, rate_notc [T, M] firing rates -> (scores r_c - r_notc [T, M] float64,
     per timestep the kept latent ids, best score first, at most rule.top_n)."""
     if rate_c.shape != rate_notc.shape or rate_c.ndim != 2:
-        raise ValueError(f"specific_latents: rates {tuple(rate_c.shape)} and {tuple(rate_notc.shape)} must both be [T, M]")
+        raise SAEInputError(f"specific_latents: rates {tuple(rate_c.shape)} and {tuple(rate_notc.shape)} must both be [T, M]")
     rc, rn = rate_c.double(), rate_notc.double()
     scores = rc - rn
     keep = (rn <= float(rule.max_ratio) * rc) & (rc >= float(rule.min_rate)) & (rc > 0)
@@ -163,9 +170,13 @@ class ConceptStatsAccumulator:
     20480 latents. Timesteps are matched after rounding to 1e-3.
     """
 
-    def __init__(self, n_latents: int, keep_samples: bool = False, sample_top: int = 64):
+    def __init__(self, n_latents: int, fire_above: float = 0.0, keep_samples: bool = False, sample_top: int = 64):
+        """``fire_above``: a latent counts as active (firing rates, rule "specific") where its code exceeds this;
+        0 for ReLU-style SAEs, 0.5 = sigmoid(0) for Sigmoid(TopK) ones (``SparseAutoencoder.firing_level``), whose
+        every kept latent is > 0. ``keep_samples``: also keep every image's top ``sample_top`` codes per step
+        (see ``add``) for the presence gate."""
         if int(n_latents) < 1:
-            raise ValueError(f"ConceptStatsAccumulator: n_latents is {n_latents}, expected >= 1")
+            raise SAEInputError(f"ConceptStatsAccumulator: n_latents is {n_latents}, expected >= 1")
         self.n_latents = int(n_latents)
         # Per-image codes for the presence gate (sae_core.gate): the sample_top largest codes of every patch
         # (exact for TopK SAEs with k <= sample_top), fp16 values and int32 ids, about 6 bytes x sample_top per
@@ -173,6 +184,7 @@ class ConceptStatsAccumulator:
         self.keep_samples = bool(keep_samples)
         self.sample_top = int(sample_top)
         self.samples: dict[tuple[str, object, int], dict[float, tuple[Tensor, Tensor]]] = {}
+        self.fire_above = float(fire_above)
         self._sums: dict[str, dict[float, Tensor]] = {}
         self._fires: dict[str, dict[float, Tensor]] = {}
         self._counts: dict[str, dict[float, int]] = {}
@@ -183,7 +195,7 @@ class ConceptStatsAccumulator:
         With ``keep_samples`` and a ``sample`` id (one per sampling run, e.g. the prompt's index), codes
         [B, H, W, M] are also kept per image (sample, b) for the presence gate."""
         if codes.shape[-1] != self.n_latents:
-            raise ValueError(
+            raise SAEInputError(
                 f"ConceptStatsAccumulator.add({concept!r}): codes have {codes.shape[-1]} latents, "
                 f"expected {self.n_latents}; feed codes of the SAE this accumulator was made for"
             )
@@ -193,7 +205,7 @@ class ConceptStatsAccumulator:
         rows = codes.reshape(-1, self.n_latents)
         s = rows.sum(0, dtype=torch.float32 if rows.device.type == "mps" else torch.float64)
         s = s.detach().to("cpu", torch.float64)
-        f = (rows > 0).sum(0).detach().to("cpu", torch.float64)
+        f = (rows > self.fire_above).sum(0).detach().to("cpu", torch.float64)
         per_t = self._sums.setdefault(concept, {})
         fires = self._fires.setdefault(concept, {})
         cnt = self._counts.setdefault(concept, {})
@@ -222,7 +234,7 @@ class ConceptStatsAccumulator:
 
     def stats(self) -> ConceptStats:
         if len(self._sums) < 2:
-            raise ValueError(
+            raise SAEInputError(
                 f"ConceptStatsAccumulator: have concepts {list(self._sums)}, need at least 2 "
                 "(a concept and a contrast set) to compute SAeUron scores"
             )
@@ -231,7 +243,7 @@ class ConceptStatsAccumulator:
         for n in names[1:]:
             if set(self._sums[n]) != set(keys):
                 missing = sorted(set(keys) ^ set(self._sums[n]))
-                raise ValueError(
+                raise SAEInputError(
                     f"ConceptStatsAccumulator: concept {n!r} was recorded at other timesteps than {names[0]!r} "
                     f"(differing: {missing[:8]}); sample every concept with the same sampler and steps"
                 )
@@ -251,29 +263,38 @@ class ConceptStep(NamedTuple):
 
     latents: Tensor  # [K] int64, unique
     thresholds: Tensor  # [K] float32 tau_i(t)
-    means: Tensor  # [K] float32 mu_c,i(t) of the concept that contributed the latent
-    concept: Tensor  # [K] int64 index into names of the contributing concept
+    means: Tensor  # [K] float32 mu_c,i(t) (the largest over the concepts that selected the latent)
+    concept: Tensor  # [K] int64 index into names of the first concept that selected the latent
     timestep: float  # the stored timestep that was used
     gate: float = 0.0  # presence gate: share of detected patches that marks the concept present (0 = no gate)
     reliable: bool = True  # whether the gate separates concept from contrast prompts at this step
 
     @staticmethod
     def merge(steps: Sequence[ConceptStep]) -> ConceptStep:
-        """Union of several steps; a latent that appears twice keeps its first entry. The gate of a union is
-        the smallest of the steps' gates (0, no gate, when any concept has none), reliable when any is."""
+        """Union of several steps. A latent selected by several concepts fires where any of them fires, so it gets
+        the smallest of their thresholds, and the largest of their means, so SAeUron's ablation f * gamma * mu is
+        as strong as each concept asks; neither depends on the order of the concepts. The gate of a union is the
+        smallest of the steps' gates (0, no gate, when any concept has none), reliable when any is."""
         if not steps:
-            raise ValueError("ConceptStep.merge: no steps given")
+            raise SAEInputError("ConceptStep.merge: no steps given")
         lat = torch.cat([s.latents for s in steps])
         keep = _first_occurrence(lat)
-        return ConceptStep(
-            lat[keep],
-            torch.cat([s.thresholds for s in steps])[keep],
-            torch.cat([s.means for s in steps])[keep],
-            torch.cat([s.concept for s in steps])[keep],
-            steps[0].timestep,
-            min(float(s.gate) for s in steps),
-            any(bool(s.reliable) for s in steps),
-        )
+        tau = torch.cat([s.thresholds for s in steps])
+        mu = torch.cat([s.means for s in steps])
+        gate = min(float(s.gate) for s in steps)
+        reliable = any(bool(s.reliable) for s in steps)
+        if keep.numel() != lat.numel():  # shared latents: reduce over every entry of the same id
+            slot = torch.searchsorted(lat[keep].sort().values, lat)
+            order = lat[keep].sort().indices
+            K = keep.numel()
+            tau_k = torch.full((K,), float("inf")).scatter_reduce(0, slot, tau.float(), "amin")
+            mu_k = torch.full((K,), float("-inf")).scatter_reduce(0, slot, mu.float(), "amax")
+            inv = torch.empty_like(order)
+            inv[order] = torch.arange(K)
+            return ConceptStep(lat[keep], tau_k[inv], mu_k[inv], torch.cat([s.concept for s in steps])[keep],
+                               steps[0].timestep, gate, reliable)
+        return ConceptStep(lat[keep], tau[keep], mu[keep], torch.cat([s.concept for s in steps])[keep],
+                           steps[0].timestep, gate, reliable)
 
 
 def _first_occurrence(ids: Tensor) -> Tensor:
@@ -316,7 +337,7 @@ class ConceptDictionary:
     def __post_init__(self):
         self.names = tuple(self.names)
         C, T = len(self.names), self.timesteps.numel()
-        if len(set(self.names)) != C or C == 0:
+        if len(set(self.names)) != C or C == 0 or not all(isinstance(n, str) and n for n in self.names):
             raise ConceptFileError(f"concept names must be unique and non-empty, found {list(self.names)}")
         if self.timesteps.ndim != 1 or T == 0:
             raise ConceptFileError(f"timesteps must be a non-empty [T] tensor, found shape {tuple(self.timesteps.shape)}")
@@ -329,6 +350,10 @@ class ConceptDictionary:
                 raise ConceptFileError(
                     f"{key} has shape {tuple(getattr(self, key).shape)}, expected {tuple(self.latents.shape)} like latents"
                 )
+        if not isinstance(self.n_latents, int) or isinstance(self.n_latents, bool) or self.n_latents <= 0:
+            raise ConceptFileError(f"n_latents should be a positive integer, found {self.n_latents!r}")
+        if self.latents.is_floating_point() or self.latents.dtype == torch.bool:
+            raise ConceptFileError(f"latents have dtype {self.latents.dtype}, expected integer latent ids")
         if self.latents.numel() and (int(self.latents.max()) >= self.n_latents or int(self.latents.min()) < -1):
             raise ConceptFileError(
                 f"latent ids range {int(self.latents.min())}..{int(self.latents.max())}, expected -1 (padding) "
@@ -344,6 +369,17 @@ class ConceptDictionary:
             if not bool(torch.isfinite(g).all()) or bool((g < 0).any()) or bool((g > 1).any()):
                 raise ConceptFileError("gate holds values outside 0..1 (a share of patches); learn the concept again")
             self.gate, self.reliable = g, self.reliable.bool()
+        for key in ("timesteps", "scores", "thresholds", "means"):
+            t = getattr(self, key)
+            if t.numel() and not bool(torch.isfinite(t.float()).all()):
+                bad = int((~torch.isfinite(t.float())).sum())
+                raise ConceptFileError(f"{key} holds {bad} NaN/inf values, expected finite numbers; learn or save "
+                                       "the concept again")
+        if self.thresholds.numel() and float(self.thresholds.min()) < 0:
+            raise ConceptFileError(
+                f"thresholds hold negative values (min {float(self.thresholds.min()):.4g}), expected values >= 0: SAE "
+                "codes are never negative, so a negative threshold would mark every patch"
+            )
         self.timesteps = self.timesteps.float()
         self.latents = self.latents.long()
         self.scores, self.thresholds, self.means = (self.scores.float(), self.thresholds.float(), self.means.float())
@@ -361,17 +397,35 @@ class ConceptDictionary:
         sae_fingerprint: str | None = None,
     ) -> ConceptDictionary:
         """A timestep-independent concept from typed latent ids (fixed threshold, optional mu)."""
+        if isinstance(latents, (str, bytes)) or not hasattr(latents, "__iter__"):
+            raise SAEInputError(f"ConceptDictionary.from_latents: latents is {latents!r}, expected a list of latent ids")
+        latents = list(latents)
+        bad_ids = [i for i in latents if isinstance(i, bool) or not isinstance(i, (int, torch.Tensor))
+                   or (isinstance(i, torch.Tensor) and (i.numel() != 1 or i.is_floating_point()))]
+        if bad_ids:
+            raise SAEInputError(f"ConceptDictionary.from_latents: latent ids {bad_ids} are not integers; type whole ids")
+        t = require_number("ConceptDictionary.from_latents: threshold", threshold)
+        if t < 0:
+            raise SAEInputError(
+                f"ConceptDictionary.from_latents: threshold is {threshold}, expected a finite number >= 0 (SAE codes "
+                "are never negative, so a negative threshold would mark every patch)"
+            )
         ids = torch.tensor([int(i) for i in latents], dtype=torch.long)
         if ids.numel() == 0:
-            raise ValueError("ConceptDictionary.from_latents: no latent ids given; type at least one id")
+            raise SAEInputError("ConceptDictionary.from_latents: no latent ids given; type at least one id")
         bad = [int(i) for i in ids if not 0 <= int(i) < n_latents]
         if bad:
-            raise ValueError(f"ConceptDictionary.from_latents: latent ids {bad} out of range 0..{n_latents - 1} for this SAE")
+            raise SAEInputError(f"ConceptDictionary.from_latents: latent ids {bad} out of range 0..{n_latents - 1} for this SAE")
         if len(set(ids.tolist())) != ids.numel():
-            raise ValueError(f"ConceptDictionary.from_latents: latent ids {ids.tolist()} contain duplicates")
-        mu = torch.ones(ids.numel()) if means is None else torch.tensor([float(m) for m in means])
+            raise SAEInputError(f"ConceptDictionary.from_latents: latent ids {ids.tolist()} contain duplicates")
+        if means is not None and (isinstance(means, (str, bytes)) or not hasattr(means, "__iter__")):
+            raise SAEInputError(f"ConceptDictionary.from_latents: means is {means!r}, expected a list of numbers")
+        mu = torch.ones(ids.numel()) if means is None else torch.tensor(
+            [require_number("ConceptDictionary.from_latents: a mean", m, finite=False) for m in means])
+        if not bool(torch.isfinite(mu).all()):
+            raise SAEInputError(f"ConceptDictionary.from_latents: means {mu.tolist()} hold NaN/inf; expected finite numbers")
         if mu.numel() != ids.numel():
-            raise ValueError(f"ConceptDictionary.from_latents: {mu.numel()} means for {ids.numel()} latents")
+            raise SAEInputError(f"ConceptDictionary.from_latents: {mu.numel()} means for {ids.numel()} latents")
         shape = (1, 1, ids.numel())
         return cls(
             (name,), int(n_latents), torch.zeros(1), ids.view(shape), torch.zeros(shape),
@@ -413,7 +467,7 @@ class ConceptDictionary:
         out = []
         for n in names:
             if n not in self.names:
-                raise KeyError(f"concept {n!r} is not in this dictionary; it holds {list(self.names)}")
+                raise SAELookupError(f"concept {n!r} is not in this dictionary; it holds {list(self.names)}")
             out.append(self.names.index(n))
         return out
 
@@ -465,8 +519,7 @@ class ConceptDictionary:
     def to_json(self, path: str | os.PathLike | None = None, indent: int = 1) -> str:
         text = json.dumps(self.to_dict(), indent=indent)
         if path is not None:
-            with open(path, "w", encoding="utf-8") as fh:
-                fh.write(text)
+            atomic_write_text(path, text, what="concept JSON")
         return text
 
     def _meta_dict(self) -> dict:
@@ -491,24 +544,51 @@ class ConceptDictionary:
         if self.gate is not None:
             tensors["gate"] = self.gate.contiguous()
             tensors["reliable"] = self.reliable.to(torch.uint8).contiguous()
-        save_file(tensors, os.fspath(path), metadata={METADATA_KEY: json.dumps(header)})
+        metadata = {METADATA_KEY: json.dumps(header)}
+        # the installed safetensors need not write atomically (floor 0.4): a temporary file renamed over the target
+        atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata), what="concept file")
         logger.info("saved concept dictionary %s (%s) to %s", list(self.names), self.timesteps.numel(), path)
+
+
+def _check_header(header: dict, path: str) -> None:
+    """Types of the JSON header's entries, each named with what was expected and found."""
+    names = header["names"]
+    if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
+        raise ConceptFileError(f"{path}: metadata 'names' should be a list of non-empty strings, found {names!r}")
+    n = header["n_latents"]
+    if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
+        raise ConceptFileError(f"{path}: metadata 'n_latents' should be a positive integer, found {n!r}")
+    fp = header.get("sae_fingerprint")
+    if fp is not None and (not isinstance(fp, str) or not fp):
+        raise ConceptFileError(f"{path}: metadata 'sae_fingerprint' should be a string or null, found {fp!r}")
+    for key in ("hook_point", "model_family"):
+        if header.get(key) is not None and not isinstance(header[key], str):
+            raise ConceptFileError(f"{path}: metadata {key!r} should be a string or null, found {header[key]!r}")
+    prompts = header.get("prompts")
+    if prompts is not None and (not isinstance(prompts, dict) or not all(
+            isinstance(v, list) and all(isinstance(p, str) for p in v) for v in prompts.values())):
+        raise ConceptFileError(
+            f"{path}: metadata 'prompts' should be an object {{concept: [prompt, ...]}}, found {prompts!r}"[:300]
+        )
+    for key in ("selection", "extra"):
+        if header.get(key) is not None and not isinstance(header[key], dict):
+            raise ConceptFileError(f"{path}: metadata {key!r} should be an object, found {header[key]!r}"[:300])
 
 
 def load_concepts(path: str | os.PathLike, sae=None) -> ConceptDictionary:
     """Load a dictionary written by ``ConceptDictionary.save``; with ``sae``, check it belongs to it."""
-    from safetensors import safe_open
+    from .formats._io import read_safetensors
 
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise ConceptFileError(f"{path}: is a directory, expected a concept .safetensors file")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: concept file not found")
+        raise SAEFileNotFoundError(f"{path}: concept file not found")
     try:
-        with safe_open(path, framework="pt") as fh:
-            meta = fh.metadata() or {}
-            keys = set(fh.keys())
-            tensors = {k: fh.get_tensor(k) for k in keys}
-    except Exception as e:  # safetensors raises its own error types for a damaged header
-        raise ConceptFileError(f"{path}: not a readable safetensors file ({e}); expected a concept file saved by this pack") from e
+        tensors, meta = read_safetensors(Path(path))
+    except SAEError as e:  # truncated, foreign or unreadable: say what was expected here
+        raise ConceptFileError(f"{e}; expected a concept file saved by this pack") from e
+    keys = set(tensors)
     if METADATA_KEY not in meta:
         raise ConceptFileError(
             f"{path}: metadata has no {METADATA_KEY!r} entry (found {sorted(meta)}); this is not a concept "
@@ -516,8 +596,13 @@ def load_concepts(path: str | os.PathLike, sae=None) -> ConceptDictionary:
         )
     try:
         header = json.loads(meta[METADATA_KEY])
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, RecursionError) as e:
         raise ConceptFileError(f"{path}: metadata {METADATA_KEY!r} is not valid JSON ({e})") from e
+    if not isinstance(header, dict):
+        raise ConceptFileError(
+            f"{path}: metadata {METADATA_KEY!r} should be a JSON object, found a JSON {type(header).__name__}; "
+            "the file was edited or written by another tool: save the concept again"
+        )
     if header.get("format") != FORMAT_NAME or header.get("format_version") not in READABLE_VERSIONS:
         raise ConceptFileError(
             f"{path}: format {header.get('format')!r} version {header.get('format_version')!r}, expected "
@@ -529,6 +614,18 @@ def load_concepts(path: str | os.PathLike, sae=None) -> ConceptDictionary:
     for k in ("names", "n_latents"):
         if k not in header:
             raise ConceptFileError(f"{path}: metadata lacks {k!r}; found keys {sorted(header)}")
+    _check_header(header, path)
+    for k in ("timesteps", "scores", "thresholds", "means"):
+        if not tensors[k].is_floating_point():
+            raise ConceptFileError(
+                f"{path}: tensor {k!r} has dtype {str(tensors[k].dtype).replace('torch.', '')}, expected a float dtype"
+            )
+    lat = tensors["latents"]
+    if lat.is_floating_point() or lat.dtype == torch.bool or lat.is_complex():
+        raise ConceptFileError(
+            f"{path}: tensor 'latents' has dtype {str(lat.dtype).replace('torch.', '')}, expected integer latent ids "
+            "(int32 or int64); float ids would be truncated to other latents"
+        )
     try:
         d = ConceptDictionary(
             tuple(header["names"]), int(header["n_latents"]), tensors["timesteps"], tensors["latents"],
@@ -545,6 +642,12 @@ def load_concepts(path: str | os.PathLike, sae=None) -> ConceptDictionary:
     if d.gate is None:
         logger.info("%s: no presence gate (format version %s); the gate is off for it. Learn the concept again "
                     "to get one", path, header.get("format_version"))
+    if sae is not None and d.meta.sae_fingerprint is None:
+        raise ConceptMismatchError(
+            f"{path}: records no SAE fingerprint (sae_fingerprint is null), so it cannot be checked against "
+            f"{getattr(sae, 'source', None) or 'the given SAE'}; learn the concept again with this SAE, or load it "
+            "without an SAE connected if you are sure it belongs to it"
+        )
     if sae is not None:
         d.check_compatible(sae, source=path)
     return d
@@ -574,16 +677,16 @@ def build_concept_dictionary(
     names = tuple(stats.names)
     C, T, M = stats.means.shape
     if C < 2:
-        raise ValueError(f"build_concept_dictionary: {C} concept(s) {list(names)}; need at least 2 (a concept and a contrast)")
+        raise SAEInputError(f"build_concept_dictionary: {C} concept(s) {list(names)}; need at least 2 (a concept and a contrast)")
     if stats.counts.shape != (C, T) or stats.timesteps.shape != (T,) or len(names) != C:
-        raise ValueError(
+        raise SAEInputError(
             f"build_concept_dictionary: inconsistent stats: names {len(names)}, timesteps {tuple(stats.timesteps.shape)}, "
             f"means {tuple(stats.means.shape)}, counts {tuple(stats.counts.shape)}"
         )
     keep = list(names) if keep is None else list(keep)
     for k in keep:
         if k not in names:
-            raise KeyError(f"build_concept_dictionary: keep names {k!r}, not among the recorded concepts {list(names)}")
+            raise SAELookupError(f"build_concept_dictionary: keep names {k!r}, not among the recorded concepts {list(names)}")
     means = stats.means.double()
     w = stats.counts.double()[..., None]  # [C, T, 1]
     tau_all = concept_thresholds(means) if rule.fixed_threshold is None else None
@@ -591,7 +694,7 @@ def build_concept_dictionary(
     wsum = w.sum(0)
     if rule.method == "specific":
         if stats.rates is None or stats.rates.shape != means.shape:
-            raise ValueError(
+            raise SAEInputError(
                 "build_concept_dictionary: selection 'specific' needs firing rates [C, T, M] in the stats (recorded by "
                 "ConceptStatsAccumulator); these stats have none (e.g. imported SAeUron means). Use 'percentile' or 'top_n'"
             )
@@ -656,9 +759,10 @@ def import_saeuron_stats(path: str | os.PathLike, *, trust: bool = False, timest
     """
     path = os.fspath(path)
     if not trust:
-        raise PermissionError(
+        raise TrustRequiredError(
             f"{path}: SAeUron statistics are a Python pickle, which can execute code when loaded; refusing to unpickle. "
-            "If you trust this file, pass trust=True (CLI: --trust), build the dictionary and share it as safetensors"
+            "If you trust this file, call import_saeuron_stats(path, trust=True) from Python (the command line never "
+            "unpickles), build the dictionary and share it as a safetensors concept file"
         )
     import pickle
 
@@ -681,6 +785,6 @@ def import_saeuron_stats(path: str | os.PathLike, *, trust: bool = False, timest
     steps = shape[0]
     ts = ddim_leading_timesteps(steps) if timesteps is None else torch.as_tensor(timesteps, dtype=torch.float64)
     if ts.shape != (steps,):
-        raise ValueError(f"{path}: {steps} steps in the file but timesteps has shape {tuple(ts.shape)}")
+        raise SAEInputError(f"{path}: {steps} steps in the file but timesteps has shape {tuple(ts.shape)}")
     cnt = torch.tensor(counts, dtype=torch.float64)[:, None].expand(len(names), steps).clone()
     return ConceptStats(tuple(names), ts, torch.stack(means), cnt)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,7 +63,7 @@ class SAEConfig(DictRoundTrip):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise SAEConfigError(f"SAEConfig.{name}: expected a positive integer, found {value!r}")
-        if self.activation not in ACTIVATIONS:
+        if not isinstance(self.activation, str) or self.activation not in ACTIVATIONS:
             raise SAEConfigError(
                 f"SAEConfig.activation: expected one of {sorted(ACTIVATIONS)}, found {self.activation!r}"
             )
@@ -81,17 +82,30 @@ class SAEConfig(DictRoundTrip):
             raise SAEConfigError(
                 f"SAEConfig.k: activation {self.activation!r} keeps no top k, so k must be None, found {self.k!r}"
             )
-        if self.input_space not in INPUT_SPACES:
+        if not isinstance(self.input_space, str) or self.input_space not in INPUT_SPACES:
             raise SAEConfigError(
                 f"SAEConfig.input_space: expected one of {INPUT_SPACES}, found {self.input_space!r}"
             )
-        if self.model_family is not None and self.model_family not in MODEL_FAMILIES:
+        if self.model_family is not None and (not isinstance(self.model_family, str)
+                                              or self.model_family not in MODEL_FAMILIES):
             raise SAEConfigError(
                 f"SAEConfig.model_family: expected one of {MODEL_FAMILIES} or None, found {self.model_family!r}"
             )
-        if self.normalization not in NORMALIZATIONS:
+        if not isinstance(self.normalization, str) or self.normalization not in NORMALIZATIONS:
             raise SAEConfigError(
                 f"SAEConfig.normalization: expected one of {NORMALIZATIONS}, found {self.normalization!r}"
+            )
+        eps = self.layer_norm_eps
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
+            raise SAEConfigError(f"SAEConfig.layer_norm_eps: expected a finite number >= 0, found {eps!r}")
+        for name in ("hook_point", "model_family"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise SAEConfigError(f"SAEConfig.{name}: expected a string or None, found {getattr(self, name)!r}")
+        if not isinstance(self.source_format, str):
+            raise SAEConfigError(f"SAEConfig.source_format: expected a string, found {self.source_format!r}")
+        if not isinstance(self.provenance, dict):
+            raise SAEConfigError(
+                f"SAEConfig.provenance: expected an object (dict), found {type(self.provenance).__name__}"
             )
         if not isinstance(self.apply_b_dec_to_input, bool):
             raise SAEConfigError(

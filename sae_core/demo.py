@@ -12,6 +12,7 @@ from PIL import Image, ImageDraw
 
 from .concepts import ConceptStatsAccumulator, SelectionRule, build_concept_dictionary
 from .detect import ConceptDetector, DetectionSettings
+from .files import atomic_write
 from .intervention import BlockIntervention, Recorder, ReplaceSettings, StepInfo
 from .stats import activation_shift
 from .steer import SteerSettings
@@ -112,7 +113,7 @@ def _write_grid(path: Path, before, region, edited, along) -> None:
             draw.text((x0, 4 + 12 * line), text, fill="black")
         for i in range(n_img):
             canvas.paste(_tiles(maps[i].abs().float(), scale), (x0, label_h * 2 + pad + i * (th + pad)))
-    canvas.save(path)
+    atomic_write(path, lambda tmp: canvas.save(tmp, format="PNG"), what="comparison image")
 
 
 def _print_table(rows: list[DemoRow], out: TextIO | None, out_dir: Path) -> None:

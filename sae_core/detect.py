@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .concepts import ConceptDictionary, ConceptStep
+from .errors import SAEInputError, require_int, require_number
 from .mixins import DictRoundTrip
 
 logger = logging.getLogger(__name__)
@@ -53,16 +54,13 @@ class DetectionSettings(DictRoundTrip):
     temporal: str = "none"
 
     def __post_init__(self):
-        if not float(self.threshold_scale) >= 0.0:
-            raise ValueError(f"DetectionSettings.threshold_scale is {self.threshold_scale}, expected a number >= 0")
-        if int(self.padding) != self.padding or self.padding < 0:
-            raise ValueError(f"DetectionSettings.padding is {self.padding}, expected an integer >= 0 (patches)")
-        if int(self.min_region) != self.min_region or self.min_region < 0:
-            raise ValueError(f"DetectionSettings.min_region is {self.min_region}, expected an integer >= 0 (patches)")
+        require_number("DetectionSettings.threshold_scale", self.threshold_scale, minimum=0.0)
+        require_int("DetectionSettings.padding", self.padding, minimum=0)
+        require_int("DetectionSettings.min_region", self.min_region, minimum=0)
         if not isinstance(self.gate, bool):
-            raise ValueError(f"DetectionSettings.gate is {self.gate!r}, expected true or false")
+            raise SAEInputError(f"DetectionSettings.gate is {self.gate!r}, expected true or false")
         if self.temporal not in TEMPORAL_MODES:
-            raise ValueError(f"DetectionSettings.temporal is {self.temporal!r}, expected one of {list(TEMPORAL_MODES)}")
+            raise SAEInputError(f"DetectionSettings.temporal is {self.temporal!r}, expected one of {list(TEMPORAL_MODES)}")
 
 
 class Detection(NamedTuple):
@@ -72,7 +70,7 @@ class Detection(NamedTuple):
 
 def _check_grid(codes: Tensor, what: str) -> None:
     if codes.ndim != 4:
-        raise ValueError(
+        raise SAEInputError(
             f"{what}: codes have shape {tuple(codes.shape)}, expected [B, H, W, M]; reshape token codes "
             "[B, H*W, M] with the block's H and W first"
         )
@@ -157,7 +155,7 @@ def detect_picked(picked: Tensor, step: ConceptStep, settings: DetectionSettings
     """Same as ``detect`` from picked [B, H, W, K] = the codes of ``step.latents`` only (see ``pick_topk``)."""
     _check_grid(picked, "detect_picked")
     if picked.shape[-1] != step.latents.numel():
-        raise ValueError(f"detect_picked: picked codes have {picked.shape[-1]} latents, the step selects "
+        raise SAEInputError(f"detect_picked: picked codes have {picked.shape[-1]} latents, the step selects "
                          f"{step.latents.numel()}; pick the columns step.latents")
     settings = settings or DetectionSettings()
     score = score_from_picked(picked, step.thresholds, settings.threshold_scale)
@@ -184,10 +182,10 @@ class ConceptDetector:
             concepts = [(concepts, None)]
         self.sources = [(d, None if n is None else tuple(n)) for d, n in concepts]
         if not self.sources:
-            raise ValueError("ConceptDetector: no concept given; connect a CONCEPT or type latent ids")
+            raise SAEInputError("ConceptDetector: no concept given; connect a CONCEPT or type latent ids")
         m = {d.n_latents for d, _ in self.sources}
         if len(m) != 1:
-            raise ValueError(f"ConceptDetector: dictionaries were learned for SAEs of different widths {sorted(m)}")
+            raise SAEInputError(f"ConceptDetector: dictionaries were learned for SAEs of different widths {sorted(m)}")
         for d, names in self.sources:
             d.concept_indices(names)  # KeyError for unknown names, now rather than mid-sampling
             if sae is not None:
@@ -213,7 +211,7 @@ class ConceptDetector:
 
     def __call__(self, codes: Tensor, timestep: float) -> tuple[Detection, ConceptStep]:
         if codes.shape[-1] != self.n_latents:
-            raise ValueError(
+            raise SAEInputError(
                 f"ConceptDetector: codes have {codes.shape[-1]} latents, the concepts expect {self.n_latents}; "
                 "use the SAE the concepts were learned with"
             )

@@ -15,10 +15,12 @@ from dataclasses import dataclass, field
 from typing import NamedTuple, Sequence
 
 import torch
+import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
 
 from .detect import ConceptDetector, detected_fraction, pick_topk
+from .errors import SAEInputError, SAELookupError, SAEStateError, SAETypeError, require_int, require_number
 from .lookahead import GuideMasks, LookAheadSettings
 from .mixins import DictRoundTrip, SharedOnCopy
 from .replace import VALUE_MODES, check_mode, patch_salience, replace_patches
@@ -28,6 +30,7 @@ logger = logging.getLogger(__name__)
 
 BRANCHES = {"cond": (0,), "uncond": (1,), "both": (0, 1)}
 KEPT_DENSE = 64  # codes per patch that patch salience reads from an SAE without TopK
+REGION_MODES = ("intersect", "replace")
 BRANCH_NAMES = {0: "cond", 1: "uncond"}
 
 
@@ -41,9 +44,19 @@ class StepInfo:
     step_index: int | None = None
 
     def __post_init__(self):
-        object.__setattr__(self, "chunks", tuple(int(c) for c in self.chunks))
+        require_number("StepInfo.timestep", self.timestep)
+        if self.sigma is not None:
+            require_number("StepInfo.sigma", self.sigma, minimum=0.0, finite=False)
+        if self.step_index is not None:
+            require_int("StepInfo.step_index", self.step_index)
+        chunks = self.chunks
+        if isinstance(chunks, (str, bytes, dict)) or not hasattr(chunks, "__iter__") or any(
+                isinstance(c, bool) or not isinstance(c, int) and not (isinstance(c, Tensor) and c.numel() == 1)
+                for c in chunks):
+            raise SAEInputError(f"StepInfo.chunks is {chunks!r}, expected a non-empty tuple of 0 (cond) / 1 (uncond) flags")
+        object.__setattr__(self, "chunks", tuple(int(c) for c in chunks))
         if not self.chunks or any(c not in (0, 1) for c in self.chunks):
-            raise ValueError(f"StepInfo.chunks is {self.chunks}, expected a non-empty tuple of 0 (cond) / 1 (uncond) flags")
+            raise SAEInputError(f"StepInfo.chunks is {self.chunks}, expected a non-empty tuple of 0 (cond) / 1 (uncond) flags")
 
     @property
     def key(self) -> int | float:
@@ -68,7 +81,7 @@ class StepWindow:
             return False
         if self.sigma_min is not None or self.sigma_max is not None:
             if step.sigma is None:
-                raise ValueError("StepWindow has sigma bounds but the StepInfo has no sigma; pass sigma or use timestep bounds")
+                raise SAEInputError("StepWindow has sigma bounds but the StepInfo has no sigma; pass sigma or use timestep bounds")
             s = float(step.sigma)
             if self.sigma_min is not None and s < self.sigma_min:
                 return False
@@ -88,9 +101,12 @@ class ReplaceSettings(DictRoundTrip):
     target: str = "output"
 
     def __post_init__(self):
+        if not isinstance(self.mode, str):
+            raise SAEInputError(f"ReplaceSettings.mode is {self.mode!r}, expected one of random, nearest, mean")
         check_mode(self.mode)
-        if self.target not in ("output", "residual"):
-            raise ValueError(f"ReplaceSettings.target is {self.target!r}, expected 'output' or 'residual'")
+        require_int("ReplaceSettings.seed", self.seed)
+        if not isinstance(self.target, str) or self.target not in ("output", "residual"):
+            raise SAEInputError(f"ReplaceSettings.target is {self.target!r}, expected 'output' or 'residual'")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -174,7 +190,7 @@ class Recorder(SharedOnCopy):
         """(step keys, [S, H, W] bool) in recording order; several chunks of one branch are united."""
         recs = self.select(label, branch, image)
         if not recs:
-            raise KeyError(
+            raise SAELookupError(
                 f"Recorder: nothing recorded for branch={branch!r}, image={image}, label={label!r}; recorded labels "
                 f"{self.labels()}, branches {sorted({r.branch for r in self.records})}, images "
                 f"{sorted({r.image for r in self.records})}"
@@ -185,7 +201,7 @@ class Recorder(SharedOnCopy):
             by_key[r.key] = by_key[r.key] | m if r.key in by_key else m
         shapes = {tuple(m.shape) for m in by_key.values()}
         if len(shapes) != 1:
-            raise ValueError(f"Recorder: masks of label {label!r} have several grid sizes {sorted(shapes)}; pick one label")
+            raise SAEInputError(f"Recorder: masks of label {label!r} have several grid sizes {sorted(shapes)}; pick one label")
         return list(by_key), torch.stack(list(by_key.values()))
 
     def aggregate(self, branch: str = "cond", image: int = 0, label: str | None = None) -> Tensor:
@@ -208,7 +224,7 @@ def chunk_rows(batch: int, chunks: Sequence[int], branches: Sequence[int]) -> li
     """Equal chunks of the batch, one per flag; the ones whose flag is in ``branches``."""
     n = len(chunks)
     if batch % n:
-        raise ValueError(
+        raise SAEInputError(
             f"batch of {batch} rows does not split into {n} equal CFG chunks {tuple(chunks)}; the StepInfo chunks "
             "must match the rows of this call (ComfyUI cond_or_uncond)"
         )
@@ -300,6 +316,10 @@ class BlockIntervention(SharedOnCopy):
     recorder: Recorder or None.
     label: names this intervention in records and error messages (e.g. the block name).
     input_space: override of sae.cfg.input_space ("output": SAE sees block_out; "residual": block_out - block_in).
+    region: an optional user-drawn mask [N, H_img, W_img] (or [H_img, W_img]) in 0..1 at any resolution; it is
+        resized to the block's grid (a patch is inside where at least half of it is painted) and either replaces
+        the detector's mask (region_mode "replace") or restricts it (region_mode "intersect"). N is 1 (every
+        image) or the number of images per CFG branch.
     lookahead: LookAheadSettings when the host samples twice (see sae_core.lookahead); None = one pass.
 
     Per-run memory (the presence gate's verdict per image, sticky masks) is cleared by ``reset()``, which the
@@ -309,19 +329,34 @@ class BlockIntervention(SharedOnCopy):
 
     def __init__(self, sae, detector: ConceptDetector, edit: ReplaceSettings | SteerSettings | None = None,
                  branches: str = "both", window: StepWindow | None = None, recorder: Recorder | None = None,
-                 label: str = "block", input_space: str | None = None, lookahead: LookAheadSettings | None = None):
+                 label: str = "block", input_space: str | None = None, region: Tensor | None = None,
+                 region_mode: str = "intersect", lookahead: LookAheadSettings | None = None):
         if branches not in BRANCHES:
-            raise ValueError(f"BlockIntervention({label}): branches is {branches!r}, expected one of {list(BRANCHES)}")
+            raise SAEInputError(f"BlockIntervention({label}): branches is {branches!r}, expected one of {list(BRANCHES)}")
         if edit is not None and not isinstance(edit, (ReplaceSettings, SteerSettings)):
-            raise TypeError(f"BlockIntervention({label}): edit is {type(edit).__name__}, expected ReplaceSettings, SteerSettings or None")
+            raise SAETypeError(f"BlockIntervention({label}): edit is {type(edit).__name__}, expected ReplaceSettings, SteerSettings or None")
         space = input_space or getattr(sae.cfg, "input_space", None) or "output"
         if space not in ("output", "residual"):
-            raise ValueError(f"BlockIntervention({label}): input_space is {space!r}, expected 'output' or 'residual'")
+            raise SAEInputError(f"BlockIntervention({label}): input_space is {space!r}, expected 'output' or 'residual'")
         if detector.n_latents != int(sae.cfg.n_latents):
-            raise ValueError(
+            raise SAEInputError(
                 f"BlockIntervention({label}): the detector's concepts have {detector.n_latents} latents, the SAE "
                 f"{getattr(sae, 'source', '')} has {sae.cfg.n_latents}; use the SAE the concepts were learned with"
             )
+        if region_mode not in REGION_MODES:
+            raise SAEInputError(f"BlockIntervention({label}): region_mode is {region_mode!r}, expected one of {list(REGION_MODES)}")
+        if region is not None:
+            if not isinstance(region, Tensor) or region.ndim not in (2, 3) or region.numel() == 0:
+                raise SAEInputError(
+                    f"BlockIntervention({label}): region should be a mask [N, H, W] or [H, W] (a ComfyUI MASK), found "
+                    f"{tuple(region.shape) if isinstance(region, Tensor) else type(region).__name__}"
+                )
+            if not bool(torch.isfinite(region.float()).all()):
+                raise SAEInputError(f"BlockIntervention({label}): region holds NaN/inf values, expected 0..1")
+            region = region.detach().float()
+            region = region[None] if region.ndim == 2 else region
+        self.region, self.region_mode = region, region_mode
+        self._region_cache: dict = {}
         self.sae, self.detector, self.edit = sae, detector, edit
         self.branches = BRANCHES[branches]
         self.window, self.recorder, self.label, self.input_space = window, recorder, label, space
@@ -334,6 +369,7 @@ class BlockIntervention(SharedOnCopy):
         self.pass_recorder: Recorder | None = None
         self._memory: dict = {}
         self._lat_cache: dict = {}
+        self._warned_nonfinite = False
 
     def reset(self) -> None:
         """Forget the previous run (gate verdicts, sticky masks). Hosts call it when a run starts."""
@@ -364,18 +400,20 @@ class BlockIntervention(SharedOnCopy):
     def _validate(self, block_in: Tensor | None, block_out: Tensor) -> None:
         d = int(self.sae.cfg.d_in)
         if block_out.ndim != 4 or block_out.shape[1] != d:
-            raise ValueError(
+            raise SAEInputError(
                 f"BlockIntervention({self.label}): block output has shape {tuple(block_out.shape)}, expected "
                 f"[B, {d}, H, W] for SAE {getattr(self.sae, 'source', '')} (d_in = {d}); hook the block the SAE was trained on"
             )
         if self.needs_block_in and (block_in is None or block_in.shape != block_out.shape):
-            raise ValueError(
+            raise SAEInputError(
                 f"BlockIntervention({self.label}): needs the block input with the output's shape {tuple(block_out.shape)} "
                 f"(residual SAE or residual replacement), got {None if block_in is None else tuple(block_in.shape)}"
             )
 
     def __call__(self, block_in: Tensor | None, block_out: Tensor, step: StepInfo) -> Tensor:
         self._validate(block_in, block_out)
+        if block_out.numel() == 0:  # an empty batch (or grid): nothing to detect or edit
+            return block_out
         if self.window is not None and not self.window.contains(step):
             return block_out
         parts = chunk_rows(block_out.shape[0], step.chunks, self.branches)
@@ -390,20 +428,34 @@ class BlockIntervention(SharedOnCopy):
         sub, dense_codes, norm, kept = self._encode(tokens, cstep, step.timestep)
         det = self.detector.detect_picked(sub, cstep)
         mask = self._effective_mask(det.mask, sub, cstep, parts, step)
+        if self.region is not None:
+            user = self._region_rows(parts, mask.shape[1:], mask.device)
+            mask = user if self.region_mode == "replace" else mask & user
         edit = None if self.phase == "detect" else self.edit
         recorder = self.pass_recorder if self.phase == "detect" else self.recorder
         res = None
         if isinstance(edit, SteerSettings) and cstep.latents.numel():
+            sign = None
+            if edit.cfg_sign == "opposite" and edit.method in ("unbox_add", "gsae_add"):
+                sign = torch.cat([torch.full((p.stop - p.start,), -1.0 if p.flag == 1 else 1.0) for p in parts])
             res = steer_picked(self.sae, tokens, sub, dense_codes, norm, cstep, mask, self.edit,
-                               self.detector.settings.threshold_scale)
+                               self.detector.settings.threshold_scale, row_sign=sign)
         # Everything the host must see comes over in one device -> host transfer (one synchronisation per call):
         # the mask (PER draws its sources on the CPU; the recorder), the score (recorder), whether steering changed
         # anything (to return block_out itself otherwise).
         record = recorder is not None
         want_mask = record or isinstance(edit, ReplaceSettings)
         score = det.score.to(torch.float16) if record and recorder.record_scores else None
-        host = _to_host(mask if want_mask else None, score, None if res is None else res.changed.any())
-        mask_h, score_h, changed_h = host
+        nonfinite = None if self._warned_nonfinite else ~torch.isfinite(tokens).all()
+        host = _to_host(mask if want_mask else None, score, None if res is None else res.changed.any(), nonfinite)
+        mask_h, score_h, changed_h, nonfinite_h = host
+        if nonfinite_h is not None and bool(nonfinite_h):
+            self._warned_nonfinite = True  # once per intervention: a diverging sampler emits them at every step
+            logger.warning(
+                "%s: the block emits NaN/inf activations at timestep %.1f; those patches are never detected and never "
+                "copied into others (PER skips them as sources). The model or its precision diverged: try fp32/bf16 "
+                "or another sampler", self.label, float(step.timestep),
+            )
         new_rows = None
 
         if isinstance(edit, ReplaceSettings) and bool(mask_h.any()):
@@ -492,6 +544,26 @@ class BlockIntervention(SharedOnCopy):
             mem[key] = cur
             rows.append(cur)
         return torch.stack(rows)
+    def _region_rows(self, parts, hw: tuple[int, int], device) -> Tensor:
+        """The user's region on the block's grid for the rows of ``parts``: [rows, H, W] bool."""
+        H, W = int(hw[0]), int(hw[1])
+        key = (H, W, device)
+        grid = self._region_cache.get(key)
+        if grid is None:
+            # area average: a patch is inside where at least half of its pixels are painted
+            grid = F.interpolate(self.region[:, None], size=(H, W), mode="area")[:, 0] >= 0.5
+            grid = self._region_cache[key] = grid.to(device)
+        n = grid.shape[0]
+        rows = []
+        for p in parts:
+            size = p.stop - p.start
+            if n not in (1, size):
+                raise SAEInputError(
+                    f"BlockIntervention({self.label}): the region mask has {n} images, expected 1 or {size} (one per "
+                    "image of the batch); give one mask, or one per image"
+                )
+            rows.append(grid.expand(size, H, W) if n == 1 else grid)
+        return torch.cat(rows) if len(rows) > 1 else rows[0]
 
     def _encode(self, tokens: Tensor, cstep, timestep: float):
         """(codes of the selected latents [..., K], () -> dense codes [..., M], norm state, () -> kept codes
@@ -568,9 +640,9 @@ class ConceptCollector(SharedOnCopy):
 
     def __init__(self, sae, accumulator, branches: str = "cond", input_space: str | None = None, label: str = "block"):
         if branches not in BRANCHES:
-            raise ValueError(f"ConceptCollector({label}): branches is {branches!r}, expected one of {list(BRANCHES)}")
+            raise SAEInputError(f"ConceptCollector({label}): branches is {branches!r}, expected one of {list(BRANCHES)}")
         if int(accumulator.n_latents) != int(sae.cfg.n_latents):
-            raise ValueError(
+            raise SAEInputError(
                 f"ConceptCollector({label}): accumulator has {accumulator.n_latents} latents, SAE "
                 f"{getattr(sae, 'source', '')} has {sae.cfg.n_latents}"
             )
@@ -581,16 +653,16 @@ class ConceptCollector(SharedOnCopy):
 
     def __call__(self, block_in: Tensor | None, block_out: Tensor, step: StepInfo) -> Tensor:
         if self.concept is None:
-            raise RuntimeError(f"ConceptCollector({self.label}): set .concept to the name of the prompts being sampled")
+            raise SAEStateError(f"ConceptCollector({self.label}): set .concept to the name of the prompts being sampled")
         d = int(self.sae.cfg.d_in)
         if block_out.ndim != 4 or block_out.shape[1] != d:
-            raise ValueError(
+            raise SAEInputError(
                 f"ConceptCollector({self.label}): block output has shape {tuple(block_out.shape)}, expected [B, {d}, H, W]"
             )
         if self.input_space == "residual" and (block_in is None or block_in.shape != block_out.shape):
-            raise ValueError(f"ConceptCollector({self.label}): a residual SAE needs the block input with the output's shape")
+            raise SAEInputError(f"ConceptCollector({self.label}): a residual SAE needs the block input with the output's shape")
         parts = chunk_rows(block_out.shape[0], step.chunks, self.branches)
-        if not parts:
+        if not parts or block_out.numel() == 0:
             return block_out
         idx = torch.cat([torch.arange(p.start, p.stop) for p in parts]).to(block_out.device)
         a = block_out.index_select(0, idx)

@@ -15,7 +15,8 @@ only from that map. Modes:
             typical patches differ least), so stripes run on through the hole; the nearest typical patch in
             the grid when that line has none.
 An empty mask returns the input tensor itself. A map that is detected everywhere has no source and
-is returned unchanged; ``all_detected`` reports it.
+is returned unchanged; ``all_detected`` reports it. Patches holding NaN or inf are never sources (they
+would spread into finite patches); a map whose every undetected patch is non-finite is left unchanged.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor
+
+from .errors import SAEInputError
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +43,7 @@ class Replacement(NamedTuple):
 
 def check_mode(mode: str) -> str:
     if mode not in MODES:
-        raise ValueError(f"replacement mode is {mode!r}, expected one of {list(MODES)}")
+        raise SAEInputError(f"replacement mode is {mode!r}, expected one of {list(MODES)}")
     return mode
 
 
@@ -147,12 +150,20 @@ def background_sources(values: Tensor, src: Tensor, salience: Tensor | None) -> 
     return typical_sources(values, src)
 
 
+def finite_patches(values: Tensor) -> Tensor:
+    """[B, H, W] bool on the CPU: patches of values [B, H, W, C] whose every channel is finite (may be sources)."""
+    return torch.isfinite(values).all(-1).cpu()
+
+
 def source_indices(mask: Tensor, mode: str, generator: torch.Generator | None = None,
-                   values: Tensor | None = None, salience: Tensor | None = None) -> list[tuple[Tensor, Tensor] | None]:
+                   values: Tensor | None = None, salience: Tensor | None = None,
+                   eligible: Tensor | None = None) -> list[tuple[Tensor, Tensor] | None]:
     """Per map of mask [B, H, W]: (dst, src) flat row-major indices, or None when nothing to do.
 
     For "mean" src is every non-detected index (the caller averages them). "background" needs ``values``
     [B, H, W, C] (the map the sources are copied from) and takes ``salience`` [B, H, W] (patch_salience).
+    ``eligible`` [B, H, W] bool, when given, restricts the sources further (non-finite patches are never copied
+    into finite ones).
     """
     check_mode(mode)
     B, H, W = mask.shape
@@ -160,10 +171,11 @@ def source_indices(mask: Tensor, mode: str, generator: torch.Generator | None = 
         raise ValueError(f"source_indices: mode {mode!r} needs values [B, {H}, {W}, C], got "
                          f"{None if values is None else tuple(values.shape)}")
     flat = mask.reshape(B, H * W).cpu()
+    ok = None if eligible is None else eligible.reshape(B, H * W).cpu()
     out: list[tuple[Tensor, Tensor] | None] = []
     for b in range(B):
         dst = torch.nonzero(flat[b]).flatten()
-        src_all = torch.nonzero(~flat[b]).flatten()
+        src_all = torch.nonzero(~flat[b] if ok is None else ~flat[b] & ok[b]).flatten()
         if dst.numel() == 0 or src_all.numel() == 0:
             out.append(None)
             continue
@@ -194,7 +206,7 @@ def replace_patches(
 ) -> Replacement:
     """values [B, H, W, C], mask [B, H, W] bool -> detected patches filled from non-detected ones."""
     if values.ndim != 4 or mask.shape != values.shape[:3]:
-        raise ValueError(
+        raise SAEInputError(
             f"replace_patches: values {tuple(values.shape)} must be [B, H, W, C] and mask {tuple(mask.shape)} "
             "must be [B, H, W] with the same B, H, W"
         )
@@ -203,7 +215,7 @@ def replace_patches(
     if not bool(mask.any()):
         return Replacement(values, all_detected)
     pairs = source_indices(mask, mode, generator, values if mode in VALUE_MODES else None,
-                           salience if mode in VALUE_MODES else None)
+                           salience if mode in VALUE_MODES else None, eligible=finite_patches(values))
     if all(p is None for p in pairs):
         logger.debug("PER: every patch detected in all %d map(s); nothing to copy from, left unchanged", B)
         return Replacement(values, all_detected)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import SAEConfig
-from .errors import SAENonFiniteError, SAEShapeError
+from .errors import SAEInputError, SAENonFiniteError, SAEShapeError
 
 
 class NormState(NamedTuple):
@@ -49,6 +49,13 @@ class SAEWeights(NamedTuple):
 
 
 def _check(name: str, tensor: Tensor, shape: tuple[int, ...], source: str) -> None:
+    if not isinstance(tensor, Tensor):
+        raise SAEShapeError(f"{source}: {name!r} should be a tensor of shape {shape}, found {type(tensor).__name__}")
+    if not tensor.is_floating_point():
+        raise SAEShapeError(
+            f"{source}: tensor {name!r} has dtype {str(tensor.dtype).replace('torch.', '')}, expected a floating-point "
+            "dtype (float32, float16, bfloat16); the file is damaged or was written by another tool"
+        )
     if tuple(tensor.shape) != shape:
         raise SAEShapeError(
             f"{source}: tensor {name!r} has shape {tuple(tensor.shape)}, expected {shape} "
@@ -237,7 +244,7 @@ class SparseAutoencoder(nn.Module):
     def encode_topk(self, x: Tensor) -> TopKCodes:
         """Kept latents only (TopK kinds): cheaper than dense codes when M is large."""
         if not self.cfg.is_topk:
-            raise ValueError(f"encode_topk needs a TopK-style activation, this SAE uses {self.cfg.activation!r}")
+            raise SAEInputError(f"encode_topk needs a TopK-style activation, this SAE uses {self.cfg.activation!r}")
         norm: list = []
         values, indices = self._select(self.pre_acts(x, norm), inplace=True)
         return TopKCodes(values, indices, norm[0])
@@ -266,6 +273,12 @@ class SparseAutoencoder(nn.Module):
         if self.W_skip is not None:  # sparsify transcoder-style skip: applies to the raw input
             x_hat = x_hat + x @ self.weights(x.device, x.dtype).W_skip.mT
         return SAEOutput(codes, x_hat)
+
+    @property
+    def firing_level(self) -> float:
+        """The code above which a latent counts as firing: its pre-activation is positive. 0 for the ReLU kinds;
+        0.5 = sigmoid(0) for Sigmoid(TopK), where every kept latent has a positive code."""
+        return 0.5 if self.cfg.activation == "sigmoid_topk" else 0.0
 
     # -- identity ------------------------------------------------------------------------------
 

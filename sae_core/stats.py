@@ -17,11 +17,13 @@ import torch
 from einops import rearrange
 from torch import Tensor
 
+from .errors import SAEInputError
+
 
 def tokens(x: Tensor) -> Tensor:
     """[B, C, H, W] -> [B*H*W, C] float64."""
     if x.ndim != 4:
-        raise ValueError(f"stats: feature map has shape {tuple(x.shape)}, expected [B, C, H, W]")
+        raise SAEInputError(f"stats: feature map has shape {tuple(x.shape)}, expected [B, C, H, W]")
     return rearrange(x, "b c h w -> (b h w) c").double()
 
 
@@ -44,7 +46,7 @@ def wasserstein1(a: Tensor, b: Tensor) -> float:
     """Exact W1 between the empirical distributions of 1-D samples a [n] and b [m]."""
     a, b = a.double().flatten().sort().values, b.double().flatten().sort().values
     if a.numel() == 0 or b.numel() == 0:
-        raise ValueError(f"wasserstein1: empty sample (sizes {a.numel()} and {b.numel()})")
+        raise SAEInputError(f"wasserstein1: empty sample (sizes {a.numel()} and {b.numel()})")
     pts = torch.cat([a, b]).sort().values
     cdf_a = torch.searchsorted(a, pts[:-1], right=True).double() / a.numel()
     cdf_b = torch.searchsorted(b, pts[:-1], right=True).double() / b.numel()
@@ -65,7 +67,7 @@ class ActivationShift(NamedTuple):
 def activation_shift(edited: Tensor, reference: Tensor) -> ActivationShift:
     """Distances of ``edited`` [B, C, H, W] from ``reference`` [B', C, H', W'] (shapes may differ but C)."""
     if edited.ndim != 4 or reference.ndim != 4 or edited.shape[1] != reference.shape[1]:
-        raise ValueError(
+        raise SAEInputError(
             f"activation_shift: edited {tuple(edited.shape)} and reference {tuple(reference.shape)} must be "
             "[B, C, H, W] with the same C"
         )

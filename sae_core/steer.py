@@ -13,7 +13,17 @@ Error term for the result (f = codes of x, f' = edited codes):
                    (docs/FORMULAS.md section 8); moves every patch by -2 (x - x_hat);
   none           - decode(f'): the pure reconstruction.
 The add methods add their delta on top of the same base (x, decode(f) + (decode(f) - x), decode(f)).
+The reconstruction includes a sparsify skip term (x W_skip^T) when the SAE has one, as its forward does.
 ``detected_only`` keeps every patch outside the detection mask bit-identical whatever the mode.
+
+Options:
+  use_beta (saeuron_scale; SAEmnesia) - the multiplier gamma * mu_c,i(t) becomes gamma * ||f|| / ||d_i||, with ||f||
+                  the L2 norm of the patch's whole code vector and ||d_i|| the norm of latent i's decoder row;
+  SAEs with an input normalisation (OpenAI / SAELens layer_norm): the add methods work in the SAE's input space like
+                  the latent edits, so their delta is de-normalised (times the row's scale): x + out_scale * delta_n,
+                  gsae_add measuring ||x_n|| of the normalised row;
+  row_sign (steer_picked) - a per-row sign for the add methods: sdxl-unbox's SDXL-base app subtracts on the uncond
+                  branch and adds on the cond one (BlockIntervention passes it for SteerSettings.cfg_sign="opposite").
 """
 
 from __future__ import annotations
@@ -26,31 +36,54 @@ import torch
 from torch import Tensor
 
 from .concepts import ConceptStep
+from .errors import SAEInputError
 from .mixins import DictRoundTrip
 
 logger = logging.getLogger(__name__)
 
 METHODS = ("saeuron_scale", "set", "unbox_add", "gsae_add")
 ERROR_MODES = ("preserve", "legacy_saeuron", "none")
+CFG_SIGNS = ("same", "opposite")
 
 
 @dataclass(frozen=True)
 class SteerSettings(DictRoundTrip):
     """method: one of METHODS; strength: gamma / value / strength / alpha (see module docstring);
-    error: one of ERROR_MODES; detected_only: leave every undetected patch untouched."""
+    error: one of ERROR_MODES; detected_only: leave every undetected patch untouched;
+    use_beta: SAEmnesia's multiplier gamma * ||f|| / ||d_i|| instead of gamma * mu (saeuron_scale only);
+    cfg_sign: "same" adds the same delta on both CFG branches, "opposite" subtracts it on the uncond branch
+    (sdxl-unbox on SDXL base; add methods only)."""
 
     method: str = "saeuron_scale"
     strength: float = -1.0
     error: str = "preserve"
     detected_only: bool = False
+    use_beta: bool = False
+    cfg_sign: str = "same"
 
     def __post_init__(self):
+        if not isinstance(self.method, str) or not isinstance(self.error, str):
+            raise SAEInputError(f"SteerSettings: method and error must be strings, found {self.method!r}, {self.error!r}")
+        if isinstance(self.strength, bool) or not isinstance(self.strength, (int, float)):
+            raise SAEInputError(f"SteerSettings.strength is {self.strength!r}, expected a finite number")
+        for name in ("detected_only", "use_beta"):
+            if not isinstance(getattr(self, name), bool):
+                raise SAEInputError(f"SteerSettings.{name} is {getattr(self, name)!r}, expected true or false")
+        if not isinstance(self.cfg_sign, str) or self.cfg_sign not in CFG_SIGNS:
+            raise SAEInputError(f"SteerSettings.cfg_sign is {self.cfg_sign!r}, expected one of {list(CFG_SIGNS)}")
+        if self.cfg_sign == "opposite" and self.method not in ("unbox_add", "gsae_add"):
+            raise SAEInputError(
+                f"SteerSettings.cfg_sign 'opposite' flips the added direction on the uncond branch; method "
+                f"{self.method!r} adds none: use unbox_add or gsae_add, or cfg_sign 'same'"
+            )
+        if self.use_beta and self.method != "saeuron_scale":
+            raise SAEInputError(f"SteerSettings.use_beta scales saeuron_scale's multiplier; method is {self.method!r}")
         if self.method not in METHODS:
-            raise ValueError(f"SteerSettings.method is {self.method!r}, expected one of {list(METHODS)}")
+            raise SAEInputError(f"SteerSettings.method is {self.method!r}, expected one of {list(METHODS)}")
         if self.error not in ERROR_MODES:
-            raise ValueError(f"SteerSettings.error is {self.error!r}, expected one of {list(ERROR_MODES)}")
+            raise SAEInputError(f"SteerSettings.error is {self.error!r}, expected one of {list(ERROR_MODES)}")
         if not torch.isfinite(torch.tensor(float(self.strength))):
-            raise ValueError(f"SteerSettings.strength is {self.strength}, expected a finite number")
+            raise SAEInputError(f"SteerSettings.strength is {self.strength}, expected a finite number")
 
 
 class SteerResult(NamedTuple):
@@ -74,7 +107,7 @@ def steer(sae, x: Tensor, codes: Tensor, norm, step: ConceptStep, mask: Tensor, 
     """x [..., d] SAE inputs, codes [..., M] = their codes (with ``norm`` from encode_with_norm),
     mask [...] detection -> SteerResult. Thresholds are scaled by ``threshold_scale`` like detection."""
     if codes.shape[:-1] != x.shape[:-1] or mask.shape != x.shape[:-1]:
-        raise ValueError(
+        raise SAEInputError(
             f"steer: x {tuple(x.shape)}, codes {tuple(codes.shape)} and mask {tuple(mask.shape)} must share leading dims"
         )
     sub = codes.index_select(-1, step.latents.to(codes.device))
@@ -82,7 +115,7 @@ def steer(sae, x: Tensor, codes: Tensor, norm, step: ConceptStep, mask: Tensor, 
 
 
 def steer_picked(sae, x: Tensor, sub: Tensor, dense_codes, norm, step: ConceptStep, mask: Tensor,
-                 settings: SteerSettings, threshold_scale: float = 1.0) -> SteerResult:
+                 settings: SteerSettings, threshold_scale: float = 1.0, row_sign: Tensor | None = None) -> SteerResult:
     """``steer`` from sub [..., K] = the codes of ``step.latents`` only (the TopK hot path builds no [..., M] codes).
 
     ``dense_codes()`` returns the full codes [..., M]; it is called only where the whole reconstruction is needed
@@ -90,7 +123,7 @@ def steer_picked(sae, x: Tensor, sub: Tensor, dense_codes, norm, step: ConceptSt
     ``values`` is a new tensor even when ``changed`` is all false (rows not changed are bit-identical to x).
     """
     if sub.shape[:-1] != x.shape[:-1] or mask.shape != x.shape[:-1] or sub.shape[-1] != step.latents.numel():
-        raise ValueError(
+        raise SAEInputError(
             f"steer: x {tuple(x.shape)}, picked codes {tuple(sub.shape)} (one column per selected latent, "
             f"{step.latents.numel()}) and mask {tuple(mask.shape)} must share leading dims"
         )
@@ -100,10 +133,17 @@ def steer_picked(sae, x: Tensor, sub: Tensor, dense_codes, norm, step: ConceptSt
     new_sub = None
     delta = None
     if lat.numel() and s.method == "saeuron_scale":
-        fire = sub > (step.thresholds * float(threshold_scale)).to(sub.device, sub.dtype)
+        # the same float32 comparison as detection (score = f - scale * tau > 0), whatever the input dtype, so
+        # detection and steering agree on every patch near tau in fp16 / bf16 too
+        fire = sub.float() > float(threshold_scale) * step.thresholds.to(sub.device, torch.float32)
         if region is not None:
             fire = fire & region[..., None]
-        factor = (float(s.strength) * step.means.to(sub.device, torch.float32)).to(sub.dtype)
+        if s.use_beta:  # SAEmnesia: gamma * ||f|| / ||d_i||, per patch and latent
+            f_norm = dense_codes().float().norm(dim=-1, keepdim=True)
+            d_norm = sae.W_dec.detach()[lat.to(sae.W_dec.device)].float().norm(dim=-1).to(sub.device)
+            factor = (float(s.strength) * f_norm / d_norm.clamp_min(1e-12)).to(sub.dtype)
+        else:
+            factor = (float(s.strength) * step.means.to(sub.device, torch.float32)).to(sub.dtype)
         new_sub = torch.where(fire, sub * factor, sub)
     elif lat.numel() and s.method == "set":
         new_sub = torch.full_like(sub, float(s.strength))
@@ -111,12 +151,18 @@ def steer_picked(sae, x: Tensor, sub: Tensor, dense_codes, norm, step: ConceptSt
             new_sub = torch.where(region[..., None], new_sub, sub)
     elif lat.numel():
         dirs = sae.W_dec.detach()[lat.to(sae.W_dec.device)].to(x.device)
+        scale = None if norm is None else getattr(norm, "out_scale", None)
         if s.method == "unbox_add":
             lm = getattr(sae, "latent_mean", None)
             means = (lm.detach()[lat.to(lm.device)] if lm is not None else step.means).to(x.device)
             delta = unbox_delta(x, dirs, means, s.strength).expand_as(x)
-        else:
-            delta = gsae_delta(x, dirs, s.strength)
+        else:  # G-SAE's ||x|| is the norm of the row the SAE reads (normalised when the SAE normalises)
+            xn = x if scale is None else (x - (0 if norm.mean is None else norm.mean)) / norm.in_scale
+            delta = gsae_delta(xn, dirs, s.strength)
+        if scale is not None:  # the direction lives in the SAE's normalised space: map it back like decode does
+            delta = (delta * scale).to(x.dtype)
+        if row_sign is not None:
+            delta = delta * row_sign.to(delta.device, delta.dtype).view(-1, *([1] * (delta.ndim - 1)))
     add_rows = None if delta is None else (mask if s.detected_only else torch.ones_like(mask))
 
     code_delta = None
@@ -133,6 +179,8 @@ def steer_picked(sae, x: Tensor, sub: Tensor, dense_codes, norm, step: ConceptSt
         return SteerResult(torch.where(rows[..., None], out, x), rows)
 
     recon = sae.decode(dense_codes(), norm)
+    if getattr(sae, "W_skip", None) is not None:  # sparsify's skip term is part of the published reconstruction
+        recon = recon + x @ sae.weights(x.device, x.dtype).W_skip.mT
     recon2 = recon if code_delta is None else recon + code_delta
     out = recon2 + (recon - x) if s.error == "legacy_saeuron" else recon2
     if delta is not None:

@@ -12,6 +12,7 @@ from typing import Callable, Iterator, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from .errors import SAEInputError, SAELookupError, SAEStateError, SAETypeError
 from .intervention import BlockIntervention, StepInfo
 
 logger = logging.getLogger(__name__)
@@ -28,7 +29,7 @@ class StepHolder:
 
     def __call__(self) -> StepInfo:
         if self.step is None:
-            raise RuntimeError("StepHolder: no step set; call holder.set(StepInfo(...)) before running the model")
+            raise SAEStateError("StepHolder: no step set; call holder.set(StepInfo(...)) before running the model")
         return self.step
 
 
@@ -48,7 +49,7 @@ def _split_output(output) -> tuple[Tensor, Callable[[Tensor], object]]:
             return output
 
         return sample, rebuild
-    raise TypeError(
+    raise SAETypeError(
         f"hooked module returned {type(output).__name__}; expected a Tensor, a tuple starting with one, or an "
         "object with a .sample tensor (diffusers Transformer2DModelOutput)"
     )
@@ -89,7 +90,7 @@ def attach_interventions(
     missing = [n for n in interventions if n not in modules]
     if missing:
         hints = {n: difflib.get_close_matches(n, list(modules), n=3) for n in missing}
-        raise KeyError(
+        raise SAELookupError(
             f"attach_interventions: {type(model).__name__} has no submodule(s) {missing}; close names: {hints}. "
             "Use names from model.named_modules()"
         )
@@ -126,7 +127,7 @@ def track_timestep(
     def pre(module, args, kwargs):
         t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
         if t is None:
-            raise ValueError(
+            raise SAEInputError(
                 f"track_timestep: {type(module).__name__} was called without a timestep (second positional argument "
                 "or timestep=...); set the StepHolder yourself for this model"
             )

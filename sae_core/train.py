@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .config import SAEConfig
+from .errors import SAEInputError
 from .sae import SparseAutoencoder
 
 logger = logging.getLogger(__name__)
@@ -41,9 +42,9 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if not 0 < self.k <= self.n_latents:
-            raise ValueError(f"TrainConfig.k: expected 1..{self.n_latents}, found {self.k}")
+            raise SAEInputError(f"TrainConfig.k: expected 1..{self.n_latents}, found {self.k}")
         if self.steps <= 0 or self.batch_size <= 0:
-            raise ValueError(f"TrainConfig: steps and batch_size must be positive, found {self.steps}, {self.batch_size}")
+            raise SAEInputError(f"TrainConfig: steps and batch_size must be positive, found {self.steps}, {self.batch_size}")
 
     def learning_rate(self) -> float:
         return self.lr if self.lr is not None else 2e-4 / math.sqrt(self.n_latents / 2**14)
@@ -104,9 +105,9 @@ def train_sae(
     ``sae_config`` adds SAEConfig fields (hook_point, model_family, input_space, provenance).
     """
     if acts.ndim != 2 or acts.shape[0] < 2:
-        raise ValueError(f"train_sae: expected activations [N, d] with N >= 2, found shape {tuple(acts.shape)}")
+        raise SAEInputError(f"train_sae: expected activations [N, d] with N >= 2, found shape {tuple(acts.shape)}")
     if not bool(torch.isfinite(acts).all()):
-        raise ValueError("train_sae: activations hold NaN/inf; collect them again")
+        raise SAEInputError("train_sae: activations hold NaN/inf; collect them again")
     acts = acts.float()
     g = torch.Generator().manual_seed(cfg.seed)
     d = acts.shape[-1]

@@ -352,7 +352,11 @@ def test_convert_refuses_a_hook_the_width_does_not_fit_and_writes_nothing(tmp_pa
         (["--hook", "up_blocks.1.attentions.1.transformer_blocks.0"], "sub-module"),
         (["--hook", "output_blocks.4.0"], "not a hookable block"),
         (["--family", "sd3"], "unknown model family 'sd3'"),
-        (["--k", "0"], "SAEConfig.k"),
+        (["--k", "0"], "--k 0: expected a positive integer"),
+        # a wrong value is bad input like a bad file: one line, exit 1 (argparse's usage and exit 2 are for a
+        # malformed command line only)
+        (["--activation", "softmax"], "--activation 'softmax' is unknown; expected one of ['groupmax', "),
+        (["--input-space", "middle"], "--input-space 'middle' is unknown; expected one of ['output', 'residual']"),
     ],
 )
 def test_convert_bad_options(tmp_path, extra, needle):

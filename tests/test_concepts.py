@@ -198,12 +198,20 @@ def test_nearest_timestep_lookup(t):
     assert st.thresholds.tolist() == [float(d.thresholds[0, expect, 0])]
 
 
-def test_union_keeps_first_concept_entry():
+def test_union_of_concepts_sharing_a_latent():
     d = hundred_step_dictionary()
-    st = d.at(999.0)  # a: [0], b: [1, 0]
+    st = d.at(999.0)  # a: [0], b: [1, 0]: latent 0 is selected by both
     assert st.latents.tolist() == [0, 1]
     assert st.concept.tolist() == [0, 1]
-    assert st.means.tolist() == [float(d.means[0, 0, 0]), float(d.means[1, 0, 0])]
+    # latent 0 fires where either concept's test fires (the smaller tau) and is ablated as strongly as either asks
+    # (the larger mu); latent 1 is b's alone
+    tau0 = min(float(d.thresholds[0, 0, 0]), float(d.thresholds[1, 0, 1]))
+    mu0 = max(float(d.means[0, 0, 0]), float(d.means[1, 0, 1]))
+    assert st.thresholds.tolist() == [tau0, float(d.thresholds[1, 0, 0])]
+    assert st.means.tolist() == [mu0, float(d.means[1, 0, 0])]
+    rev = d.at(999.0, ["b", "a"])  # the order of the concepts changes nothing but the order of the latents
+    by_id = dict(zip(rev.latents.tolist(), zip(rev.thresholds.tolist(), rev.means.tolist(), strict=True), strict=True))
+    assert by_id == {0: (tau0, mu0), 1: (float(d.thresholds[1, 0, 0]), float(d.means[1, 0, 0]))}
     with pytest.raises(KeyError, match="'c' is not in this dictionary"):
         d.at(0.0, ["c"])
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from nodes import folders, grid, hook, learn, masks
+from sae_core.errors import SAEInputError
 from sae_core.intervention import Recorder, StepInfo
 
 # ------------------------------------------------------------------------------------------------ fakes
@@ -213,7 +214,8 @@ def test_pick_step_and_aggregates(hw):
         masks.pick_step(keys, maps, -1, "median")
     _, scores = masks.recorded_maps(rec, "score", "cond", 0)
     torch.testing.assert_close(scores, stack * 2)  # margins clamped at 0
-    with pytest.raises(KeyError, match="branch='uncond'"):
+    # cfg 1: no uncond pass was ever recorded; the pack's own error says why and what to choose
+    with pytest.raises(SAEInputError, match=r"branch 'uncond' recorded nothing; recorded branches: \['cond'\]\. At cfg 1"):
         masks.recorded_maps(rec, "mask", "uncond", 0)
 
 

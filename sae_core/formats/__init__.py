@@ -43,9 +43,23 @@ def find_checkpoints(directory: Path) -> list[Path]:
 
 def detect_format(path: str | Path) -> tuple[str, Path]:
     """(format name, the file or directory to read) for a user-given path."""
-    path = Path(path)
+    if not isinstance(path, (str, Path)):
+        raise SAEFormatError(f"SAE path: expected a file or directory path, found {type(path).__name__} {path!r}")
+    if "\x00" in str(path):
+        raise SAEFormatError(f"{str(path)!r}: the path holds a NUL byte, which no file name may contain")
+    try:
+        return _detect_format(Path(path))
+    except OSError as e:  # a name too long, a folder without read permission, a broken mount
+        raise SAEFormatError(f"{path}: cannot be read ({e.strerror or e}); expected a readable SAE file or "
+                             "checkpoint directory") from e
+
+
+def _detect_format(path: Path) -> tuple[str, Path]:
     if not path.exists():
         raise SAEFormatError(f"{path}: no such file or directory; expected an SAE file or checkpoint directory")
+    if not path.is_file() and not path.is_dir():
+        raise SAEFormatError(f"{path}: neither a regular file nor a directory (a device, pipe or socket); expected an "
+                             "SAE file or checkpoint directory")
     if path.is_file():
         if path.suffix == ".safetensors" and _layout_of(path.parent) and path.name in (sparsify.WEIGHTS, saelens.WEIGHTS):
             return _layout_of(path.parent), path.parent
@@ -65,6 +79,15 @@ def detect_format(path: str | Path) -> tuple[str, Path]:
         raise SAEFormatError(f"{path}: holds {len(found)} SAE checkpoints ({names}); pass one of them")
     present = sorted(p.name for p in path.iterdir())
     for config, weights in ((sparsify.CONFIG, (sparsify.WEIGHTS, saelens.WEIGHTS)), (unbox.CONFIG, (unbox.WEIGHTS,))):
+        if config in present and (path / config).is_dir():
+            raise SAEFormatError(
+                f"{path / config}: is a directory, expected the checkpoint's config file {config}; remove or rename it"
+            )
+        weights_dir = [w for w in weights if w in present and (path / w).is_dir()]
+        if config in present and weights_dir:
+            raise SAEFormatError(
+                f"{path / weights_dir[0]}: is a directory, expected the checkpoint's weights file {weights_dir[0]}"
+            )
         if config in present:
             raise SAEFormatError(
                 f"{path / config}: found the config but the weights are missing; expected "
@@ -93,6 +116,11 @@ def _apply_overrides(cfg, overrides: dict[str, Any], source: Path):
     changes = {k: v for k, v in overrides.items() if v is not None}
     if not changes:
         return cfg
+    for key in ("activation", "input_space", "hook_point", "model_family"):
+        if key in changes and not isinstance(changes[key], str):
+            raise SAEConfigError(f"{source}: override {key}={changes[key]!r} should be a string")
+    if "k" in changes and (not isinstance(changes["k"], int) or isinstance(changes["k"], bool) or changes["k"] <= 0):
+        raise SAEConfigError(f"{source}: override k={changes['k']!r}; expected a positive integer")
     act = changes.get("activation", cfg.activation)
     if act not in ACTIVATIONS:
         raise SAEConfigError(f"{source}: override activation={act!r} is unknown; expected one of {sorted(ACTIVATIONS)}")

@@ -15,13 +15,16 @@ def read(directory: Path) -> tuple[SAEConfig, dict]:
     cfg_path, w_path = directory / CONFIG, directory / WEIGHTS
     raw = read_json(cfg_path)
     tensors, _ = read_safetensors(w_path)
+    for flag in ("input_unit_norm", "transcode", "normalize_decoder"):
+        if flag in raw and not isinstance(raw[flag], bool):
+            raise SAEFormatError(f"{cfg_path}: key {flag!r} should be true or false, found {raw[flag]!r}")
     if raw.get("input_unit_norm"):
         raise SAEFormatError(
             f"{cfg_path}: input_unit_norm is true; expected false. SAeUron's published SAEs are used with "
             f"raw block outputs, and a unit-norm-input SAE cannot be applied to them as published"
         )
-    W_enc = take(tensors, "encoder.weight", w_path)
-    W_dec = take(tensors, "W_dec", w_path)
+    W_enc = take(tensors, "encoder.weight", w_path, ndim=2)
+    W_dec = take(tensors, "W_dec", w_path, ndim=2)
     d_in = cfg_int(raw, "d_in", cfg_path)
     check_width(cfg_path, "d_in", d_in, "encoder.weight", W_enc.shape[-1])
     num_latents = cfg_int(raw, "num_latents", cfg_path, default=0) or 0
@@ -30,7 +33,7 @@ def read(directory: Path) -> tuple[SAEConfig, dict]:
         num_latents = factor * d_in
     check_width(cfg_path, "num_latents (or expansion_factor * d_in)", num_latents, "encoder.weight", W_enc.shape[0])
     act = raw.get("activation", "topk")
-    if act not in ("topk", "groupmax"):
+    if not isinstance(act, str) or act not in ("topk", "groupmax"):
         raise SAEFormatError(f"{cfg_path}: activation {act!r} is unknown, expected 'topk' or 'groupmax'")
     if raw.get("transcode"):
         raise SAEFormatError(
@@ -50,12 +53,12 @@ def read(directory: Path) -> tuple[SAEConfig, dict]:
     )
     state = {
         "W_enc": W_enc,
-        "b_enc": take(tensors, "encoder.bias", w_path),
+        "b_enc": take(tensors, "encoder.bias", w_path, ndim=1),
         "W_dec": W_dec,
-        "b_dec": take(tensors, "b_dec", w_path),
+        "b_dec": take(tensors, "b_dec", w_path, ndim=1),
     }
     if "W_skip" in tensors:
-        state["W_skip"] = tensors["W_skip"]
+        state["W_skip"] = take(tensors, "W_skip", w_path, ndim=2)
     extra = sorted(set(tensors) - {"encoder.weight", "encoder.bias", "W_dec", "b_dec", "W_skip"})
     if extra:
         raise SAEFormatError(f"{w_path}: unexpected tensors {extra} for a sparsify SAE")

@@ -507,3 +507,32 @@ def test_concept_detector_errors(pack):
     learned = pack.sae_core.concepts.ConceptDictionary.from_latents([1], 64, sae_fingerprint=other.fingerprint())
     with pytest.raises(pack.sae_core.concepts.ConceptMismatchError):
         ext.ConceptDetectorNode.execute(sae, concept=learned, **args)
+
+
+def test_steer_painted_mask_and_mask_preview_at_cfg_1(pack, sd1):
+    """SAE Steer's optional MASK (any resolution) replaces the detector's mask on the block's grid; at cfg 1 there is
+    no uncond pass and Mask Preview says so in the pack's own error."""
+    ext = pack.nodes.extension
+    name, key, d = SD1_BLOCK
+    sae = make_sae(pack, d)
+    det = typed_detector(pack, sae, [1, 2])
+    # 96x128 image -> this tiny block's grid 3x4, cells of 32x32 pixels: two columns of cells painted, one cell
+    # exactly half painted (inside), one cell less than half (outside)
+    paint = torch.zeros(1, 96, 128)
+    paint[:, :, :64] = 1.0
+    paint[:, :16, 64:96] = 1.0
+    paint[:, :15, 96:] = 1.0
+    m, dets = ext.SAESteer.execute(sd1.model, det, method="set", strength=0.0, error="preserve", detected_only=True,
+                                   mask=paint, mask_mode="replace").args
+    sample(m, "sd1", cfg=1.0, width=128, height=96)
+    keys, grids = dets.recorder.masks("cond", 0)
+    assert keys == [0, 1, 2] and grids.shape[1:] == (3, 4)
+    ref = torch.zeros(3, 4, dtype=torch.bool)
+    ref[:, :2] = True
+    ref[0, 2] = True
+    assert all(torch.equal(g, ref) for g in grids)
+    images = torch.rand(1, 96, 128, 3)
+    with pytest.raises(pack.sae_core.SAEInputError, match=r"branch 'uncond' recorded nothing.*At cfg 1") as e:
+        ext.MaskPreview.execute(dets, images, step=-1, aggregate="max", branch="uncond", show="mask", opacity=0.5,
+                                color="#ff0000")
+    assert f"{type(e.value).__module__}.{type(e.value).__name__}" == "sae_core.SAEInputError"

@@ -179,7 +179,7 @@ def test_graph_runs_and_wrong_graph_reports(server):
             "2": graph["2"], "4": graph["4"]}
     status, hist = _run(url, gone)
     err = [m[1] for m in hist["status"]["messages"] if m[0] == "execution_error"][0]
-    assert err["node_type"] == "SAELoad" and err["exception_type"] == "FileNotFoundError"
+    assert err["node_type"] == "SAELoad" and err["exception_type"] == "sae_core.SAEFileNotFoundError"
     assert "'missing.safetensors' not found under models/sae" in err["exception_message"]
 
     # validation error: an SAE wired into an IMAGE input never starts executing
@@ -233,7 +233,8 @@ def test_sampling_graph_with_ksampler_mask_preview_and_wrong_width(server):
     status, hist = _run(url, wrong, timeout=240)
     assert status == 200 and hist["status"]["status_str"] == "error"
     err = [m[1] for m in hist["status"]["messages"] if m[0] == "execution_error"][0]
-    assert err["node_type"] == "SAEPatchReplacer" and err["exception_type"] == "ValueError"
+    # the pack's own type, shown by ComfyUI under the clean module name
+    assert err["node_type"] == "SAEPatchReplacer" and err["exception_type"] == "sae_core.BlockMismatchError"
     msg = err["exception_message"]
     for part in ("tiny.safetensors", "up_blocks.1.attentions.1", "diffusion_model.output_blocks.4.1",
                  "has 128 channels in this model", "expects d_in=1280"):
