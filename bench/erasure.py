@@ -15,9 +15,11 @@ Same weights and arguments -> the same numbers (every draw is seeded; one CPU th
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
 import logging
 import math
+import multiprocessing
 import sys
 import time
 from pathlib import Path
@@ -64,6 +66,17 @@ def average(per_concept: dict, method: str) -> dict:
     return out
 
 
+def one_concept(c, weights, targets, others, seed, steps, cfg, scale, add, artifact_pixels, detection, window, threads,
+                world=None) -> dict:
+    """Every method's metrics for concept ``c`` (also in a worker process of --jobs, which loads its own world)."""
+    torch.set_num_threads(threads)
+    world = world or load_world(weights, [c])
+    tc, oc = prompt_sets(c, targets, others)
+    res, _ = evaluate_concept(world, c, tc, oc, methods_for(scale, add), seed=seed, steps=steps, cfg=cfg,
+                              artifact_pixels=artifact_pixels, detection=detection, window=window)
+    return {"detection_iou": res.detection_iou, "methods": res.methods}
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--weights", type=Path, default=WEIGHTS)
@@ -83,7 +96,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--window", type=float, nargs=2, default=None, metavar=("T_MIN", "T_MAX"),
                    help="edit only at model timesteps in [T_MIN, T_MAX] (999 = first DDIM step); default every step")
     p.add_argument("--calibration", type=int, default=64, help="unedited images that set the artifact threshold")
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="concepts evaluated in parallel processes (each with --threads threads); same numbers")
     p.add_argument("--json", type=Path, default=None)
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -96,13 +111,22 @@ def main(argv: list[str] | None = None) -> dict:
     methods = methods_for(a.scale, a.add)
     detection = DetectionSettings(DETECTION.threshold_scale, a.padding, a.min_region)
     window = None if a.window is None else StepWindow(timestep_min=a.window[0], timestep_max=a.window[1])
+    job = (a.weights, a.targets, a.others, a.seed, a.steps, a.cfg, a.scale, a.add, artifact_pixels, detection, window,
+           a.threads)
     per_concept = {}
-    for c in a.concepts:
-        tc, oc = prompt_sets(c, a.targets, a.others)
-        res, _ = evaluate_concept(world, c, tc, oc, methods, seed=a.seed, steps=a.steps, cfg=a.cfg,
-                                  artifact_pixels=artifact_pixels, detection=detection, window=window)
-        per_concept[c] = {"detection_iou": res.detection_iou, "methods": res.methods}
-        print(f"[{time.time() - t0:5.0f} s] {c}: detection IoU {res.detection_iou:.3f}", flush=True)
+    if a.jobs > 1 and len(a.concepts) > 1:
+        ctx = multiprocessing.get_context("spawn")  # fresh interpreters: no torch state shared with the parent
+        with concurrent.futures.ProcessPoolExecutor(min(a.jobs, len(a.concepts)), mp_context=ctx) as pool:
+            futures = {pool.submit(one_concept, c, *job): c for c in a.concepts}
+            for f in concurrent.futures.as_completed(futures):
+                c = futures[f]
+                per_concept[c] = f.result()
+                print(f"[{time.time() - t0:5.0f} s] {c}: detection IoU {per_concept[c]['detection_iou']:.3f}", flush=True)
+        per_concept = {c: per_concept[c] for c in a.concepts}
+    else:
+        for c in a.concepts:
+            per_concept[c] = one_concept(c, *job, world=world)
+            print(f"[{time.time() - t0:5.0f} s] {c}: detection IoU {per_concept[c]['detection_iou']:.3f}", flush=True)
 
     rows = {m: average(per_concept, m) for m in methods}
     per_names = [m for m in methods if m.startswith("PER")]

@@ -1,6 +1,6 @@
 """Published behaviours (SAEmnesia use_beta, the legacy SAeUron hook with W_skip, add methods under LayerNorm,
 sdxl-unbox's opposite signs per CFG branch, a painted region, Sigmoid(TopK) firing, fp16 agreement of detection and
-steering, non-finite patches), each against a float64 reference written here from REFERENCE.md's formulas."""
+steering, non-finite patches), each against a float64 reference written here from docs/FORMULAS.md's formulas."""
 
 import logging
 
@@ -98,7 +98,7 @@ def test_legacy_saeuron_includes_the_skip_term(method, strength):
     def recon(c):  # sparsify's forward: decode plus the skip connection of the raw input
         return c @ w["W_dec"] + w["b_dec"] + xn @ w["W_skip"].T
 
-    ref = recon(f2) + (recon(f) - xn)  # the published hook, sign slip included (REFERENCE.md section 3)
+    ref = recon(f2) + (recon(f) - xn)  # the published hook, sign slip included (docs/FORMULAS.md section 3)
     np.testing.assert_allclose(r.values.double().numpy(), ref, rtol=1e-4, atol=1e-4)
     # and the module's own forward agrees that the skip term is part of the reconstruction
     np.testing.assert_allclose(sae(x).x_hat.double().numpy(), recon(f), rtol=1e-4, atol=1e-4)
