@@ -231,7 +231,7 @@ class PatchReplacer(io.ComfyNode):
             inputs=[
                 io.Model.Input("model", tooltip="The model to patch (it is cloned, never changed)."),
                 DetectorType.Input("detector", tooltip="From Concept Detector."),
-                io.Combo.Input("mode", options=list(MODES), default="random",
+                io.Combo.Input("mode", options=list(MODES), default="background",
                                tooltip="random: a random undetected patch (the paper's); nearest: the closest "
                                        "undetected patch; mean: the mean of the undetected patches; background: the "
                                        "closest of the typical undetected patches (near their median), so other "
@@ -241,10 +241,12 @@ class PatchReplacer(io.ComfyNode):
                                        "residual update (keeps the detected patch's own input)."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFF, control_after_generate=False,
                              tooltip="Seed of the random source choice (same seed, same choice per step)."),
-                io.Boolean.Input("look_ahead", default=False,
+                io.Boolean.Input("look_ahead", default=True,
                                  tooltip="Sample twice from the same noise: first detect only, then replace with the "
                                          "first pass's masks from the very first step (the layout is decided early, "
-                                         "masks form later). About twice the sampling time."),
+                                         "masks form later) and only in images where the concept's presence gate "
+                                         "opened on most steps (the others stay bit-identical). About twice the "
+                                         "sampling time; no gain for one-step models (off = one pass, the paper's)."),
             ],
             outputs=[
                 io.Model.Output(display_name="MODEL", tooltip="The patched model; sample it with a KSampler."),
@@ -254,7 +256,7 @@ class PatchReplacer(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, detector: DetectorSpec, mode: str, target: str, seed: int,
-                look_ahead: bool = False) -> io.NodeOutput:
+                look_ahead: bool = True) -> io.NodeOutput:
         patched, state = _patch(model, detector, ReplaceSettings(mode=mode, seed=seed, target=target), "Patch Replacer",
                                 LookAheadSettings() if look_ahead else None)
         return io.NodeOutput(patched, state)

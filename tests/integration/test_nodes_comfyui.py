@@ -124,7 +124,7 @@ def test_patch_replacer_masks_match_core_and_change_latents(pack, sd1, cfg, batc
     options_before = copy.deepcopy(sd1.model.model_options)
 
     captured, cap = with_capture(pack, sd1.model, key)
-    model, detections = ext.PatchReplacer.execute(captured, det, mode="random", target="output", seed=3).args
+    model, detections = ext.PatchReplacer.execute(captured, det, mode="random", target="output", seed=3, look_ahead=False).args
     out = sample(model, "sd1", width=w, height=h, batch=batch, cfg=cfg, steps=steps)
 
     assert not torch.equal(out, base) and torch.isfinite(out).all()
@@ -160,7 +160,7 @@ def test_identity_settings_reproduce_unpatched_latents(pack, sd1, sdxl, family):
     ids = busy_latents(pack, sae, tiny.model, key, family)
     base = sample(tiny.model, family)
     nothing = typed_detector(pack, sae, ids, typed_threshold=1e6)  # detects nothing
-    m, det = ext.PatchReplacer.execute(tiny.model, nothing, mode="random", target="output", seed=0).args
+    m, det = ext.PatchReplacer.execute(tiny.model, nothing, mode="random", target="output", seed=0, look_ahead=False).args
     torch.testing.assert_close(sample(m, family), base, rtol=0, atol=0)
     assert det.recorder.records and not any(r.mask().any() for r in det.recorder.records)
     # gamma = 1 with preserve (typed latents have mu = 1): codes unchanged -> exact; chained on the replacer
@@ -192,9 +192,9 @@ def test_two_patch_replacers_chained_on_one_block(pack, sd1):
     name, key, d = SD1_BLOCK
     sae = make_sae(pack, d)
     a, b = busy_latents(pack, sae, sd1.model, key, "sd1", n=2)
-    m1, d1 = ext.PatchReplacer.execute(sd1.model, typed_detector(pack, sae, [a]), mode="mean", target="output", seed=0).args
+    m1, d1 = ext.PatchReplacer.execute(sd1.model, typed_detector(pack, sae, [a]), mode="mean", target="output", seed=0, look_ahead=False).args
     captured, cap = with_capture(pack, m1, key)  # sits between the two patches: sees the first one's output
-    m2, d2 = ext.PatchReplacer.execute(captured, typed_detector(pack, sae, [b]), mode="random", target="output", seed=1).args
+    m2, d2 = ext.PatchReplacer.execute(captured, typed_detector(pack, sae, [b]), mode="random", target="output", seed=1, look_ahead=False).args
     out = sample(m2, "sd1")
     only_first = sample(m1, "sd1")
     assert not torch.equal(out, only_first)
@@ -215,7 +215,7 @@ def test_residual_sae_on_sdxl_block(pack, sdxl):
     sample(m0, "sdxl", steps=1)
     ids = busy_latents(pack, sae, sdxl.model, key, "sdxl")
     m, dets = ext.PatchReplacer.execute(captured, typed_detector(pack, sae, ids), mode="nearest", target="residual",
-                                        seed=0).args
+                                        seed=0, look_ahead=False).args
     sample(m, "sdxl")
     for s, (block_in, block_out, step) in enumerate(cap.calls):
         ref = ref_mask(sae, block_out - block_in, ids, [0.0] * len(ids), 1.0, 0)
@@ -229,7 +229,7 @@ def test_wrong_width_fails_before_sampling_with_documented_message(pack, sd1):
     sae = make_sae(pack, 64)  # output_blocks.4.1 of the tiny SD1 has 128 channels
     det = typed_detector(pack, sae, [1, 2])
     with pytest.raises(ValueError) as e:
-        ext.PatchReplacer.execute(sd1.model, det, mode="random", target="output", seed=0)
+        ext.PatchReplacer.execute(sd1.model, det, mode="random", target="output", seed=0, look_ahead=False)
     msg = str(e.value)
     for part in ("tiny_sd1_64.safetensors", "up_blocks.1.attentions.1", "diffusion_model.output_blocks.4.1",
                  "has 128 channels", "expects d_in=64"):
@@ -242,7 +242,7 @@ def test_window_limits_recorded_steps(pack, sd1):
     name, key, d = SD1_BLOCK
     sae = make_sae(pack, d)
     det = typed_detector(pack, sae, [1, 2], start_percent=0.4, end_percent=1.0)
-    m, dets = ext.PatchReplacer.execute(sd1.model, det, mode="random", target="output", seed=0).args
+    m, dets = ext.PatchReplacer.execute(sd1.model, det, mode="random", target="output", seed=0, look_ahead=False).args
     sample(m, "sd1", steps=6)
     ms = sd1.model.get_model_object("model_sampling")
     import comfy.samplers
@@ -258,7 +258,7 @@ def test_mask_preview_upscales_and_overlays(pack, sd1, models_dir):
     sae = make_sae(pack, d)
     ids = busy_latents(pack, sae, sd1.model, key, "sd1")
     m, dets = ext.PatchReplacer.execute(sd1.model, typed_detector(pack, sae, ids, padding=0), mode="random",
-                                        target="output", seed=0).args
+                                        target="output", seed=0, look_ahead=False).args
     sample(m, "sd1", batch=2, width=128, height=96)
     images = torch.rand(2, 96, 128, 3, generator=torch.Generator().manual_seed(0))
     res = ext.MaskPreview.execute(dets, images, step=-1, aggregate="max", branch="cond", show="mask", opacity=0.5,
@@ -419,7 +419,7 @@ def test_detections_stay_tied_through_downstream_clones(pack, sd1):
     name, key, d = SD1_BLOCK
     sae = make_sae(pack, d)
     m, dets = ext.PatchReplacer.execute(sd1.model, typed_detector(pack, sae, [1, 2]), mode="random", target="output",
-                                        seed=0).args
+                                        seed=0, look_ahead=False).args
     downstream = m.clone().clone()  # what later model nodes (LoRA, FreeU, ...) do: deep copies of model_options
     downstream.model_options["transformer_options"]["unrelated"] = 1
     sample(downstream, "sd1", steps=2)
@@ -441,7 +441,7 @@ def test_fp32_sae_on_bf16_model_casts_lazily(pack, sd1_bf16):
     assert sd1_bf16.model.model_dtype() == torch.bfloat16
     captured, cap = with_capture(pack, sd1_bf16.model, key)
     m, dets = ext.PatchReplacer.execute(captured, typed_detector(pack, sae, [1, 2, 3]), mode="random",
-                                        target="output", seed=0).args
+                                        target="output", seed=0, look_ahead=False).args
     out = sample(m, "sd1", steps=2)
     assert torch.isfinite(out).all() and sae.W_enc.dtype == torch.float32  # the SAE itself is not converted
     assert cap.calls[0][1].dtype == torch.bfloat16

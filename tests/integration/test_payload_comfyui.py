@@ -16,7 +16,7 @@ def test_mask_preview_sends_every_recorded_step(pack, sd1, models_dir):  # noqa:
     sae = make_sae(pack, d)
     ids = busy_latents(pack, sae, sd1.model, key, "sd1")
     m, dets = ext.PatchReplacer.execute(sd1.model, typed_detector(pack, sae, ids, padding=0), mode="random",
-                                        target="output", seed=0).args
+                                        target="output", seed=0, look_ahead=False).args
     sample(m, "sd1", batch=2, width=128, height=96, steps=4)
     images = torch.rand(2, 96, 128, 3, generator=torch.Generator().manual_seed(0))
     res = ext.MaskPreview.execute(dets, images, step=-1, aggregate="max", branch="cond", show="mask", opacity=0.6,
