@@ -113,11 +113,13 @@ def run_demo(out_dir: str | Path = "demo_output", concept: str = DEFAULT_CONCEPT
         write_mask_strip(out_dir / f"masks_{i}.png", images["original"][i], masks, ts)
     lines = [f"concept {concept!r}: {len(tc)} prompts with it, {len(oc)} without; {steps} DDIM steps, CFG 3; "
              f"detection IoU {result.detection_iou:.3f}",
-             f"{'method':32s} {'erased':>7s} {'kept':>7s} {'PSNR dB':>8s} {'artifact':>8s} {'OOD W1':>8s}"]
+             f"{'method':32s} {'erased':>7s} {'kept':>7s} {'PSNR dB':>8s} {'ident.':>7s} {'artifact':>8s} {'judge':>7s} "
+             f"{'OOD W1':>8s}"]
     for name in methods:
         r = result.methods[name]
         lines.append(f"{name:32s} {r['erasure_rate']:7.3f} {r['preservation']:7.3f} {r['unchanged_psnr_db']:8.2f} "
-                     f"{r['artifact_rate']:8.3f} {r['ood_distance']:8.4f}")
+                     f"{r['unchanged_identical']:7.3f} {r['artifact_rate']:8.3f} {r['artifact_rate_judge']:7.3f} "
+                     f"{r['ood_distance']:8.4f}")
     lines.append(f"images: {out_dir / 'comparison.png'}, per-step masks: {out_dir / 'masks_0.png'} ...")
     text = "\n".join(lines) + "\n"
     if out is not None:

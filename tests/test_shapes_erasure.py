@@ -155,9 +155,9 @@ def test_demo_end_to_end_at_reduced_size(tiny_world_dir, tmp_path):
     assert (tmp_path / "demo" / "comparison.png").is_file()
     assert sorted(p.name for p in (tmp_path / "demo").glob("masks_*.png")) == ["masks_0.png", "masks_1.png"]
     text = buf.getvalue()
-    assert "Patch Replacer (PER random)" in text and "SAE Steer unbox" in text
+    assert "Patch Replacer (recommended)" in text and "Patch Replacer (paper: random)" in text and "SAE Steer unbox" in text
     assert set(res["methods"]) == {k for k in res["methods"]}  # keys present
-    assert len(res["methods"]) == 3
+    assert len(res["methods"]) == 4
 
 
 def test_shipped_world_loads_when_built():
@@ -210,3 +210,15 @@ def test_bench_artifact_judge_quick_run(tmp_path, bench_script):
     assert data["clean"]["rates"]["artifact"] == 0.0 == out["clean"]["rates"]["artifact"]
     assert sum(v["n"] for v in data["renders"]["by_background"].values()) == 3
     assert set(data["renders"]["rates"]) == {"artifact", *artifacts.REASONS}
+
+
+def test_shipped_gate_leaves_images_without_the_concept_bit_identical_through_diffusers_hooks():
+    """The recommended PER (presence gate + look-ahead) on the shipped model and concept: the prompts without red
+    come out bit-identical, the one with red does not."""
+    world = erasure.load_world(concepts=["red"])
+    assert world.concepts["red"].has_gate
+    t, o = erasure.prompt_sets("red", 1, 3)
+    res, imgs = erasure.evaluate_concept(world, "red", t, o, {"rec": erasure.PER_DEFAULT}, steps=20, artifact_pixels=40)
+    torch.testing.assert_close(imgs["rec"][1:], imgs["original"][1:], rtol=0, atol=0)
+    assert not torch.equal(imgs["rec"][0], imgs["original"][0])
+    assert res.methods["rec"]["unchanged_identical"] == 1.0
