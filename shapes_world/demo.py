@@ -106,7 +106,7 @@ def run_demo(out_dir: str | Path = "demo_output", concept: str = DEFAULT_CONCEPT
     caps = tc + oc
     write_grid(out_dir / "comparison.png", images, caps)
     rec = Recorder()
-    render(world.model, tc, steps=steps, interventions={world.block: intervention(world, concept, None, rec)})
+    render(world.model, tc, steps=steps, interventions={world.block_for(concept): intervention(world, concept, None, rec)})
     ts = [float(t) for t in scheduler_timesteps(world.model, steps)]
     for i in range(len(tc)):
         _, masks = rec.masks("cond", i)

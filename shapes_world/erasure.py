@@ -69,30 +69,60 @@ RAW_DETECTION = DetectionSettings()
 
 @dataclass
 class World:
+    """The model, the evaluator and the concepts to erase, each with the SAE and block it was learned on.
+
+    ``sae`` and ``block`` are the default pair (the colour SAE); ``hooks`` maps the concepts learned with
+    another SAE on another block (the shape SAE in ``weights/shapes/``) to that pair."""
+
     model: ShapesModel
     evaluator: PixelEvaluator
     sae: SparseAutoencoder
     concepts: dict[str, ConceptDictionary]
     block: str = BLOCK
+    hooks: dict[str, tuple[SparseAutoencoder, str]] = field(default_factory=dict)
+
+    def sae_for(self, concept: str) -> SparseAutoencoder:
+        return self.hooks[concept][0] if concept in self.hooks else self.sae
+
+    def block_for(self, concept: str) -> str:
+        return self.hooks[concept][1] if concept in self.hooks else self.block
+
+
+def concept_sets(weights: Path) -> list[Path]:
+    """``weights`` and every subfolder holding an SAE (``SAE_NAME``): each an SAE with its concept files."""
+    subs = sorted(p for p in weights.iterdir() if p.is_dir() and (p / SAE_NAME).is_file()) if weights.is_dir() else []
+    return [weights, *subs]
 
 
 def load_world(weights: str | Path = WEIGHTS, concepts: Sequence[str] | None = None,
                model_dir: str | Path = WEIGHTS) -> World:
-    """The shipped model and evaluator with the SAE and concept files under ``weights`` (default: shipped)."""
+    """The shipped model and evaluator with the SAE and concept files under ``weights`` (default: shipped).
+
+    A subfolder of ``weights`` with its own ``sae.safetensors`` and ``concepts/`` (``weights/shapes/``: the shape
+    SAE) brings its concepts with that SAE and its block; they take the place of same-named files at the top."""
     weights = Path(weights)
     model, _ = load_model(model_dir)
     sae = load_sae(weights / SAE_NAME)
     cdir = weights / CONCEPT_DIR
-    files = sorted(cdir.glob("*.safetensors"))
-    if not files:
+    found: dict[str, tuple[Path, SparseAutoencoder | None]] = {f.stem: (f, None) for f in sorted(cdir.glob("*.safetensors"))}
+    if not found:
         raise FileNotFoundError(f"{cdir}: no concept files; build them with python -m shapes_world.learn --out {weights}")
-    found = {f.stem: f for f in files}
+    for sub in concept_sets(weights)[1:]:
+        sub_sae = load_sae(sub / SAE_NAME)
+        for f in sorted((sub / CONCEPT_DIR).glob("*.safetensors")):
+            found[f.stem] = (f, sub_sae)
     wanted = list(found) if concepts is None else list(concepts)
     missing = [c for c in wanted if c not in found]
     if missing:
         raise KeyError(f"{cdir}: no concept file for {missing}; found {sorted(found)}")
     block = sae.cfg.provenance.get("block", BLOCK)
-    return World(model, load_evaluator(), sae, {c: load_concepts(found[c], sae=sae) for c in wanted}, block)
+    dicts, hooks = {}, {}
+    for c in wanted:
+        path, own = found[c]
+        dicts[c] = load_concepts(path, sae=own or sae)
+        if own is not None:
+            hooks[c] = (own, own.cfg.provenance.get("block", BLOCK))
+    return World(model, load_evaluator(), sae, dicts, block, hooks)
 
 
 # -- evaluator readings ------------------------------------------------------------------------------
@@ -193,8 +223,9 @@ def methods_for(steer_scale: Sequence[float], steer_add: Sequence[float]) -> dic
 def intervention(world: World, concept: str, edit, recorder: Recorder | None = None,
                  detection: DetectionSettings = DETECTION, window: StepWindow | None = None,
                  lookahead: LookAheadSettings | None = None) -> BlockIntervention:
-    det = ConceptDetector(world.concepts[concept], detection, sae=world.sae)
-    return BlockIntervention(world.sae, det, edit, branches="both", window=window, recorder=recorder, label=concept,
+    sae = world.sae_for(concept)
+    det = ConceptDetector(world.concepts[concept], detection, sae=sae)
+    return BlockIntervention(sae, det, edit, branches="both", window=window, recorder=recorder, label=concept,
                              lookahead=lookahead)
 
 
@@ -202,13 +233,15 @@ class Run:
     """Images of one method for a prompt set, with the edited block outputs (cond branch) and, optionally, masks.
     An intervention with look-ahead samples twice (sae_core.lookahead.sample_twice); the tap keeps pass 2."""
 
-    def __init__(self, world: World, captions: list[str], seed: int, iv: BlockIntervention | None, steps: int, cfg: float):
+    def __init__(self, world: World, captions: list[str], seed: int, iv: BlockIntervention | None, steps: int, cfg: float,
+                 block: str | None = None):
         tap = ActivationTap()
         chain = [tap] if iv is None else [iv, tap]
 
         def sample():
             tap.rows.clear()
-            return render(world.model, captions, seed=seed, steps=steps, cfg=cfg, interventions={world.block: chain})
+            return render(world.model, captions, seed=seed, steps=steps, cfg=cfg,
+                          interventions={block or world.block: chain})
 
         self.images = sample_twice([iv], sample) if iv is not None and iv.lookahead is not None else sample()
         acts = tap.tensor()  # [(steps * B * h * w), C] in step order
@@ -237,14 +270,15 @@ def evaluate_concept(world: World, concept: str, target_caps: list[str], other_c
     always measured on the raw mask over every step."""
     caps = target_caps + other_caps
     nt = len(target_caps)
-    orig = Run(world, caps, seed, None, steps, cfg)
+    block = world.block_for(concept)
+    orig = Run(world, caps, seed, None, steps, cfg, block)
     sm0, cm0 = world.evaluator.label(orig.images)
     base_unrec = unrecognised(world.evaluator, orig.images)
     if artifact_pixels is None:
         artifact_pixels = artifact_threshold(base_unrec)
     # detection alone, on the original trajectory
     rec = Recorder()
-    Run(world, target_caps, seed, intervention(world, concept, None, rec, RAW_DETECTION), steps, cfg)
+    Run(world, target_caps, seed, intervention(world, concept, None, rec, RAW_DETECTION), steps, cfg, block)
     tgt = target_pixels(sm0[:nt], cm0[:nt], concept)
     inter = union = 0
     for i in range(nt):
@@ -258,7 +292,7 @@ def evaluate_concept(world: World, concept: str, target_caps: list[str], other_c
     for name, method in methods.items():
         m = as_method(method)
         iv = intervention(world, concept, m.edit, None, m.detection_for(detection), window, m.lookahead)
-        run = Run(world, caps, seed, iv, steps, cfg)
+        run = Run(world, caps, seed, iv, steps, cfg, block)
         images[name] = run.images
         sm, cm = world.evaluator.label(run.images)
         gone = [int(target_pixels(sm[i:i + 1], cm[i:i + 1], concept).sum()) < MIN_PIXELS for i in range(nt) if had[i]]

@@ -1,6 +1,8 @@
 """Train the shapes model's SAE and learn a concept dictionary for every shape and colour.
 
-    python -m shapes_world.learn --out shapes_world/weights            # what the shipped files came from
+    python -m shapes_world.learn --out shapes_world/weights            # the colour SAE and concepts (shipped)
+    python -m shapes_world.learn --out shapes_world/weights/shapes --block up_blocks.0.attentions.1 \
+        --concepts circle,square,triangle,cross --k 8 --object-share 0.5 ...   # the shape SAE (README "Shapes world")
 
 1. Sample captions from the scene generator with the shipped model and record the cond-branch outputs of
    one 16x16 transformer block at every DDIM step (``ActivationTap`` through ``sae_core.torch_hooks``).
@@ -21,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
 
@@ -36,6 +39,7 @@ from sae_core.intervention import ConceptCollector, StepInfo, chunk_rows
 from sae_core.sae import SparseAutoencoder
 from sae_core.train import TrainConfig, fraction_of_variance_unexplained, train_sae
 
+from .evaluator import load_evaluator
 from .model import ShapesModel, load_model
 from .render import render
 from .scenes import COLOURS, SHAPES, generate_scenes, parse_caption
@@ -106,29 +110,83 @@ class _Fanout:
         return block_out
 
 
+class ObjectShare:
+    """A block intervention that measures, per step and latent, the share of its firings that fall on object patches.
+
+    Codes of the cond rows are kept until the image is done; ``image_done`` labels it with the pixel evaluator
+    (a patch is an object patch when half its pixels belong to some object, of any shape or colour) and counts.
+    The shape SAE needs it: at 8x8 the words of the prompt reach every patch, so latents that fire on the
+    *background* of the images whose prompt names a circle are as specific to "circle" as the ones on the circle.
+    """
+
+    def __init__(self, sae: SparseAutoencoder, evaluator):
+        self.sae, self.evaluator = sae, evaluator
+        self.on: dict[float, Tensor] = {}
+        self.total: dict[float, Tensor] = {}
+        self._pending: list[tuple[float, Tensor]] = []
+
+    def __call__(self, block_in: Tensor | None, block_out: Tensor, step: StepInfo) -> Tensor:
+        for p in chunk_rows(block_out.shape[0], step.chunks, (0,)):
+            with torch.no_grad():
+                codes = self.sae.encode(rearrange(block_out[p.start:p.stop], "b c h w -> b h w c"))
+            self._pending.append((round(float(step.timestep), 3), codes > 0))
+        return block_out
+
+    def image_done(self, images: Tensor) -> None:
+        shape_map, _ = self.evaluator.label(images)
+        for key, fires in self._pending:
+            obj = F.adaptive_avg_pool2d((shape_map > 0).float()[:, None], tuple(fires.shape[1:3]))[:, 0] >= 0.5
+            on = (fires & obj[..., None]).flatten(0, 2).sum(0, dtype=torch.float64)
+            tot = fires.flatten(0, 2).sum(0, dtype=torch.float64)
+            self.on[key] = self.on.get(key, 0) + on
+            self.total[key] = self.total.get(key, 0) + tot
+        self._pending.clear()
+
+    def share(self, timesteps: Tensor) -> Tensor:
+        """[T, M] float64 share of each latent's firings on object patches, rows in the order of ``timesteps``."""
+        keys = [round(float(t), 3) for t in timesteps]
+        missing = [k for k in keys if k not in self.on]
+        if missing:
+            raise ValueError(f"ObjectShare: no codes recorded at timesteps {missing[:5]}; run it on the same sampler")
+        return torch.stack([self.on[k] / self.total[k].clamp_min(1) for k in keys])
+
+
 def learn_concepts(model: ShapesModel, sae: SparseAutoencoder, captions: list[str], block: str = BLOCK,
                    rule: SelectionRule = RULE, seed: int = 0, steps: int = 20, cfg: float = 3.0,
-                   concepts: tuple[str, ...] = CONCEPTS) -> dict[str, ConceptDictionary]:
+                   concepts: tuple[str, ...] = CONCEPTS, object_share: float = 0.0) -> dict[str, ConceptDictionary]:
     """One dictionary per concept, learned from the prompts that name it against the ones that do not.
 
     Each caption is sampled once (batch 1, so every model call carries one prompt's rows and one label per
-    concept) with all concepts' collectors on the block.
+    concept) with all concepts' collectors on the block. ``object_share`` > 0 keeps only latents with at least
+    that share of their firings on object patches (``ObjectShare``; 0 = every latent, as Learn Concept does).
     """
+    if not 0.0 <= object_share < 1.0:
+        raise ValueError(f"learn_concepts: object_share is {object_share}, expected a share in [0, 1) (0 = off)")
     accs = {c: ConceptStatsAccumulator(int(sae.cfg.n_latents)) for c in concepts}
     samples = _sample_accumulator(sae)
     fan = _Fanout({c: ConceptCollector(sae, accs[c], branches="cond", label=block) for c in concepts},
                   ConceptCollector(sae, samples, branches="cond", label=block))
+    objects = ObjectShare(sae, load_evaluator()) if object_share > 0 else None
+    chain = [fan] if objects is None else [fan, objects]
     for i, caption in enumerate(captions):
         fan.label(caption, i)
-        render(model, [caption], seed=seed + i, steps=steps, cfg=cfg, interventions={block: fan})
+        images = render(model, [caption], seed=seed + i, steps=steps, cfg=cfg, interventions={block: chain})
+        if objects is not None:
+            objects.image_done(images)
     out = {}
     for c in concepts:
         if len(accs[c].names) < 2:
             raise ValueError(
                 f"learn_concepts: concept {c!r} has prompts only on one side ({accs[c].names}); use more captions"
             )
+        stats = accs[c].stats()
+        if objects is not None:
+            k = stats.names.index(c)
+            rates = stats.rates.clone()
+            rates[k] = torch.where(objects.share(stats.timesteps) >= object_share, rates[k], torch.zeros_like(rates[k]))
+            stats = stats._replace(rates=rates)
         d = build_concept_dictionary(
-            accs[c].stats(), rule, keep=[c], sae_fingerprint=sae.fingerprint(), hook_point=block,
+            stats, rule, keep=[c], sae_fingerprint=sae.fingerprint(), hook_point=block,
             prompts={c: [p for p in captions if c in names_in(p)], CONTRAST: [p for p in captions if c not in names_in(p)]},
         )
         out[c] = learn_presence_gate(d, samples, _caption_shows)
@@ -172,11 +230,29 @@ class LearnSettings:
     sae_batch: int = 2048
     sae_rows: int = 1_000_000
     block: str = BLOCK
+    concepts: str = ""
+    """Comma-separated concepts to learn; empty = every shape and colour."""
+    top_n: int = RULE.top_n
+    max_ratio: float = RULE.max_ratio
+    min_rate: float = RULE.min_rate
+    object_share: float = 0.0
+    """> 0: keep only latents with at least this share of their firings on object patches (see ObjectShare)."""
+
+    def concept_names(self) -> tuple[str, ...]:
+        names = tuple(c.strip() for c in self.concepts.split(",") if c.strip()) or CONCEPTS
+        bad = [c for c in names if c not in CONCEPTS]
+        if bad:
+            raise ValueError(f"LearnSettings.concepts: unknown {bad}; expected some of {list(CONCEPTS)}")
+        return names
+
+    def rule(self) -> SelectionRule:
+        return SelectionRule("specific", top_n=self.top_n, max_ratio=self.max_ratio, min_rate=self.min_rate)
 
 
 def build(model: ShapesModel, out: Path, s: LearnSettings) -> dict:
     """Everything: activations -> SAE -> concept files under ``out``; returns a summary (also written as JSON)."""
     out.mkdir(parents=True, exist_ok=True)
+    concepts, rule = s.concept_names(), s.rule()
     t0 = time.time()
     caps = generate_scenes(s.activation_captions, seed=s.caption_seed).captions
     acts = collect_activations(model, caps, s.block)
@@ -190,7 +266,8 @@ def build(model: ShapesModel, out: Path, s: LearnSettings) -> dict:
     save_native(sae, out / SAE_NAME)
     logger.info("SAE M=%d k=%d: FVU %.4f, dead %.3f", s.n_latents, s.k, fvu, res.log[-1]["dead_fraction"])
     concept_caps = generate_scenes(s.concept_captions, seed=s.concept_caption_seed).captions
-    dicts = learn_concepts(model, sae, concept_caps, s.block)
+    dicts = learn_concepts(model, sae, concept_caps, s.block, rule, concepts=concepts,
+                           object_share=s.object_share)
     (out / CONCEPT_DIR).mkdir(exist_ok=True)
     for name, d in dicts.items():
         d.save(out / CONCEPT_DIR / f"{name}.safetensors")

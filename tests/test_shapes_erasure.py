@@ -20,6 +20,7 @@ from shapes_world.sample import sample  # noqa: E402
 from shapes_world.scenes import COLOURS, SHAPES, generate_scenes  # noqa: E402
 
 WEIGHTS = Path(learn.__file__).parent / "weights"
+SHAPE_BLOCK = "up_blocks.0.attentions.1"
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -165,8 +166,81 @@ def test_shipped_world_loads_when_built():
         pytest.skip("no shipped SAE yet")
     world = erasure.load_world()
     assert set(world.concepts) == set(SHAPES + COLOURS)
-    for d in world.concepts.values():
-        d.check_compatible(world.sae)
+    for c, d in world.concepts.items():
+        d.check_compatible(world.sae_for(c))
+    # colours on the colour SAE's 16x16 block; shapes on the shape SAE's 8x8 block (weights/shapes/)
+    assert {world.block_for(c) for c in COLOURS} == {learn.BLOCK}
+    assert set(world.hooks) == set(SHAPES)
+    assert {world.block_for(c) for c in SHAPES} == {SHAPE_BLOCK}
+    assert world.sae_for("circle").cfg.provenance["block"] == SHAPE_BLOCK
+
+
+def test_subfolder_sae_brings_its_concepts_and_block(tiny_world_dir, tmp_path):
+    import dataclasses
+    import shutil
+
+    from sae_core.formats import save_native
+    from sae_core.sae import SparseAutoencoder
+
+    top = tmp_path / "w"
+    shutil.copytree(tiny_world_dir[0], top)
+    sae = load_sae(top / learn.SAE_NAME)
+    # the same weights (so the concept file binds to it) recorded for another block
+    cfg = dataclasses.replace(sae.cfg, provenance={**sae.cfg.provenance, "block": "up_blocks.0.attentions.0"})
+    other = SparseAutoencoder(cfg, W_enc=sae.W_enc, b_enc=sae.b_enc, W_dec=sae.W_dec, b_dec=sae.b_dec)
+    (top / "sub" / learn.CONCEPT_DIR).mkdir(parents=True)
+    save_native(other, top / "sub" / learn.SAE_NAME)
+    shutil.copy(top / learn.CONCEPT_DIR / "circle.safetensors", top / "sub" / learn.CONCEPT_DIR / "circle.safetensors")
+    world = erasure.load_world(top, ["circle", "red"])
+    assert set(world.hooks) == {"circle"}
+    assert world.block_for("circle") == "up_blocks.0.attentions.0" and world.block_for("red") == learn.BLOCK
+    assert world.sae_for("circle") is world.hooks["circle"][0] and world.sae_for("red") is world.sae
+    assert world.sae_for("circle") is not world.sae
+    # the intervention runs on the concept's own SAE; the default pair stays for every other concept
+    assert erasure.intervention(world, "circle", None).sae is world.sae_for("circle")
+    assert erasure.intervention(world, "red", None).sae is world.sae
+
+
+def test_object_share_counts_firings_on_object_patches():
+    from sae_core.config import SAEConfig
+    from sae_core.intervention import StepInfo
+    from sae_core.sae import SparseAutoencoder
+
+    g = torch.Generator().manual_seed(3)
+    d, m = 8, 16
+    sae = SparseAutoencoder(SAEConfig(d_in=d, n_latents=m, k=4, activation="relu_topk"),
+                            W_enc=torch.randn(m, d, generator=g), b_enc=torch.zeros(m),
+                            W_dec=torch.randn(m, d, generator=g), b_dec=torch.zeros(d))
+
+    class Labels:  # an evaluator whose object is the top-left quarter of a 4x4 image
+        def label(self, images):
+            sm = torch.zeros(images.shape[0], 4, 4, dtype=torch.long)
+            sm[:, :2, :2] = 1
+            return sm, sm
+
+    share = learn.ObjectShare(sae, Labels())
+    x = torch.randn(2, d, 2, 2, generator=g)  # [cond; uncond] rows, a 2x2 grid
+    assert share(None, x, StepInfo(500.0, None, (0, 1))) is x
+    share.image_done(torch.zeros(1, 3, 4, 4))
+    fires = (sae.encode(x[:1].permute(0, 2, 3, 1)) > 0)[0]  # cond row only, [2, 2, M]
+    on, tot = fires[0, 0].double(), fires.flatten(0, 1).sum(0).double()  # patch (0, 0) is the object patch
+    ref = torch.where(tot > 0, on / tot.clamp_min(1), torch.zeros_like(tot))
+    torch.testing.assert_close(share.share(torch.tensor([500.0]))[0], ref)
+    with pytest.raises(ValueError, match="no codes recorded at timesteps"):
+        share.share(torch.tensor([100.0]))
+
+
+@pytest.mark.skipif(not (WEIGHTS / "shapes" / learn.SAE_NAME).is_file(), reason="no shipped shape SAE")
+def test_shipped_shape_concepts_localise():
+    """At least two shapes detect with IoU >= 0.6 on held-out prompts (reduced: 4 prompts, 10 steps; the full
+    measure is in the README's Shapes world section)."""
+    world = erasure.load_world(concepts=list(SHAPES))
+    ious = {}
+    for c in SHAPES:
+        t, _ = erasure.prompt_sets(c, 4, 0)
+        r, _ = erasure.evaluate_concept(world, c, t, [], {}, steps=10, artifact_pixels=40)
+        ious[c] = r.detection_iou
+    assert sum(v >= 0.6 for v in ious.values()) >= 2, ious
 
 
 def test_bench_erasure_quick_run_writes_json(tiny_world_dir, tmp_path, bench_script):
