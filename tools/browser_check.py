@@ -3,7 +3,7 @@ node, no widget mismatch and no page error; the frontend's own API conversion eq
 the Mask Preview scrubber and the Compare slider react to keyboard and mouse. Screenshots go to --shots (keep
 them out of the repository); --thumbnails writes example_workflows/<name>.jpg from the graph screenshots.
 
-    COMFYUI_PATH=/work/comfyui /work/comfyenv/bin/python tools/browser_check.py --shots /work/shots [--thumbnails]
+    COMFYUI_PATH=<ComfyUI checkout> <ComfyUI venv>/bin/python tools/browser_check.py --shots <folder outside the repo> [--thumbnails]
 
 Needs ComfyUI (with comfyui-frontend-package), Chromium (CHROMIUM, default /usr/bin/chromium), Node.js and
 playwright-core (PLAYWRIGHT_DIR: a folder with node_modules/playwright-core; no browser download). When one is
@@ -43,7 +43,7 @@ class Skip(Exception):
 
 
 def _playwright_dir() -> str | None:
-    for d in filter(None, [os.environ.get("PLAYWRIGHT_DIR"), str(ROOT), "/work/shots/pw"]):
+    for d in filter(None, [os.environ.get("PLAYWRIGHT_DIR"), str(ROOT)]):
         if (pathlib.Path(d) / "node_modules" / "playwright-core" / "package.json").is_file():
             return str(pathlib.Path(d) / "node_modules")
     return None
@@ -230,7 +230,7 @@ def thumbnails(shots: pathlib.Path, width: int = 640) -> None:
 def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--shots", default="/work/shots", help="folder for screenshots and report.json (not the repo)")
+    ap.add_argument("--shots", required=True, help="folder for screenshots and report.json (outside the repository)")
     ap.add_argument("--thumbnails", action="store_true", help="write example_workflows/*.jpg from the screenshots")
     args = ap.parse_args()
     try:

@@ -25,8 +25,8 @@ class ServerError(RuntimeError):
 
 
 def comfyui_path() -> str | None:
-    """The ComfyUI checkout: COMFYUI_PATH, else /work/comfyui when it exists, else None."""
-    path = os.environ.get("COMFYUI_PATH") or ("/work/comfyui" if os.path.isdir("/work/comfyui") else "")
+    """The ComfyUI checkout named by COMFYUI_PATH, or None when unset or not a checkout (no default location)."""
+    path = os.environ.get("COMFYUI_PATH", "")
     return path if path and (pathlib.Path(path) / "main.py").is_file() else None
 
 
