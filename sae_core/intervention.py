@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import threading
 from dataclasses import asdict, dataclass, field
 from typing import Mapping, NamedTuple, Sequence
 
@@ -132,6 +133,7 @@ class MaskRecord:
     bits: Tensor  # packed mask, uint8
     score: Tensor | None  # [H, W] float16 or None
     all_detected: bool
+    device: str = ""  # the device that computed it (several under multi-GPU sampling)
 
     def mask(self) -> Tensor:
         return unpack_mask(self.bits, self.hw)
@@ -139,13 +141,23 @@ class MaskRecord:
 
 @dataclass
 class Recorder:
-    """Per-run store of detection masks (bit-packed) and score maps (fp16) on the CPU. Reset per run."""
+    """Per-run store of detection masks (bit-packed) and score maps (fp16) on the CPU. Reset per run.
+
+    Thread-safe: under multi-GPU sampling each device's thread adds its chunks' records (tagged with the
+    device); they land in one list, and ``masks`` unites the chunks of one step, branch and image, whichever
+    device computed them.
+    """
 
     record_scores: bool = True
     records: list[MaskRecord] = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def reset(self) -> None:
-        self.records.clear()
+        with self._lock:
+            self.records.clear()
+
+    def devices(self) -> list[str]:
+        return sorted({r.device for r in self.records})
 
     def __deepcopy__(self, memo):
         # ComfyUI deep-copies model_options on every clone; this object holds SAE weights (or the run's records),
@@ -153,20 +165,24 @@ class Recorder:
         return self
 
     def add(self, label: str, step: StepInfo, branch: int, chunk: int, mask: Tensor, score: Tensor | None,
-            all_detected: Tensor) -> None:
+            all_detected: Tensor, device: str = "") -> None:
         """mask [b, H, W] bool, score [b, H, W] or None, all_detected [b] bool for the b images of one chunk."""
         H, W = mask.shape[-2:]
         bits = pack_mask(mask)
         sc = score.detach().to("cpu", torch.float16) if (score is not None and self.record_scores) else None
         ad = all_detected.cpu().tolist()
-        for i in range(mask.shape[0]):
-            self.records.append(MaskRecord(
-                label, step.key, float(step.timestep), None if step.sigma is None else float(step.sigma),
-                BRANCH_NAMES[branch], chunk, i, (H, W), bits[i].clone(), None if sc is None else sc[i].clone(), bool(ad[i]),
-            ))
+        new = [MaskRecord(
+            label, step.key, float(step.timestep), None if step.sigma is None else float(step.sigma),
+            BRANCH_NAMES[branch], chunk, i, (H, W), bits[i].clone(), None if sc is None else sc[i].clone(), bool(ad[i]),
+            device,
+        ) for i in range(mask.shape[0])]
+        with self._lock:
+            self.records.extend(new)
 
     def select(self, label: str | None = None, branch: str | None = None, image: int | None = None) -> list[MaskRecord]:
-        return [r for r in self.records if (label is None or r.label == label) and (branch is None or r.branch == branch)
+        with self._lock:
+            records = list(self.records)
+        return [r for r in records if (label is None or r.label == label) and (branch is None or r.branch == branch)
                 and (image is None or r.image == image)]
 
     def labels(self) -> list[str]:
@@ -312,6 +328,7 @@ class BlockIntervention:
         self.branches = BRANCHES[branches]
         self.window, self.recorder, self.label, self.input_space = window, recorder, label, space
         self._lat_cache: dict = {}
+        self._lock = threading.Lock()  # the latent-id cache is shared by multi-GPU device threads
 
     def __deepcopy__(self, memo):
         # ComfyUI deep-copies model_options on every clone; this object holds SAE weights (or the run's records),
@@ -380,7 +397,8 @@ class BlockIntervention:
             for p in parts:
                 n = p.stop - p.start
                 self.recorder.add(self.label, step, p.flag, p.chunk, mask_h[off:off + n],
-                                  None if score_h is None else score_h[off:off + n], all_detected[off:off + n])
+                                  None if score_h is None else score_h[off:off + n], all_detected[off:off + n],
+                                  str(block_out.device))
                 off += n
         if new_rows is None:
             return block_out
@@ -406,9 +424,11 @@ class BlockIntervention:
         key = (float(timestep), device)
         hit = self._lat_cache.get(key)
         if hit is None or hit[0] is not cstep:
-            if len(self._lat_cache) >= 1024:
-                self._lat_cache.clear()
-            hit = self._lat_cache[key] = (cstep, cstep.latents.to(device))
+            hit = (cstep, cstep.latents.to(device))
+            with self._lock:
+                if len(self._lat_cache) >= 1024:
+                    self._lat_cache.clear()
+                self._lat_cache[key] = hit
         return hit[1]
 
     def _replace(self, in_rows, out_rows, a, mask, mask_h, parts, step):
@@ -461,6 +481,7 @@ class ConceptCollector:
         self.sae, self.accumulator, self.branches, self.label = sae, accumulator, BRANCHES[branches], label
         self.input_space = input_space or getattr(sae.cfg, "input_space", None) or "output"
         self.concept: str | None = None
+        self._lock = threading.Lock()  # multi-GPU device threads add to one accumulator
 
     def __deepcopy__(self, memo):
         # ComfyUI deep-copies model_options on every clone; this object holds SAE weights (or the run's records),
@@ -486,5 +507,6 @@ class ConceptCollector:
             a = a - block_in.index_select(0, idx)
         with torch.no_grad():
             codes = self.sae.encode(rearrange(a, "b c h w -> b h w c"))
-        self.accumulator.add(self.concept, step.timestep, codes)
+        with self._lock:
+            self.accumulator.add(self.concept, step.timestep, codes)
         return block_out
