@@ -7,6 +7,7 @@ import os
 from dataclasses import dataclass
 
 import comfy.model_management
+import comfy.model_patcher
 import comfy.patcher_extension
 import comfy.sample
 import comfy.samplers
@@ -72,11 +73,61 @@ def _block_names() -> list[str]:
     return names
 
 
-def _patch(model, spec: DetectorSpec, edit, kind: str):
+SAE_MODELS_KEY = "sae_concept_eraser"  # additional_models key of the SAE weights on a patched model
+WARNING_EVENT = "sae_concept_eraser.warning"  # websocket event the frontend extension shows as a toast
+
+
+def _placeholder_patcher(load_device, offload_device, **_):
+    """What ComfyUI's multi-GPU deep clone and non-dynamic delegates build from ``cached_patcher_init``: an
+    empty module. Those devices use the SAE lazily cast and cached per device instead (the intervention
+    casts the weights to each activation's device and dtype)."""
+    return comfy.model_patcher.ModelPatcher(torch.nn.Module(), load_device, offload_device)
+
+
+def sae_patcher(sae):
+    """The SAE as a ComfyUI model: loaded to the sampling device with the model and offloaded with it."""
+    load = comfy.model_management.get_torch_device()
+    offload = comfy.model_management.unet_offload_device()
+    patcher = comfy.model_patcher.ModelPatcher(sae, load, offload)
+    if hasattr(patcher, "cached_patcher_init"):  # newer ComfyUI deep-clones additional models per device
+        patcher.cached_patcher_init = (_placeholder_patcher, (load, offload))
+    return patcher
+
+
+def manage_sae_weights(patched, sae) -> bool:
+    """Hand the SAE's weights to ComfyUI's memory management where the patcher supports additional models;
+    else (False) they stay where they are and the intervention casts them lazily, cached per device/dtype."""
+    if not (hasattr(patched, "set_additional_models") and hasattr(patched, "get_additional_models_with_key")):
+        return False
+    if not isinstance(sae, torch.nn.Module):
+        return False
+    have = list(patched.get_additional_models_with_key(SAE_MODELS_KEY))
+    if not any(getattr(p, "model", None) is sae for p in have):
+        patched.set_additional_models(SAE_MODELS_KEY, have + [sae_patcher(sae)])
+    return True
+
+
+def _ui_notifier(node_id):
+    """callable(text): show a warning in the UI (a toast via our frontend extension, and the node's text)."""
+    def notify(text: str) -> None:
+        from server import PromptServer  # ComfyUI's server: present whenever a prompt runs in the UI
+
+        server = getattr(PromptServer, "instance", None)
+        if server is None:
+            return
+        server.send_sync(WARNING_EVENT, {"node": node_id, "text": text})
+        if node_id is not None and hasattr(server, "send_progress_text"):
+            server.send_progress_text(text, node_id)
+
+    return notify
+
+
+def _patch(model, spec: DetectorSpec, edit, kind: str, node_id=None):
     """Validate against the model, then clone and patch the SAE's block. Returns (model, RunState)."""
     key, name = resolve_hook(spec.sae, model)
     recorder = Recorder()
-    state = RunState(f"{kind} {name}", recorder)
+    state = RunState(f"{kind} {name}", recorder, key)
+    state.notify = _ui_notifier(node_id)
     intervention = BlockIntervention(spec.sae, spec.detector, edit, branches=spec.branches, recorder=recorder,
                                      label=name)
     start, end = spec.start_percent, spec.end_percent
@@ -87,8 +138,15 @@ def _patch(model, spec: DetectorSpec, edit, kind: str):
 
     patched = install_patch(model, key, intervention, state, comfy.patcher_extension.WrappersMP.OUTER_SAMPLE,
                             window_of)
-    logger.info("%s: patched %s (%s) with %s", kind, key, getattr(spec.sae, "source", "SAE"), edit)
+    managed = manage_sae_weights(patched, spec.sae)
+    logger.info("%s: patched %s (%s) with %s; SAE weights %s", kind, key, getattr(spec.sae, "source", "SAE"), edit,
+                "managed by ComfyUI with the model" if managed else "cast lazily per device")
     return patched, state
+
+
+def _node_id(cls):
+    hidden = getattr(cls, "hidden", None)
+    return getattr(hidden, "unique_id", None) if hidden is not None else None
 
 
 class LoadSAE(io.ComfyNode):
@@ -192,6 +250,7 @@ class PatchReplacer(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="SAEPatchReplacer",
+            hidden=[io.Hidden.unique_id],
             display_name="Patch Replacer",
             category=CATEGORY,
             description="PER: detected patch embeddings of the SAE's block are replaced by embeddings sampled "
@@ -216,7 +275,8 @@ class PatchReplacer(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, detector: DetectorSpec, mode: str, target: str, seed: int) -> io.NodeOutput:
-        patched, state = _patch(model, detector, ReplaceSettings(mode=mode, seed=seed, target=target), "Patch Replacer")
+        patched, state = _patch(model, detector, ReplaceSettings(mode=mode, seed=seed, target=target), "Patch Replacer",
+                                _node_id(cls))
         return io.NodeOutput(patched, state)
 
 
@@ -225,6 +285,7 @@ class SAESteer(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="SAESteer",
+            hidden=[io.Hidden.unique_id],
             display_name="SAE Steer",
             category=CATEGORY,
             description="Steer the SAE latents of the detected concept (SAeUron scaling, set, sdxl-unbox add, "
@@ -253,7 +314,7 @@ class SAESteer(io.ComfyNode):
     def execute(cls, model, detector: DetectorSpec, method: str, strength: float, error: str,
                 detected_only: bool) -> io.NodeOutput:
         edit = SteerSettings(method=method, strength=strength, error=error, detected_only=detected_only)
-        patched, state = _patch(model, detector, edit, "SAE Steer")
+        patched, state = _patch(model, detector, edit, "SAE Steer", _node_id(cls))
         return io.NodeOutput(patched, state)
 
 
@@ -293,6 +354,9 @@ class MaskPreview(io.ComfyNode):
                 opacity: float, color: str) -> io.NodeOutput:
         rec = detections.recorder
         if rec is None or not rec.records:
+            found = getattr(detections, "warnings", None)
+            if found:
+                raise ValueError(f"Mask Preview: {found[-1]}")
             raise ValueError(
                 f"Mask Preview: {detections.label} recorded nothing; sample the patched model first (connect "
                 "images decoded from that KSampler) and check start/end percent and branches"
