@@ -33,7 +33,14 @@ from ..sae_core.steer import ERROR_MODES, METHODS, SteerSettings
 from . import folders
 from .grid import compare_grid
 from .hook import RunState, check_window, family_of_config, install_patch, resolve_hook, sigma_window
-from .learn import DEFAULT_CONTRAST, parse_latent_ids, parse_prompts
+from .learn import (
+    DEFAULT_CONTRAST,
+    concept_words,
+    default_contrast,
+    parse_latent_ids,
+    parse_prompts,
+    prompts_naming,
+)
 from .masks import AGGREGATES, SHOW, normalise, overlay, parse_color, pick_step, recorded_maps, upscale
 from .ui_payload import compare_payload, mask_step_payload
 
@@ -108,16 +115,18 @@ def manage_sae_weights(patched, sae) -> bool:
 
 
 def _ui_notifier(node_id):
-    """callable(text): show a warning in the UI (a toast via our frontend extension, and the node's text)."""
+    """callable(text): show a run's warning in the UI (a toast via our frontend extension, and the node's text);
+    the hook has already logged it."""
     def notify(text: str) -> None:
-        from server import PromptServer  # ComfyUI's server: present whenever a prompt runs in the UI
+        _tell(node_id, text, level=logging.DEBUG)
+        try:
+            from server import PromptServer
 
-        server = getattr(PromptServer, "instance", None)
-        if server is None:
-            return
-        server.send_sync(WARNING_EVENT, {"node": node_id, "text": text})
-        if node_id is not None and hasattr(server, "send_progress_text"):
-            server.send_progress_text(text, node_id)
+            server = getattr(PromptServer, "instance", None)
+            if server is not None:
+                server.send_sync(WARNING_EVENT, {"node": node_id, "text": text})
+        except Exception as e:  # outside a server
+            logger.debug("could not show the warning in the UI: %s", e)
 
     return notify
 
@@ -383,7 +392,11 @@ class LearnConcept(io.ComfyNode):
             display_name="Learn Concept",
             category=CATEGORY,
             description="Generate the concept prompts and the contrast prompts, record the SAE codes of the cond "
-                        "branch at every step, and select the concept's latents per timestep (SAeUron scores).",
+                        "branch at every step, and select the concept's latents per timestep (SAeUron scores). "
+                        "Cost: one full sampling per prompt, concept and contrast: (concept prompts + contrast "
+                        f"prompts, up to {len(DEFAULT_CONTRAST)} built in) x steps CFG steps; the learn template "
+                        "(15 samplings of 25 steps at 512 px) takes a minute or two on a GPU and about 90 minutes "
+                        "on a CPU. Save the result with Save Concept and reuse it.",
             hidden=[io.Hidden.unique_id],
             inputs=[
                 io.Model.Input("model", tooltip="The model the SAE was trained on."),
@@ -394,12 +407,15 @@ class LearnConcept(io.ComfyNode):
                                 tooltip="One prompt per line showing the concept; more prompts give steadier scores."),
                 io.String.Input("contrast_prompts", multiline=True, default="",
                                 tooltip="One prompt per line WITHOUT the concept; empty uses a built-in set of "
-                                        f"{len(DEFAULT_CONTRAST)} generic scenes."),
+                                        f"{len(DEFAULT_CONTRAST)} generic scenes, minus any scene that names the "
+                                        "concept (its name's words, or words all concept prompts share). Each "
+                                        "prompt costs one full sampling."),
                 io.String.Input("negative_prompt", default="", tooltip="Negative prompt for every run."),
                 io.Int.Input("width", default=512, min=64, max=4096, step=8, tooltip="Image width in pixels."),
                 io.Int.Input("height", default=512, min=64, max=4096, step=8, tooltip="Image height in pixels."),
                 io.Int.Input("steps", default=20, min=1, max=1000,
-                             tooltip="Sampling steps; the concept stores one selection per step's timestep."),
+                             tooltip="Sampling steps; the concept stores one selection per step's timestep. Time "
+                                     "grows with steps x number of prompts."),
                 io.Float.Input("cfg", default=7.5, min=0.0, max=100.0, step=0.1, tooltip="Classifier-free guidance scale."),
                 io.Combo.Input("sampler_name", options=comfy.samplers.KSampler.SAMPLERS, default="euler",
                                tooltip="Sampler used for the recording runs."),
@@ -428,7 +444,20 @@ class LearnConcept(io.ComfyNode):
         prompts = parse_prompts(concept_prompts)
         if not prompts:
             raise ValueError("Learn Concept: concept_prompts is empty; type at least one prompt (one per line)")
-        contrast = parse_prompts(contrast_prompts) or list(DEFAULT_CONTRAST)
+        uid = cls.hidden.unique_id if cls.hidden is not None else None
+        contrast = parse_prompts(contrast_prompts)
+        words = sorted(concept_words(name, prompts))
+        if contrast:
+            naming = prompts_naming(contrast, set(words))
+            if naming:
+                _tell(uid, f"Learn Concept: contrast prompts {naming} contain the concept's words {words}; the "
+                           "concept is then scored against itself and its latents score low. Remove them from "
+                           "contrast_prompts unless that is intended")
+        else:
+            contrast, dropped = default_contrast(name, prompts)
+            if dropped:
+                _tell(uid, f"Learn Concept: left {dropped} out of the built-in contrast set: they name the concept "
+                           f"({words}); {len(contrast)} built-in scenes used", level=logging.INFO)
         rule = SelectionRule(method=selection, percentile=percentile, top_n=top_n)
         key, block = resolve_hook(sae, model)
         family = family_of_config(model.model.model_config)
@@ -438,7 +467,6 @@ class LearnConcept(io.ComfyNode):
         patched = install_patch(model, key, collector, state, comfy.patcher_extension.WrappersMP.OUTER_SAMPLE)
         negative = _encode(clip, negative_prompt)
         jobs = [(name, p) for p in prompts] + [(CONTRAST_LABEL, p) for p in contrast]
-        uid = cls.hidden.unique_id if cls.hidden is not None else None
         pbar = comfy.utils.ProgressBar(len(jobs) * steps, node_id=uid)
 
         def on_step(*_):
@@ -459,6 +487,23 @@ class LearnConcept(io.ComfyNode):
             model_family=family, prompts={name: prompts, CONTRAST_LABEL: contrast},
         )
         return io.NodeOutput(concept)
+
+
+def _tell(node_id, text: str, level: int = logging.WARNING) -> None:
+    """Log ``text`` and show it under the node in the UI (a toast too when it is a warning)."""
+    logger.log(level, "%s", text)
+    try:
+        from server import PromptServer
+
+        server = getattr(PromptServer, "instance", None)
+        if server is None:
+            return
+        if level >= logging.WARNING:
+            server.send_sync(WARNING_EVENT, {"node": node_id, "text": text})
+        if node_id is not None and hasattr(server, "send_progress_text"):
+            server.send_progress_text(text, node_id)
+    except Exception as e:  # outside a server (tests, scripts) the log line is the message
+        logger.debug("could not show the message in the UI: %s", e)
 
 
 def _encode(clip, text: str):
