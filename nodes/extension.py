@@ -576,7 +576,8 @@ class Compare(io.ComfyNode):
                 io.Image.Input("image_c", optional=True, tooltip="Optional third branch."),
                 io.String.Input("label_a", default="original", tooltip="Label above the first branch."),
                 io.String.Input("label_b", default="PER", tooltip="Label above the second branch."),
-                io.String.Input("label_c", default="steer", tooltip="Label above the third branch."),
+                io.String.Input("label_c", default="steer",
+                                tooltip="Label above the third branch; unused while image_c is not connected."),
             ],
             outputs=[io.Image.Output(display_name="IMAGE", tooltip="The labelled grid.")],
         )

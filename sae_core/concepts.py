@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from .errors import SAEError
+from .fileio import save_safetensors
 
 logger = logging.getLogger(__name__)
 
@@ -441,15 +442,13 @@ class ConceptDictionary:
     # -- files ---------------------------------------------------------------------------------
 
     def save(self, path: str | os.PathLike) -> None:
-        from safetensors.torch import save_file
-
         header = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, **self._meta_dict()}
         tensors = {
             "timesteps": self.timesteps.contiguous(), "latents": self.latents.to(torch.int32).contiguous(),
             "scores": self.scores.contiguous(), "thresholds": self.thresholds.contiguous(),
             "means": self.means.contiguous(),
         }
-        save_file(tensors, os.fspath(path), metadata={METADATA_KEY: json.dumps(header)})
+        save_safetensors(tensors, path, metadata={METADATA_KEY: json.dumps(header)})  # atomic, 0666 minus umask
         logger.info("saved concept dictionary %s (%s) to %s", list(self.names), self.timesteps.numel(), path)
 
 

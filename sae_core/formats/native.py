@@ -5,10 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from safetensors.torch import save_file
-
 from ..config import SAEConfig
 from ..errors import SAEConfigError, SAEFormatError
+from ..fileio import save_safetensors
 from ._io import read_safetensors
 
 FORMAT = "sae-concept-eraser/sae"
@@ -64,9 +63,6 @@ def write(sae, path: str | Path) -> Path:
         f"{sae.cfg.activation} k={sae.cfg.k} M={sae.cfg.n_latents} d={sae.cfg.d_in}",
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    tmp.replace(path)  # never leave a half-written file under the final name
-    return path
+    return save_safetensors(tensors, path, metadata)  # atomic, mode 0666 minus the umask
 
 
