@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from dataclasses import dataclass
 
 import comfy.model_management
@@ -42,6 +43,7 @@ from .learn import (
     prompts_naming,
 )
 from .masks import AGGREGATES, SHOW, normalise, overlay, parse_color, pick_step, recorded_maps, upscale
+from .templates import register_thumbnail_route
 from .ui_payload import compare_payload, mask_step_payload
 
 logger = logging.getLogger(__name__)
@@ -114,15 +116,21 @@ def manage_sae_weights(patched, sae) -> bool:
     return True
 
 
+def _prompt_server():
+    """ComfyUI's running PromptServer, or None (no server: tests, scripts). Never imports the server module:
+    ComfyUI's main has imported it before it loads custom nodes."""
+    module = sys.modules.get("server")
+    cls = getattr(module, "PromptServer", None)
+    return getattr(cls, "instance", None)
+
+
 def _ui_notifier(node_id):
     """callable(text): show a run's warning in the UI (a toast via our frontend extension, and the node's text);
     the hook has already logged it."""
     def notify(text: str) -> None:
         _tell(node_id, text, level=logging.DEBUG)
         try:
-            from server import PromptServer
-
-            server = getattr(PromptServer, "instance", None)
+            server = _prompt_server()
             if server is not None:
                 server.send_sync(WARNING_EVENT, {"node": node_id, "text": text})
         except Exception as e:  # outside a server
@@ -493,9 +501,7 @@ def _tell(node_id, text: str, level: int = logging.WARNING) -> None:
     """Log ``text`` and show it under the node in the UI (a toast too when it is a warning)."""
     logger.log(level, "%s", text)
     try:
-        from server import PromptServer
-
-        server = getattr(PromptServer, "instance", None)
+        server = _prompt_server()
         if server is None:
             return
         if level >= logging.WARNING:
@@ -607,4 +613,12 @@ async def comfy_entrypoint() -> SAEExtension:
     return SAEExtension()
 
 
+def _serve_thumbnails() -> None:
+    """Template thumbnails at the URL the frontend asks, on old and new backends (see nodes/templates.py)."""
+    server = _prompt_server()
+    if server is not None:
+        register_thumbnail_route(server, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
 folders.register(folder_paths)  # also at import, so the lists in define_schema see the folders
+_serve_thumbnails()
