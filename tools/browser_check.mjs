@@ -39,6 +39,47 @@ try {
   });
   const extensionLoaded = await page.evaluate(() => window.comfyAPI.app.app.extensions.some((e) => e.name === "sae_concept_eraser.previews"));
   report.extension_loaded = extensionLoaded;
+  report.frontend_version = await page.evaluate(() => window.__COMFYUI_FRONTEND_VERSION__ ?? null);
+
+  // the renderer: Nodes 2.0 (Vue nodes) or the classic canvas, by the frontend's own setting
+  report.vue_nodes_requested = Boolean(job.vue_nodes);
+  report.vue_nodes_active = await page.evaluate(async (on) => {
+    const { app } = window.comfyAPI.app;
+    try { await app.extensionManager.setting.set("Comfy.VueNodes.Enabled", on); } catch { return false; }
+    await new Promise((r) => setTimeout(r, 500));
+    return Boolean(app.extensionManager.setting.get("Comfy.VueNodes.Enabled"));
+  }, Boolean(job.vue_nodes));
+
+  // template browser: the pack's templates as listed, and each thumbnail at the URL the frontend builds for a
+  // custom-node template (api.apiURL(`/workflow_templates/<module>/<name>.jpg`))
+  const templates = await page.evaluate(async (module) => {
+    const { api } = window.comfyAPI.api;
+    const listed = (await (await fetch(api.apiURL("/workflow_templates"))).json())[module] ?? [];
+    const thumbnails = {};
+    for (const name of listed) {
+      const r = await fetch(api.apiURL(`/workflow_templates/${module}/${name}.jpg`));
+      const b = new Uint8Array(await r.arrayBuffer());
+      thumbnails[name] = { status: r.status, type: r.headers.get("content-type"), jpeg: b[0] === 0xff && b[1] === 0xd8 };
+    }
+    return { listed, thumbnails };
+  }, job.pack_module);
+  report.templates_listed = templates.listed;
+  report.thumbnails = templates.thumbnails;
+  try {
+    await page.evaluate(async () => {
+      const { app } = window.comfyAPI.app;
+      await app.extensionManager.command.execute("Comfy.BrowseTemplates");
+    });
+    await page.waitForTimeout(1500);
+    const label = page.getByText(job.pack_module, { exact: false }).first();
+    if (await label.count()) { await label.click({ timeout: 3000 }).catch(() => {}); }
+    await page.waitForTimeout(2000);
+    await page.screenshot({ path: shot("templates_browser.png") });
+  } catch (e) {
+    report.console_errors.push(`template browser: ${e}`);
+  }
+  await page.keyboard.press("Escape");
+  await page.waitForTimeout(300);
 
   for (const [name, file] of Object.entries(job.workflows)) {
     const wf = JSON.parse(fs.readFileSync(file, "utf8"));

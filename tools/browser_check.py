@@ -28,7 +28,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(ROOT))
 
 from build_workflows import Graph  # noqa: E402
-from comfy_server import comfy_server, comfyui_path, get_json  # noqa: E402
+from comfy_server import PACK_LINK, comfy_server, comfyui_path, get_json  # noqa: E402
 from workflow_format import files_expected, load_snapshot, snapshot_schemas, to_api  # noqa: E402
 
 logger = logging.getLogger("browser_check")
@@ -135,8 +135,13 @@ def live_workflow(object_info: dict) -> dict:
     return g.workflow("browser_check_live", [])
 
 
-def check(shots: pathlib.Path, python: str = sys.executable, timeout: float = 600) -> dict:
-    """Run the whole check; return the report with a list of ``problems`` (empty = passed)."""
+def check(shots: pathlib.Path, python: str = sys.executable, timeout: float = 600, frontend_root: str | None = None,
+          vue_nodes: bool = False) -> dict:
+    """Run the whole check; return the report with a list of ``problems`` (empty = passed).
+
+    ``frontend_root``: a comfyui-frontend-package build's static folder to serve instead of the installed one;
+    ``vue_nodes``: run with Nodes 2.0 (the Vue node renderer, setting Comfy.VueNodes.Enabled) instead of the
+    classic canvas."""
     pre = prerequisites()
     shots = pathlib.Path(shots)
     shots.mkdir(parents=True, exist_ok=True)
@@ -148,13 +153,15 @@ def check(shots: pathlib.Path, python: str = sys.executable, timeout: float = 60
         _tiny_sae(base / "models" / "sae" / TINY_SAE)
         (base / "custom_nodes").mkdir(parents=True, exist_ok=True)
         os.symlink(HELPER_NODES, base / "custom_nodes" / "sae_test_helpers.py")
-        with comfy_server(base, python, pre["comfy"]) as url:
+        extra = ["--front-end-root", frontend_root] if frontend_root else []
+        with comfy_server(base, python, pre["comfy"], extra_args=extra) as url:
             live = live_workflow(get_json(url + "/object_info", timeout=60))
             live_file = pathlib.Path(tmp) / "live.json"
             live_file.write_text(json.dumps(live))
             job = {"url": url, "chromium": pre["chromium"], "playwright_dir": pre["playwright_dir"],
                    "profile": str(pathlib.Path(tmp) / "profile"), "shots": str(shots),
-                   "workflows": {n: str(WF_DIR / f"{n}.json") for n in names}, "live_workflow": str(live_file)}
+                   "workflows": {n: str(WF_DIR / f"{n}.json") for n in names}, "live_workflow": str(live_file),
+                   "vue_nodes": bool(vue_nodes), "pack_module": PACK_LINK}
             job_file = pathlib.Path(tmp) / "job.json"
             job_file.write_text(json.dumps(job))
             proc = subprocess.run([pre["node"], str(HERE / "browser_check.mjs"), str(job_file)], capture_output=True,
@@ -173,6 +180,15 @@ def problems(report: dict, workflows: dict) -> list[str]:
     schemas = load_snapshot()
     if not report.get("extension_loaded"):
         out.append("extension sae_concept_eraser.previews was not registered")
+    if report.get("vue_nodes_requested") and not report.get("vue_nodes_active"):
+        out.append("Nodes 2.0 was requested but the frontend did not switch to it (Comfy.VueNodes.Enabled)")
+    listed = report.get("templates_listed") or []
+    for name in workflows:
+        if name not in listed:
+            out.append(f"{name}: not listed by /workflow_templates under the pack")
+        thumb = report.get("thumbnails", {}).get(name)
+        if not thumb or thumb.get("status") != 200 or not thumb.get("jpeg"):
+            out.append(f"{name}: thumbnail at the frontend's URL not served as a JPEG ({thumb})")
     for name, wf in workflows.items():
         r = report["workflows"].get(name)
         if r is None:
@@ -232,9 +248,12 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shots", required=True, help="folder for screenshots and report.json (outside the repository)")
     ap.add_argument("--thumbnails", action="store_true", help="write example_workflows/*.jpg from the screenshots")
+    ap.add_argument("--frontend-root", default=None,
+                    help="static folder of another comfyui-frontend-package build (ComfyUI's --front-end-root)")
+    ap.add_argument("--vue-nodes", action="store_true", help="check under Nodes 2.0 (the Vue node renderer)")
     args = ap.parse_args()
     try:
-        report = check(pathlib.Path(args.shots))
+        report = check(pathlib.Path(args.shots), frontend_root=args.frontend_root, vue_nodes=args.vue_nodes)
     except Skip as e:
         logger.info("%s", e)
         return 0
