@@ -259,6 +259,7 @@ function offerCoreCompare(node) {
     const widget = made?.widget ?? made;
     if (!widget) return null;
     widget.serialize = false; // a view: never part of the saved widget values
+    widget.options = { ...(widget.options ?? {}), serialize: false }; // nor of the prompt sent to the backend
     return widget;
   } catch (e) {
     console.warn("[SAE Concept Eraser] core compare widget not available:", e);
