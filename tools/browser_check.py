@@ -181,7 +181,8 @@ def problems(report: dict, workflows: dict) -> list[str]:
     if not report.get("extension_loaded"):
         out.append("extension sae_concept_eraser.previews was not registered")
     if report.get("vue_nodes_requested") and not report.get("vue_nodes_active"):
-        out.append("Nodes 2.0 was requested but the frontend did not switch to it (Comfy.VueNodes.Enabled)")
+        out.append(f"Nodes 2.0 was requested but frontend {report.get('frontend_version')} did not switch to it "
+                   "(Comfy.VueNodes.Enabled)")
     listed = report.get("templates_listed") or []
     for name in workflows:
         if name not in listed:
