@@ -403,7 +403,7 @@ class LearnConcept(io.ComfyNode):
                         "branch at every step, and select the concept's latents per timestep (SAeUron scores). "
                         "Cost: one full sampling per prompt, concept and contrast: (concept prompts + contrast "
                         f"prompts, up to {len(DEFAULT_CONTRAST)} built in) x steps CFG steps; the learn template "
-                        "(15 samplings of 25 steps at 512 px) takes a minute or two on a GPU and about 90 minutes "
+                        "(14 samplings of 25 steps at 512 px) takes a minute or two on a GPU and about 85 minutes "
                         "on a CPU. Save the result with Save Concept and reuse it.",
             hidden=[io.Hidden.unique_id],
             inputs=[

@@ -286,7 +286,7 @@ def wf_learn(schemas) -> dict:
            "contrast prompt (empty = a built-in set of generic scenes, minus any that names the concept: here the "
            "cat scene), records the SAE codes of the positive branch at each step and keeps the latents that score "
            "highest for the concept (SAeUron's score).\n\n**Cost:** one full sampling per prompt: 5 cat prompts + "
-           "9 contrast scenes = 14 samplings of 25 CFG steps at 512 px, a minute or two on a GPU, about 90 minutes "
+           "9 contrast scenes = 14 samplings of 25 CFG steps at 512 px, a minute or two on a GPU, about 85 minutes "
            "on a CPU. Learn once, save, then reuse the file with Load Concept.\n\n"
            "Save Concept writes `models/sae_concepts/cat_saeuron_objects.safetensors`: a small file bound to this "
            "SAE's fingerprint. Share it; others load it with Load Concept (connect their SAE to check it "
