@@ -11,6 +11,7 @@ const require = createRequire(path.join(job.playwright_dir, "noop.js"));
 const { chromium } = require("playwright-core");
 
 const report = { workflows: {}, behaviour: {}, page_errors: [], console_errors: [] };
+class LiveFailed extends Error {}
 const shot = (name) => path.join(job.shots, name);
 
 // a fresh profile per run (launchPersistentContext owns --user-data-dir)
@@ -135,8 +136,27 @@ try {
     app.canvas.setDirty(true, true);
     await app.queuePrompt(0, 1);
   }, live);
-  await page.waitForFunction(() => document.querySelector('[data-sae-widget="sae_step_scrubber"]')?.dataset.step !== undefined
-    && document.querySelector('[data-sae-widget="sae_compare_slider"]')?.dataset.fraction !== undefined, null, { timeout: 300000 });
+  // the run's results reach the panels (their state), and the panels are on the page (the renderer shows them)
+  const viewState = () => page.evaluate((ids) => {
+    const { app } = window.comfyAPI.app;
+    const out = {};
+    for (const [t, id] of Object.entries(ids)) {
+      const node = app.graph.getNodeById(id);
+      const root = node?.saeView?.panel.root;
+      out[t] = { view: Boolean(node?.saeView), drawn: root?.dataset.step ?? root?.dataset.fraction ?? null,
+        onPage: Boolean(root?.isConnected), visible: Boolean(root && root.getBoundingClientRect().height > 0) };
+    }
+    return out;
+  }, ids);
+  try {
+    await page.waitForFunction(() => document.querySelector('[data-sae-widget="sae_step_scrubber"]')?.dataset.step !== undefined
+      && document.querySelector('[data-sae-widget="sae_compare_slider"]')?.dataset.fraction !== undefined, null, { timeout: 420000 });
+  } catch (e) {
+    report.live_failed = { error: String(e).slice(0, 300), views: await viewState() };
+    await page.screenshot({ path: shot("live_run_failed.png") });
+    throw new LiveFailed();
+  }
+  report.live_views = await viewState();
   await page.waitForTimeout(500);
   await page.screenshot({ path: shot("live_run.png") });
   const canvasHash = (panel) => panel.locator("canvas").evaluate((c) => {
@@ -188,6 +208,8 @@ try {
       return { aborted: panel.signal.aborted, viewCleared: node.saeView === null };
     }, id);
   }
+} catch (e) {
+  if (!(e instanceof LiveFailed)) throw e; // reported: the panels never showed the run (see live_failed)
 } finally {
   await browser.close();
 }

@@ -170,6 +170,10 @@ def check(shots: pathlib.Path, python: str = sys.executable, timeout: float = 60
                 raise RuntimeError(f"browser_check.mjs failed ({proc.returncode}):\n{proc.stderr[-4000:]}\n"
                                    f"server log:\n{(base / 'server.log').read_text()[-3000:]}")
     report = json.loads((shots / "report.json").read_text())
+    # a Nodes 2.0 renderer that puts no node on the page at all (frontend 1.27's experimental one, switched on at
+    # run time): nothing of any node is there to check
+    report["renderer_shows_nothing"] = bool(report.get("vue_nodes_active")) and not any(
+        r.get("panels") for r in report["workflows"].values())
     report["problems"] = problems(report, workflows)
     (shots / "report.json").write_text(json.dumps(report, indent=1))
     return report
@@ -183,6 +187,9 @@ def problems(report: dict, workflows: dict) -> list[str]:
     if report.get("vue_nodes_requested") and not report.get("vue_nodes_active"):
         out.append(f"Nodes 2.0 was requested but frontend {report.get('frontend_version')} did not switch to it "
                    "(Comfy.VueNodes.Enabled)")
+    if report.get("renderer_shows_nothing"):
+        out.append(f"frontend {report.get('frontend_version')}: Nodes 2.0 put no node on the page (not one panel in "
+                   "any workflow); its renderer cannot be checked")
     listed = report.get("templates_listed") or []
     for name in workflows:
         if name not in listed:
@@ -217,6 +224,9 @@ def problems(report: dict, workflows: dict) -> list[str]:
     # errors raised in our extension's code (its file is in the stack); the frontend's own start-up errors on a
     # fresh profile (setting migrations) are kept in the report but are not this pack's
     out += [f"page error: {e}" for e in report.get("page_errors", []) if "sae-concept-eraser" in e or "sae_" in e]
+    if report.get("live_failed"):
+        out.append(f"the run's results never showed in the panels: {report['live_failed']}")
+        return out
     mp = report["behaviour"].get("SAEMaskPreview", {})
     steps = [s["step"] for s in mp.get("states", [])]
     hashes = [s["hash"] for s in mp.get("states", [])]

@@ -18,7 +18,7 @@ def test_workflows_open_and_widgets_behave_in_the_real_frontend(tmp_path, vue_no
         pytest.skip(str(e))
     report = browser_check.check(tmp_path / "shots", frontend_root=os.environ.get("COMFY_FRONTEND_ROOT") or None,
                                  vue_nodes=vue_nodes)
-    if vue_nodes and not report.get("vue_nodes_active"):
-        pytest.skip(f"frontend {report.get('frontend_version')} has no Nodes 2.0 renderer")
+    if vue_nodes and (not report.get("vue_nodes_active") or report.get("renderer_shows_nothing")):
+        pytest.skip(f"frontend {report.get('frontend_version')} has no working Nodes 2.0 renderer: {report['problems'][:1]}")
     assert report["problems"] == [], report["problems"]
     assert set(report["workflows"]) == {p.stem for p in browser_check.WF_DIR.glob("*.json")}
