@@ -123,6 +123,11 @@ try {
     report.workflows[name] = result;
   }
 
+  if (job.vue_nodes && !Object.values(report.workflows).some((r) => r.panels.length)) {
+    report.live_skipped = "the renderer put no panel on the page in any workflow";
+    throw new LiveFailed(); // nothing to drive: do not wait for a run nobody can see
+  }
+
   // behaviour: a real run. A tiny SD1 graph (test-only helper nodes + this pack's nodes) is loaded and queued from
   // the frontend; the server's "executed" messages carry the real Mask Preview / Compare payloads.
   const live = JSON.parse(fs.readFileSync(job.live_workflow, "utf8"));

@@ -224,6 +224,9 @@ def problems(report: dict, workflows: dict) -> list[str]:
     # errors raised in our extension's code (its file is in the stack); the frontend's own start-up errors on a
     # fresh profile (setting migrations) are kept in the report but are not this pack's
     out += [f"page error: {e}" for e in report.get("page_errors", []) if "sae-concept-eraser" in e or "sae_" in e]
+    if report.get("live_skipped"):
+        out.append(f"live run skipped: {report['live_skipped']}")
+        return out
     if report.get("live_failed"):
         out.append(f"the run's results never showed in the panels: {report['live_failed']}")
         return out
