@@ -1,7 +1,7 @@
 """Frontend payloads of Mask Preview (per-step masks for the step scrubber) and Compare (branches for the slider).
 
-Pure: Pillow and torch only, no ComfyUI import; the nodes pass ComfyUI's temp directory. The contract is
-written in /work/notes/CONTRACT.md ("frontend payload") and read by js/sae_payload.js.
+Pure: Pillow and torch only, no ComfyUI import; the nodes pass ComfyUI's temp directory. The contract is the
+docstrings below; js/sae_logic.js parses and validates it (parseMaskPayload, parseComparePayload).
 """
 
 from __future__ import annotations
