@@ -26,8 +26,11 @@ test: lint
 demo: setup
 	$(BIN)/python -m shapes_world.demo
 
-# The ComfyUI integration tests: need a ComfyUI checkout and a Python that can import it.
-COMFYUI_PATH ?= /work/comfyui
-COMFY_PYTHON ?= /work/comfyenv/bin/python
+# The ComfyUI integration tests: need a ComfyUI checkout (COMFYUI_PATH) and a Python that can import it
+# (COMFY_PYTHON, e.g. the venv ComfyUI runs in). No defaults: both come from the environment or the command line.
 test-comfy:
-	COMFYUI_PATH=$(COMFYUI_PATH) $(COMFY_PYTHON) -m pytest -q tests/integration
+	@if [ -z "$(COMFYUI_PATH)" ] || [ ! -f "$(COMFYUI_PATH)/main.py" ]; then \
+		echo "make test-comfy: set COMFYUI_PATH to a ComfyUI checkout (the folder with main.py); got '$(COMFYUI_PATH)'" >&2; exit 2; fi
+	@if [ -z "$(COMFY_PYTHON)" ] || ! "$(COMFY_PYTHON)" -c "import torch" >/dev/null 2>&1; then \
+		echo "make test-comfy: set COMFY_PYTHON to a Python that runs ComfyUI (with torch), e.g. its venv's bin/python; got '$(COMFY_PYTHON)'" >&2; exit 2; fi
+	COMFYUI_PATH="$(COMFYUI_PATH)" "$(COMFY_PYTHON)" -m pytest -q tests/integration

@@ -1,11 +1,22 @@
 // SAE Concept Eraser frontend: a step scrubber on Mask Preview (each recorded step's mask over the image) and a
 // before/after slider on Compare. Touches only this pack's node types; every listener is removed with the node.
 // DOM work only: the logic (payload parsing, step math, slider geometry) is in sae_logic.js.
+//
+// Works under the classic canvas and under Nodes 2.0 (the Vue node renderer, Comfy.VueNodes.Enabled):
+// - results come from the API's "executed" event as well as from node.onExecuted (which Nodes 2.0 may never
+//   call); the same output is drawn once (outputKey);
+// - the panel keeps its state outside the DOM and redraws whenever its element is (re)attached or resized, so it
+//   survives a renderer that culls off-screen nodes or re-mounts their widgets; a graph reloaded with stored
+//   outputs (app.nodeOutputs) draws them again;
+// - where the frontend has a core image-compare widget (a Vue widget, IMAGECOMPARE), Compare offers it too (it
+//   reads the node output's a_images / b_images); our slider stays as the fallback and for a third branch;
+// - a warning event from the backend (a run that never reached our patch) shows as a toast when the frontend has
+//   toasts, else in the console.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 import {
-  NODE_TYPES, PayloadError, clipRect, fitRect, isOurNodeType, parseComparePayload, parseMaskPayload, sliderFraction,
-  stepAfterKey, stepIndex, stepLabel, viewPath,
+  NODE_TYPES, PayloadError, clipRect, executedNodeIds, fitRect, isOurNodeType, outputKey, parseComparePayload,
+  parseMaskPayload, sliderFraction, stepAfterKey, stepIndex, stepLabel, viewPath, warningText,
 } from "./sae_logic.js";
 
 const EXTENSION = "sae_concept_eraser.previews";
@@ -47,7 +58,18 @@ function makePanel(node, name) {
   });
   widget.serialize = false;
   const controller = new AbortController();
-  return { widget, root, canvas, row, range, caption, signal: controller.signal, abort: () => controller.abort() };
+  const panel = { widget, root, canvas, row, range, caption, signal: controller.signal, redraw: null };
+  // (re)attached or resized (a renderer that culls or re-mounts widgets): draw the kept state again
+  let observer = null;
+  if (typeof ResizeObserver !== "undefined") {
+    observer = new ResizeObserver(() => panel.redraw?.());
+    observer.observe(root);
+  }
+  panel.abort = () => {
+    controller.abort();
+    observer?.disconnect();
+  };
+  return panel;
 }
 
 // ------------------------------------------------------------------------------------------------ Mask Preview
@@ -70,6 +92,7 @@ function setupMaskPreview(node) {
     p.caption.textContent = stepLabel(entry, state.index);
     p.root.dataset.step = String(state.index);
   }
+  p.redraw = draw;
 
   function show(index) {
     if (!state.entry) return;
@@ -159,6 +182,7 @@ function setupCompare(node) {
     p.caption.textContent = `${state.branches[0].label} | ${state.branches[state.right].label}: ${Math.round(state.fraction * 100)}%`;
     p.root.dataset.fraction = state.fraction.toFixed(3);
   }
+  p.redraw = draw;
 
   function setFraction(f) {
     state.fraction = Math.min(1, Math.max(0, f));
@@ -214,15 +238,95 @@ function setupCompare(node) {
     }
   }
 
-  return { onOutput, setFraction, state, panel: p };
+  return { onOutput, setFraction, state, panel: p, core: offerCoreCompare(node) };
+}
+
+function vueNodesEnabled() {
+  try {
+    return Boolean(app.extensionManager?.setting?.get?.("Comfy.VueNodes.Enabled"));
+  } catch {
+    return false;
+  }
+}
+
+/** The frontend's own compare widget on our Compare node, where it has one (and renders it: Nodes 2.0). */
+function offerCoreCompare(node) {
+  // read at run time, not imported: the scripts/widgets.js shim is internal and warns on import in newer frontends
+  const make = window.comfyAPI?.widgets?.ComfyWidgets?.IMAGECOMPARE;
+  if (typeof make !== "function" || !vueNodesEnabled()) return null;
+  try {
+    const made = make(node, "sae_core_compare", ["IMAGECOMPARE", {}], app);
+    const widget = made?.widget ?? made;
+    if (!widget) return null;
+    widget.serialize = false; // a view: never part of the saved widget values
+    widget.options = { ...(widget.options ?? {}), serialize: false }; // nor of the prompt sent to the backend
+    return widget;
+  } catch (e) {
+    console.warn("[SAE Concept Eraser] core compare widget not available:", e);
+    return null;
+  }
 }
 
 // ------------------------------------------------------------------------------------------------ registration
 
 const SETUP = { [NODE_TYPES.maskPreview]: setupMaskPreview, [NODE_TYPES.compare]: setupCompare };
 
+/** Draw ``output`` on ``node`` once, whichever path (onExecuted, the "executed" event, stored outputs) brings it. */
+function deliver(node, output) {
+  if (!node?.saeView) return false;
+  const key = outputKey(output);
+  if (key === null || node.saeOutputKey === key) return false;
+  node.saeOutputKey = key;
+  node.saeView.onOutput(output);
+  return true;
+}
+
+function findOurNode(detail) {
+  const graph = app.graph;
+  if (!graph) return null;
+  for (const id of executedNodeIds(detail)) {
+    const node = graph.getNodeById?.(id) ?? graph.getNodeById?.(Number(id));
+    if (node?.saeView) return node;
+  }
+  return null;
+}
+
+/** The output the frontend stored for ``node`` (reloaded graph, tab switch), where it keeps one. */
+function storedOutput(node) {
+  try {
+    const outputs = app.nodeOutputs;
+    return outputs?.[String(node.id)] ?? null;
+  } catch {
+    return null;
+  }
+}
+
+function showWarning(text) {
+  const toast = app.extensionManager?.toast;
+  if (toast?.add) {
+    toast.add({ severity: "warn", summary: "SAE Concept Eraser", detail: text, life: 15000 });
+  } else {
+    console.warn(`[SAE Concept Eraser] ${text}`);
+  }
+}
+
+let listening = false;
+
 app.registerExtension({
   name: EXTENSION,
+  setup() {
+    if (listening) return;
+    listening = true;
+    // Nodes 2.0 may never call node.onExecuted: take every result from the API event too
+    api.addEventListener("executed", (ev) => {
+      const node = findOurNode(ev.detail);
+      if (node) deliver(node, ev.detail?.output);
+    });
+    api.addEventListener("sae_concept_eraser.warning", (ev) => {
+      const text = warningText(ev.detail);
+      if (text) showWarning(text);
+    });
+  },
   async beforeRegisterNodeDef(nodeType, nodeData) {
     const setup = SETUP[nodeData?.name];
     if (!setup || !isOurNodeType(nodeData.name)) return;
@@ -231,15 +335,21 @@ app.registerExtension({
     nodeType.prototype.onNodeCreated = function () {
       const r = onNodeCreated?.apply(this, arguments);
       this.saeView = setup(this);
+      this.saeOutputKey = null;
       const min = this.computeSize();
       this.setSize([Math.max(this.size[0], 340), Math.max(this.size[1], min[1])]);
+      // a node made from a saved graph gets its id after creation: look for a stored output then
+      setTimeout(() => {
+        const out = storedOutput(this);
+        if (out) deliver(this, out);
+      }, 0);
       return r;
     };
 
     const onExecuted = nodeType.prototype.onExecuted;
     nodeType.prototype.onExecuted = function (output) {
       const r = onExecuted?.apply(this, arguments);
-      this.saeView?.onOutput(output);
+      deliver(this, output);
       return r;
     };
 

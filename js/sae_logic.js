@@ -146,3 +146,35 @@ export function clipRect(fraction, rect) {
   const split = rect.x + f * rect.w;
   return { x: split, y: rect.y, w: rect.x + rect.w - split, h: rect.h };
 }
+
+/**
+ * A key of the part of a node output this extension draws: the same output reaches the node twice when both the
+ * node's onExecuted and the "executed" event fire (classic canvas), once when only the event does (Nodes 2.0).
+ * null when the output has nothing of ours.
+ */
+export function outputKey(output) {
+  if (output === null || typeof output !== "object") return null;
+  const ours = {};
+  for (const k of [MASK_KEY, COMPARE_KEY]) if (output[k] !== undefined) ours[k] = output[k];
+  return Object.keys(ours).length ? JSON.stringify(ours) : null;
+}
+
+/**
+ * Node ids an "executed" event may name, most specific first: display_node (what the UI shows), node, and for
+ * a node inside a subgraph ("outer:inner") its own id in that subgraph.
+ */
+export function executedNodeIds(detail) {
+  const ids = [];
+  for (const v of [detail?.display_node, detail?.node]) {
+    if (v === undefined || v === null || v === "") continue;
+    const s = String(v);
+    for (const id of [s, s.split(":").pop()]) if (!ids.includes(id)) ids.push(id);
+  }
+  return ids;
+}
+
+/** The text of a "sae_concept_eraser.warning" event, or null when malformed. */
+export function warningText(detail) {
+  const t = detail?.text;
+  return typeof t === "string" && t.trim() ? t.trim() : null;
+}

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from dataclasses import dataclass
 
 import comfy.model_management
+import comfy.model_patcher
 import comfy.patcher_extension
 import comfy.sample
 import comfy.samplers
@@ -50,8 +52,16 @@ from .hook import (
     sigma_window,
     steer_settings,
 )
-from .learn import DEFAULT_CONTRAST, parse_latent_ids, parse_prompts
+from .learn import (
+    DEFAULT_CONTRAST,
+    concept_words,
+    default_contrast,
+    parse_latent_ids,
+    parse_prompts,
+    prompts_naming,
+)
 from .masks import AGGREGATES, SHOW, normalise, overlay, parse_color, pick_step, recorded_maps, upscale
+from .templates import register_thumbnail_route
 from .ui_payload import compare_payload, mask_step_payload
 
 logger = logging.getLogger(__name__)
@@ -90,14 +100,72 @@ def _block_names() -> list[str]:
     return names
 
 
-def _patch(model, spec: DetectorSpec, edit, kind: str, region=None, region_mode: str = "intersect",
+SAE_MODELS_KEY = "sae_concept_eraser"  # additional_models key of the SAE weights on a patched model
+WARNING_EVENT = "sae_concept_eraser.warning"  # websocket event the frontend extension shows as a toast
+
+
+def _placeholder_patcher(load_device, offload_device, **_):
+    """What ComfyUI's multi-GPU deep clone and non-dynamic delegates build from ``cached_patcher_init``: an
+    empty module. Those devices use the SAE lazily cast and cached per device instead (the intervention
+    casts the weights to each activation's device and dtype)."""
+    return comfy.model_patcher.ModelPatcher(torch.nn.Module(), load_device, offload_device)
+
+
+def sae_patcher(sae):
+    """The SAE as a ComfyUI model: loaded to the sampling device with the model and offloaded with it."""
+    load = comfy.model_management.get_torch_device()
+    offload = comfy.model_management.unet_offload_device()
+    patcher = comfy.model_patcher.ModelPatcher(sae, load, offload)
+    if hasattr(patcher, "cached_patcher_init"):  # newer ComfyUI deep-clones additional models per device
+        patcher.cached_patcher_init = (_placeholder_patcher, (load, offload))
+    return patcher
+
+
+def manage_sae_weights(patched, sae) -> bool:
+    """Hand the SAE's weights to ComfyUI's memory management where the patcher supports additional models;
+    else (False) they stay where they are and the intervention casts them lazily, cached per device/dtype."""
+    if not (hasattr(patched, "set_additional_models") and hasattr(patched, "get_additional_models_with_key")):
+        return False
+    if not isinstance(sae, torch.nn.Module):
+        return False
+    have = list(patched.get_additional_models_with_key(SAE_MODELS_KEY))
+    if not any(getattr(p, "model", None) is sae for p in have):
+        patched.set_additional_models(SAE_MODELS_KEY, have + [sae_patcher(sae)])
+    return True
+
+
+def _prompt_server():
+    """ComfyUI's running PromptServer, or None (no server: tests, scripts). Never imports the server module:
+    ComfyUI's main has imported it before it loads custom nodes."""
+    module = sys.modules.get("server")
+    cls = getattr(module, "PromptServer", None)
+    return getattr(cls, "instance", None)
+
+
+def _ui_notifier(node_id):
+    """callable(text): show a run's warning in the UI (a toast via our frontend extension, and the node's text);
+    the hook has already logged it."""
+    def notify(text: str) -> None:
+        _tell(node_id, text, level=logging.DEBUG)
+        try:
+            server = _prompt_server()
+            if server is not None:
+                server.send_sync(WARNING_EVENT, {"node": node_id, "text": text})
+        except Exception as e:  # outside a server
+            logger.debug("could not show the warning in the UI: %s", e)
+
+    return notify
+
+
+def _patch(model, spec: DetectorSpec, edit, kind: str, node_id=None, region=None, region_mode: str = "intersect",
            lookahead: LookAheadSettings | None = None):
     """Validate against the model, then clone and patch the SAE's block. Returns (model, RunState)."""
     key, name = resolve_hook(spec.sae, model)
     recorder = Recorder()
     intervention = BlockIntervention(spec.sae, spec.detector, edit, branches=spec.branches, recorder=recorder,
                                      label=name, region=region, region_mode=region_mode, lookahead=lookahead)
-    state = RunState(f"{kind} {name}", recorder, intervention)
+    state = RunState(f"{kind} {name}", recorder, key, intervention=intervention)
+    state.notify = _ui_notifier(node_id)
     start, end = spec.start_percent, spec.end_percent
     check_window(start, end)
 
@@ -106,8 +174,15 @@ def _patch(model, spec: DetectorSpec, edit, kind: str, region=None, region_mode:
 
     patched = install_patch(model, key, intervention, state, comfy.patcher_extension.WrappersMP.OUTER_SAMPLE,
                             window_of)
-    logger.info("%s: patched %s (%s) with %s", kind, key, getattr(spec.sae, "source", "SAE"), edit)
+    managed = manage_sae_weights(patched, spec.sae)
+    logger.info("%s: patched %s (%s) with %s; SAE weights %s", kind, key, getattr(spec.sae, "source", "SAE"), edit,
+                "managed by ComfyUI with the model" if managed else "cast lazily per device")
     return patched, state
+
+
+def _node_id(cls):
+    hidden = getattr(cls, "hidden", None)
+    return getattr(hidden, "unique_id", None) if hidden is not None else None
 
 
 class LoadSAE(io.ComfyNode):
@@ -224,6 +299,7 @@ class PatchReplacer(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="SAEPatchReplacer",
+            hidden=[io.Hidden.unique_id],
             display_name="Patch Replacer",
             category=CATEGORY,
             description="PER: detected patch embeddings of the SAE's block are replaced by embeddings sampled "
@@ -258,7 +334,7 @@ class PatchReplacer(io.ComfyNode):
     def execute(cls, model, detector: DetectorSpec, mode: str, target: str, seed: int,
                 look_ahead: bool = True) -> io.NodeOutput:
         patched, state = _patch(model, detector, ReplaceSettings(mode=mode, seed=seed, target=target), "Patch Replacer",
-                                LookAheadSettings() if look_ahead else None)
+                                _node_id(cls), lookahead=LookAheadSettings() if look_ahead else None)
         return io.NodeOutput(patched, state)
 
 
@@ -267,6 +343,7 @@ class SAESteer(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="SAESteer",
+            hidden=[io.Hidden.unique_id],
             display_name="SAE Steer",
             category=CATEGORY,
             description="Steer the SAE latents of the detected concept (SAeUron scaling, set, sdxl-unbox add, "
@@ -311,7 +388,7 @@ class SAESteer(io.ComfyNode):
                 detected_only: bool, use_beta: bool = False, cfg_sign: str = "same", mask=None,
                 mask_mode: str = "intersect") -> io.NodeOutput:
         edit = steer_settings(method, strength, error, detected_only, use_beta, cfg_sign)
-        patched, state = _patch(model, detector, edit, "SAE Steer", region=mask, region_mode=mask_mode)
+        patched, state = _patch(model, detector, edit, "SAE Steer", _node_id(cls), region=mask, region_mode=mask_mode)
         return io.NodeOutput(patched, state)
 
 
@@ -351,6 +428,9 @@ class MaskPreview(io.ComfyNode):
                 opacity: float, color: str) -> io.NodeOutput:
         rec = detections.recorder
         if rec is None or not rec.records:
+            found = getattr(detections, "warnings", None)
+            if found:
+                raise SAEInputError(f"Mask Preview: {found[-1]}")
             raise SAEInputError(
                 f"Mask Preview: {detections.label} recorded nothing; sample the patched model first (connect "
                 "images decoded from that KSampler) and check start/end percent and branches"
@@ -377,7 +457,11 @@ class LearnConcept(io.ComfyNode):
             display_name="Learn Concept",
             category=CATEGORY,
             description="Generate the concept prompts and the contrast prompts, record the SAE codes of the cond "
-                        "branch at every step, and select the concept's latents per timestep (SAeUron scores).",
+                        "branch at every step, and select the concept's latents per timestep (SAeUron scores). "
+                        "Cost: one full sampling per prompt, concept and contrast: (concept prompts + contrast "
+                        f"prompts, up to {len(DEFAULT_CONTRAST)} built in) x steps CFG steps; the learn template "
+                        "(14 samplings of 25 steps at 512 px) takes a minute or two on a GPU and about 85 minutes "
+                        "on a CPU. Save the result with Save Concept and reuse it.",
             hidden=[io.Hidden.unique_id],
             inputs=[
                 io.Model.Input("model", tooltip="The model the SAE was trained on."),
@@ -388,12 +472,15 @@ class LearnConcept(io.ComfyNode):
                                 tooltip="One prompt per line showing the concept; more prompts give steadier scores."),
                 io.String.Input("contrast_prompts", multiline=True, default="",
                                 tooltip="One prompt per line WITHOUT the concept; empty uses a built-in set of "
-                                        f"{len(DEFAULT_CONTRAST)} generic scenes."),
+                                        f"{len(DEFAULT_CONTRAST)} generic scenes, minus any scene that names the "
+                                        "concept (its name's words, or words all concept prompts share). Each "
+                                        "prompt costs one full sampling."),
                 io.String.Input("negative_prompt", default="", tooltip="Negative prompt for every run."),
                 io.Int.Input("width", default=512, min=64, max=4096, step=8, tooltip="Image width in pixels."),
                 io.Int.Input("height", default=512, min=64, max=4096, step=8, tooltip="Image height in pixels."),
                 io.Int.Input("steps", default=20, min=1, max=1000,
-                             tooltip="Sampling steps; the concept stores one selection per step's timestep."),
+                             tooltip="Sampling steps; the concept stores one selection per step's timestep. Time "
+                                     "grows with steps x number of prompts."),
                 io.Float.Input("cfg", default=7.5, min=0.0, max=100.0, step=0.1, tooltip="Classifier-free guidance scale."),
                 io.Combo.Input("sampler_name", options=comfy.samplers.KSampler.SAMPLERS, default="euler",
                                tooltip="Sampler used for the recording runs."),
@@ -422,7 +509,20 @@ class LearnConcept(io.ComfyNode):
         prompts = parse_prompts(concept_prompts)
         if not prompts:
             raise SAEInputError("Learn Concept: concept_prompts is empty; type at least one prompt (one per line)")
-        contrast = parse_prompts(contrast_prompts) or list(DEFAULT_CONTRAST)
+        uid = cls.hidden.unique_id if cls.hidden is not None else None
+        contrast = parse_prompts(contrast_prompts)
+        words = sorted(concept_words(name, prompts))
+        if contrast:
+            naming = prompts_naming(contrast, set(words))
+            if naming:
+                _tell(uid, f"Learn Concept: contrast prompts {naming} contain the concept's words {words}; the "
+                           "concept is then scored against itself and its latents score low. Remove them from "
+                           "contrast_prompts unless that is intended")
+        else:
+            contrast, dropped = default_contrast(name, prompts)
+            if dropped:
+                _tell(uid, f"Learn Concept: left {dropped} out of the built-in contrast set: they name the concept "
+                           f"({words}); {len(contrast)} built-in scenes used", level=logging.INFO)
         rule = SelectionRule(method=selection, percentile=percentile, top_n=top_n)
         key, block = resolve_hook(sae, model)
         family = family_of_config(model.model.model_config)
@@ -434,7 +534,6 @@ class LearnConcept(io.ComfyNode):
         patched = install_patch(model, key, collector, state, comfy.patcher_extension.WrappersMP.OUTER_SAMPLE)
         negative = _encode(clip, negative_prompt)
         jobs = [(name, p) for p in prompts] + [(CONTRAST_LABEL, p) for p in contrast]
-        uid = cls.hidden.unique_id if cls.hidden is not None else None
         pbar = comfy.utils.ProgressBar(len(jobs) * steps, node_id=uid)
 
         def on_step(*_):
@@ -456,6 +555,21 @@ class LearnConcept(io.ComfyNode):
         )
         concept = learn_presence_gate(concept, acc)
         return io.NodeOutput(concept)
+
+
+def _tell(node_id, text: str, level: int = logging.WARNING) -> None:
+    """Log ``text`` and show it under the node in the UI (a toast too when it is a warning)."""
+    logger.log(level, "%s", text)
+    try:
+        server = _prompt_server()
+        if server is None:
+            return
+        if level >= logging.WARNING:
+            server.send_sync(WARNING_EVENT, {"node": node_id, "text": text})
+        if node_id is not None and hasattr(server, "send_progress_text"):
+            server.send_progress_text(text, node_id)
+    except Exception as e:  # outside a server (tests, scripts) the log line is the message
+        logger.debug("could not show the message in the UI: %s", e)
 
 
 def _encode(clip, text: str):
@@ -528,7 +642,8 @@ class Compare(io.ComfyNode):
                 io.Image.Input("image_c", optional=True, tooltip="Optional third branch."),
                 io.String.Input("label_a", default="original", tooltip="Label above the first branch."),
                 io.String.Input("label_b", default="PER", tooltip="Label above the second branch."),
-                io.String.Input("label_c", default="steer", tooltip="Label above the third branch."),
+                io.String.Input("label_c", default="steer",
+                                tooltip="Label above the third branch; unused while image_c is not connected."),
             ],
             outputs=[io.Image.Output(display_name="IMAGE", tooltip="The labelled grid.")],
         )
@@ -558,4 +673,12 @@ async def comfy_entrypoint() -> SAEExtension:
     return SAEExtension()
 
 
+def _serve_thumbnails() -> None:
+    """Template thumbnails at the URL the frontend asks, on old and new backends (see nodes/templates.py)."""
+    server = _prompt_server()
+    if server is not None:
+        register_thumbnail_route(server, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
 folders.register(folder_paths)  # also at import, so the lists in define_schema see the folders
+_serve_thumbnails()

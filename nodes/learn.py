@@ -14,6 +14,8 @@ except ImportError:  # imported as top-level `nodes`
 
 # Generic scenes of many kinds: SAeUron's mu_notc is "everything else", and a varied set keeps one
 # contrast prompt from dominating the score of latents that merely encode photo style or layout.
+# A concept's own words are never in the contrast set it is scored against: default_contrast() drops
+# the scenes that name it (the cat scene when learning "cat").
 DEFAULT_CONTRAST = (
     "a photo of a mountain landscape",
     "a busy city street at night",
@@ -26,6 +28,48 @@ DEFAULT_CONTRAST = (
     "a beach with palm trees",
     "an old castle on a hill",
 )
+
+
+# Words that say nothing about what is in the picture: never treated as the concept's words.
+_GENERIC = frozenset(
+    "a an the of on in at to and or with without by for from into over under near photo photograph picture image "
+    "painting drawing render style portrait shot view scene close up closeup high quality detailed concept".split()
+)
+
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"[a-z0-9]+", text.lower())
+
+
+def _stem(word: str) -> str:
+    """Crude singular: cats -> cat, boxes -> box, puppies -> puppy (enough to match a concept in a prompt)."""
+    if len(word) > 4 and word.endswith("ies"):
+        return word[:-3] + "y"
+    if len(word) > 3 and word.endswith(("xes", "ches", "shes", "ses")):
+        return word[:-2]
+    if len(word) > 3 and word.endswith("s") and not word.endswith("ss"):
+        return word[:-1]
+    return word
+
+
+def concept_words(name: str, prompts: list[str]) -> set[str]:
+    """The concept's words: those of its name, and those every concept prompt shares (generic words left out)."""
+    words = {_stem(w) for w in _words(name.replace("_", " "))}
+    if prompts:
+        common = set.intersection(*({_stem(w) for w in _words(p)} for p in prompts))
+        words |= common
+    return {w for w in words if w not in _GENERIC and len(w) > 1}
+
+
+def prompts_naming(prompts, words: set[str]) -> list[str]:
+    """The prompts that contain one of ``words`` (singular or plural)."""
+    return [p for p in prompts if words & {_stem(w) for w in _words(p)}]
+
+
+def default_contrast(name: str, prompts: list[str]) -> tuple[list[str], list[str]]:
+    """(built-in contrast prompts without the concept's words, the ones dropped because they name it)."""
+    dropped = prompts_naming(DEFAULT_CONTRAST, concept_words(name, prompts))
+    return [p for p in DEFAULT_CONTRAST if p not in dropped], dropped
 
 
 def parse_prompts(text: str) -> list[str]:

@@ -89,7 +89,9 @@ def mask_step_payload(images: Tensor, per_image: list[tuple[list, Tensor]], colo
 
 def compare_payload(images: list[Tensor], labels: list[str], out_dir: str, subfolder: str = "",
                     folder_type: str = "temp") -> dict:
-    """Write the first image of each branch; return ``{COMPARE_KEY: [{"label", "image": ref, width, height}]}``."""
+    """Write the first image of each branch; return ``{COMPARE_KEY: [{"label", "image": ref, width, height}]}``
+    plus ``a_images`` / ``b_images`` (the first two branches), the keys the newer frontends' core image-compare
+    widget reads from a node's output."""
     if len(images) != len(labels) or len(images) < 2:
         raise SAEInputError(f"compare_payload: {len(images)} images and {len(labels)} labels; expected two or three of each")
     target = os.path.join(out_dir, subfolder)
@@ -100,4 +102,4 @@ def compare_payload(images: list[Tensor], labels: list[str], out_dir: str, subfo
         name = f"{prefix}_branch{j}.png"
         width, height = _save_rgb(img[0], os.path.join(target, name))
         out.append({"label": str(label), "image": _ref(name, subfolder, folder_type), "width": width, "height": height})
-    return {COMPARE_KEY: out}
+    return {COMPARE_KEY: out, "a_images": [out[0]["image"]], "b_images": [out[1]["image"]]}

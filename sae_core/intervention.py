@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import threading
 from dataclasses import dataclass, field
 from typing import NamedTuple, Sequence
 
@@ -144,6 +145,7 @@ class MaskRecord:
     bits: Tensor  # packed mask, uint8
     score: Tensor | None  # [H, W] float16 or None
     all_detected: bool
+    device: str = ""  # the device that computed it (several under multi-GPU sampling)
 
     def mask(self) -> Tensor:
         return unpack_mask(self.bits, self.hw)
@@ -154,29 +156,41 @@ class Recorder(SharedOnCopy):
     """Per-run store of detection masks (bit-packed) and score maps (fp16) on the CPU. Reset per run.
 
     Shared on copy: the patched model's clones must all write to the one recorder that Mask Preview reads.
+    Thread-safe: under multi-GPU sampling each device's thread adds its chunks' records (tagged with the
+    device); they land in one list, and ``masks`` unites the chunks of one step, branch and image, whichever
+    device computed them.
     """
 
     record_scores: bool = True
     records: list[MaskRecord] = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def reset(self) -> None:
-        self.records.clear()
+        with self._lock:
+            self.records.clear()
+
+    def devices(self) -> list[str]:
+        return sorted({r.device for r in self.records})
 
     def add(self, label: str, step: StepInfo, branch: int, chunk: int, mask: Tensor, score: Tensor | None,
-            all_detected: Tensor) -> None:
+            all_detected: Tensor, device: str = "") -> None:
         """mask [b, H, W] bool, score [b, H, W] or None, all_detected [b] bool for the b images of one chunk."""
         H, W = mask.shape[-2:]
         bits = pack_mask(mask)
         sc = score.detach().to("cpu", torch.float16) if (score is not None and self.record_scores) else None
         ad = all_detected.cpu().tolist()
-        for i in range(mask.shape[0]):
-            self.records.append(MaskRecord(
-                label, step.key, float(step.timestep), None if step.sigma is None else float(step.sigma),
-                BRANCH_NAMES[branch], chunk, i, (H, W), bits[i].clone(), None if sc is None else sc[i].clone(), bool(ad[i]),
-            ))
+        new = [MaskRecord(
+            label, step.key, float(step.timestep), None if step.sigma is None else float(step.sigma),
+            BRANCH_NAMES[branch], chunk, i, (H, W), bits[i].clone(), None if sc is None else sc[i].clone(), bool(ad[i]),
+            device,
+        ) for i in range(mask.shape[0])]
+        with self._lock:
+            self.records.extend(new)
 
     def select(self, label: str | None = None, branch: str | None = None, image: int | None = None) -> list[MaskRecord]:
-        return [r for r in self.records if (label is None or r.label == label) and (branch is None or r.branch == branch)
+        with self._lock:
+            records = list(self.records)
+        return [r for r in records if (label is None or r.label == label) and (branch is None or r.branch == branch)
                 and (image is None or r.image == image)]
 
     def labels(self) -> list[str]:
@@ -370,6 +384,7 @@ class BlockIntervention(SharedOnCopy):
         self._memory: dict = {}
         self._lat_cache: dict = {}
         self._warned_nonfinite = False
+        self._lock = threading.Lock()  # the latent-id cache is shared by multi-GPU device threads
 
     def reset(self) -> None:
         """Forget the previous run (gate verdicts, sticky masks). Hosts call it when a run starts."""
@@ -473,7 +488,8 @@ class BlockIntervention(SharedOnCopy):
             for p in parts:
                 n = p.stop - p.start
                 recorder.add(self.label, step, p.flag, p.chunk, mask_h[off:off + n],
-                                  None if score_h is None else score_h[off:off + n], all_detected[off:off + n])
+                             None if score_h is None else score_h[off:off + n], all_detected[off:off + n],
+                             str(block_out.device))
                 off += n
         if new_rows is None:
             return block_out
@@ -587,9 +603,11 @@ class BlockIntervention(SharedOnCopy):
         key = (float(timestep), device)
         hit = self._lat_cache.get(key)
         if hit is None or hit[0] is not cstep:
-            if len(self._lat_cache) >= 1024:
-                self._lat_cache.clear()
-            hit = self._lat_cache[key] = (cstep, cstep.latents.to(device))
+            hit = (cstep, cstep.latents.to(device))
+            with self._lock:
+                if len(self._lat_cache) >= 1024:
+                    self._lat_cache.clear()
+                self._lat_cache[key] = hit
         return hit[1]
 
     def _replace(self, in_rows, out_rows, a, mask, mask_h, parts, step, kept):
@@ -650,6 +668,7 @@ class ConceptCollector(SharedOnCopy):
         self.input_space = input_space or getattr(sae.cfg, "input_space", None) or "output"
         self.concept: str | None = None
         self.sample = None  # id of the sampling run (e.g. prompt index): per-image codes for the presence gate
+        self._lock = threading.Lock()  # multi-GPU device threads add to one accumulator
 
     def __call__(self, block_in: Tensor | None, block_out: Tensor, step: StepInfo) -> Tensor:
         if self.concept is None:
@@ -670,5 +689,6 @@ class ConceptCollector(SharedOnCopy):
             a = a - block_in.index_select(0, idx)
         with torch.no_grad():
             codes = self.sae.encode(rearrange(a, "b c h w -> b h w c"))
-        self.accumulator.add(self.concept, step.timestep, codes, sample=self.sample)
+        with self._lock:
+            self.accumulator.add(self.concept, step.timestep, codes, sample=self.sample)
         return block_out

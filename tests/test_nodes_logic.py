@@ -339,3 +339,19 @@ def test_concept_save_path_refuses_paths(tmp_path):
     for bad in ("../x", "a/b", ".hidden", " "):
         with pytest.raises(ValueError, match="expected a plain name"):
             folders.concept_save_path(f, bad)
+
+
+def test_default_contrast_never_names_the_concept():
+    kept, dropped = learn.default_contrast("cat", ["a photo of a cat"])
+    assert dropped == ["a cat sleeping on a sofa"] and "a cat sleeping on a sofa" not in kept
+    assert len(kept) == len(learn.DEFAULT_CONTRAST) - 1
+    # plural and name-only words; generic words ("photo", "painting") never count as the concept
+    assert learn.default_contrast("cars", ["a photo of cars"])[1] == ["a red car parked on the road"]
+    assert learn.default_contrast("concept", ["a photo of something"])[1] == []
+    assert learn.concept_words("van_gogh", ["a painting by van gogh", "starry night, van gogh style"]) == {"van", "gogh"}
+    # words shared by every concept prompt count even when the name is arbitrary
+    assert learn.default_contrast("my_thing", ["a castle at dusk", "an old castle"])[1] == ["an old castle on a hill"]
+    # every default prompt names something: learning each of its nouns drops that scene
+    for noun in ("mountain", "street", "fruit", "woman", "car", "cat", "pasta", "beach", "castle"):
+        kept, dropped = learn.default_contrast(noun, [f"a {noun}"])
+        assert len(dropped) == 1 and not learn.prompts_naming(kept, {noun})

@@ -69,8 +69,11 @@ def test_mask_steps_bad_opacity(tmp_path):
 
 def test_compare_payload(tmp_path, gen):
     a, b = torch.rand(2, 10, 12, 3, generator=gen), torch.rand(1, 10, 12, 3, generator=gen)
-    out = compare_payload([a, b], ["original", "PER"], str(tmp_path))[COMPARE_KEY]
+    full = compare_payload([a, b], ["original", "PER"], str(tmp_path))
+    out = full[COMPARE_KEY]
     assert [o["label"] for o in out] == ["original", "PER"]
+    # the newer frontends' core compare widget reads these keys: before = first branch, after = second
+    assert full["a_images"] == [out[0]["image"]] and full["b_images"] == [out[1]["image"]]
     for o, img in zip(out, (a, b), strict=True):
         assert (o["width"], o["height"]) == (12, 10)
         got = np.asarray(Image.open(tmp_path / o["image"]["filename"]))

@@ -49,7 +49,8 @@ def test_workflow_valid(name, schemas):
     types = {n["type"] for n in wf["nodes"]}
     assert types <= set(schemas) | workflow_format.FRONTEND_ONLY
     assert any(t.startswith("SAE") for t in types)
-    assert any(n["type"] == "MarkdownNote" and "sae_core convert" in n["widgets_values"][0] for n in wf["nodes"])
+    assert any(n["type"] == "MarkdownNote" and "python custom_nodes/sae-concept-eraser convert" in n["widgets_values"][0]
+               for n in wf["nodes"])
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -11,6 +11,7 @@ const require = createRequire(path.join(job.playwright_dir, "noop.js"));
 const { chromium } = require("playwright-core");
 
 const report = { workflows: {}, behaviour: {}, page_errors: [], console_errors: [] };
+class LiveFailed extends Error {}
 const shot = (name) => path.join(job.shots, name);
 
 // a fresh profile per run (launchPersistentContext owns --user-data-dir)
@@ -39,6 +40,47 @@ try {
   });
   const extensionLoaded = await page.evaluate(() => window.comfyAPI.app.app.extensions.some((e) => e.name === "sae_concept_eraser.previews"));
   report.extension_loaded = extensionLoaded;
+  report.frontend_version = await page.evaluate(() => window.__COMFYUI_FRONTEND_VERSION__ ?? null);
+
+  // the renderer: Nodes 2.0 (Vue nodes) or the classic canvas, by the frontend's own setting
+  report.vue_nodes_requested = Boolean(job.vue_nodes);
+  report.vue_nodes_active = await page.evaluate(async (on) => {
+    const { app } = window.comfyAPI.app;
+    try { await app.extensionManager.setting.set("Comfy.VueNodes.Enabled", on); } catch { return false; }
+    await new Promise((r) => setTimeout(r, 500));
+    return Boolean(app.extensionManager.setting.get("Comfy.VueNodes.Enabled"));
+  }, Boolean(job.vue_nodes));
+
+  // template browser: the pack's templates as listed, and each thumbnail at the URL the frontend builds for a
+  // custom-node template (api.apiURL(`/workflow_templates/<module>/<name>.jpg`))
+  const templates = await page.evaluate(async (module) => {
+    const { api } = window.comfyAPI.api;
+    const listed = (await (await fetch(api.apiURL("/workflow_templates"))).json())[module] ?? [];
+    const thumbnails = {};
+    for (const name of listed) {
+      const r = await fetch(api.apiURL(`/workflow_templates/${module}/${name}.jpg`));
+      const b = new Uint8Array(await r.arrayBuffer());
+      thumbnails[name] = { status: r.status, type: r.headers.get("content-type"), jpeg: b[0] === 0xff && b[1] === 0xd8 };
+    }
+    return { listed, thumbnails };
+  }, job.pack_module);
+  report.templates_listed = templates.listed;
+  report.thumbnails = templates.thumbnails;
+  try {
+    await page.evaluate(async () => {
+      const { app } = window.comfyAPI.app;
+      await app.extensionManager.command.execute("Comfy.BrowseTemplates");
+    });
+    await page.waitForTimeout(1500);
+    const label = page.getByText(job.pack_module, { exact: false }).first();
+    if (await label.count()) { await label.click({ timeout: 3000 }).catch(() => {}); }
+    await page.waitForTimeout(2000);
+    await page.screenshot({ path: shot("templates_browser.png") });
+  } catch (e) {
+    report.console_errors.push(`template browser: ${e}`);
+  }
+  await page.keyboard.press("Escape");
+  await page.waitForTimeout(300);
 
   for (const [name, file] of Object.entries(job.workflows)) {
     const wf = JSON.parse(fs.readFileSync(file, "utf8"));
@@ -81,6 +123,11 @@ try {
     report.workflows[name] = result;
   }
 
+  if (job.vue_nodes && !Object.values(report.workflows).some((r) => r.panels.length)) {
+    report.live_skipped = "the renderer put no panel on the page in any workflow";
+    throw new LiveFailed(); // nothing to drive: do not wait for a run nobody can see
+  }
+
   // behaviour: a real run. A tiny SD1 graph (test-only helper nodes + this pack's nodes) is loaded and queued from
   // the frontend; the server's "executed" messages carry the real Mask Preview / Compare payloads.
   const live = JSON.parse(fs.readFileSync(job.live_workflow, "utf8"));
@@ -94,8 +141,27 @@ try {
     app.canvas.setDirty(true, true);
     await app.queuePrompt(0, 1);
   }, live);
-  await page.waitForFunction(() => document.querySelector('[data-sae-widget="sae_step_scrubber"]')?.dataset.step !== undefined
-    && document.querySelector('[data-sae-widget="sae_compare_slider"]')?.dataset.fraction !== undefined, null, { timeout: 300000 });
+  // the run's results reach the panels (their state), and the panels are on the page (the renderer shows them)
+  const viewState = () => page.evaluate((ids) => {
+    const { app } = window.comfyAPI.app;
+    const out = {};
+    for (const [t, id] of Object.entries(ids)) {
+      const node = app.graph.getNodeById(id);
+      const root = node?.saeView?.panel.root;
+      out[t] = { view: Boolean(node?.saeView), drawn: root?.dataset.step ?? root?.dataset.fraction ?? null,
+        onPage: Boolean(root?.isConnected), visible: Boolean(root && root.getBoundingClientRect().height > 0) };
+    }
+    return out;
+  }, ids);
+  try {
+    await page.waitForFunction(() => document.querySelector('[data-sae-widget="sae_step_scrubber"]')?.dataset.step !== undefined
+      && document.querySelector('[data-sae-widget="sae_compare_slider"]')?.dataset.fraction !== undefined, null, { timeout: 420000 });
+  } catch (e) {
+    report.live_failed = { error: String(e).slice(0, 300), views: await viewState() };
+    await page.screenshot({ path: shot("live_run_failed.png") });
+    throw new LiveFailed();
+  }
+  report.live_views = await viewState();
   await page.waitForTimeout(500);
   await page.screenshot({ path: shot("live_run.png") });
   const canvasHash = (panel) => panel.locator("canvas").evaluate((c) => {
@@ -147,6 +213,8 @@ try {
       return { aborted: panel.signal.aborted, viewCleared: node.saeView === null };
     }, id);
   }
+} catch (e) {
+  if (!(e instanceof LiveFailed)) throw e; // reported: the panels never showed the run (see live_failed)
 } finally {
   await browser.close();
 }

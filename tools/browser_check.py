@@ -3,7 +3,7 @@ node, no widget mismatch and no page error; the frontend's own API conversion eq
 the Mask Preview scrubber and the Compare slider react to keyboard and mouse. Screenshots go to --shots (keep
 them out of the repository); --thumbnails writes example_workflows/<name>.jpg from the graph screenshots.
 
-    COMFYUI_PATH=/work/comfyui /work/comfyenv/bin/python tools/browser_check.py --shots /work/shots [--thumbnails]
+    COMFYUI_PATH=<ComfyUI checkout> <ComfyUI venv>/bin/python tools/browser_check.py --shots <folder outside the repo> [--thumbnails]
 
 Needs ComfyUI (with comfyui-frontend-package), Chromium (CHROMIUM, default /usr/bin/chromium), Node.js and
 playwright-core (PLAYWRIGHT_DIR: a folder with node_modules/playwright-core; no browser download). When one is
@@ -28,7 +28,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(ROOT))
 
 from build_workflows import Graph  # noqa: E402
-from comfy_server import comfy_server, comfyui_path, get_json  # noqa: E402
+from comfy_server import PACK_LINK, comfy_server, comfyui_path, get_json  # noqa: E402
 from workflow_format import files_expected, load_snapshot, snapshot_schemas, to_api  # noqa: E402
 
 logger = logging.getLogger("browser_check")
@@ -43,7 +43,7 @@ class Skip(Exception):
 
 
 def _playwright_dir() -> str | None:
-    for d in filter(None, [os.environ.get("PLAYWRIGHT_DIR"), str(ROOT), "/work/shots/pw"]):
+    for d in filter(None, [os.environ.get("PLAYWRIGHT_DIR"), str(ROOT)]):
         if (pathlib.Path(d) / "node_modules" / "playwright-core" / "package.json").is_file():
             return str(pathlib.Path(d) / "node_modules")
     return None
@@ -135,8 +135,13 @@ def live_workflow(object_info: dict) -> dict:
     return g.workflow("browser_check_live", [])
 
 
-def check(shots: pathlib.Path, python: str = sys.executable, timeout: float = 600) -> dict:
-    """Run the whole check; return the report with a list of ``problems`` (empty = passed)."""
+def check(shots: pathlib.Path, python: str = sys.executable, timeout: float = 600, frontend_root: str | None = None,
+          vue_nodes: bool = False) -> dict:
+    """Run the whole check; return the report with a list of ``problems`` (empty = passed).
+
+    ``frontend_root``: a comfyui-frontend-package build's static folder to serve instead of the installed one;
+    ``vue_nodes``: run with Nodes 2.0 (the Vue node renderer, setting Comfy.VueNodes.Enabled) instead of the
+    classic canvas."""
     pre = prerequisites()
     shots = pathlib.Path(shots)
     shots.mkdir(parents=True, exist_ok=True)
@@ -148,13 +153,15 @@ def check(shots: pathlib.Path, python: str = sys.executable, timeout: float = 60
         _tiny_sae(base / "models" / "sae" / TINY_SAE)
         (base / "custom_nodes").mkdir(parents=True, exist_ok=True)
         os.symlink(HELPER_NODES, base / "custom_nodes" / "sae_test_helpers.py")
-        with comfy_server(base, python, pre["comfy"]) as url:
+        extra = ["--front-end-root", frontend_root] if frontend_root else []
+        with comfy_server(base, python, pre["comfy"], extra_args=extra) as url:
             live = live_workflow(get_json(url + "/object_info", timeout=60))
             live_file = pathlib.Path(tmp) / "live.json"
             live_file.write_text(json.dumps(live))
             job = {"url": url, "chromium": pre["chromium"], "playwright_dir": pre["playwright_dir"],
                    "profile": str(pathlib.Path(tmp) / "profile"), "shots": str(shots),
-                   "workflows": {n: str(WF_DIR / f"{n}.json") for n in names}, "live_workflow": str(live_file)}
+                   "workflows": {n: str(WF_DIR / f"{n}.json") for n in names}, "live_workflow": str(live_file),
+                   "vue_nodes": bool(vue_nodes), "pack_module": PACK_LINK}
             job_file = pathlib.Path(tmp) / "job.json"
             job_file.write_text(json.dumps(job))
             proc = subprocess.run([pre["node"], str(HERE / "browser_check.mjs"), str(job_file)], capture_output=True,
@@ -163,6 +170,10 @@ def check(shots: pathlib.Path, python: str = sys.executable, timeout: float = 60
                 raise RuntimeError(f"browser_check.mjs failed ({proc.returncode}):\n{proc.stderr[-4000:]}\n"
                                    f"server log:\n{(base / 'server.log').read_text()[-3000:]}")
     report = json.loads((shots / "report.json").read_text())
+    # a Nodes 2.0 renderer that puts no node on the page at all (frontend 1.27's experimental one, switched on at
+    # run time): nothing of any node is there to check
+    report["renderer_shows_nothing"] = bool(report.get("vue_nodes_active")) and not any(
+        r.get("panels") for r in report["workflows"].values())
     report["problems"] = problems(report, workflows)
     (shots / "report.json").write_text(json.dumps(report, indent=1))
     return report
@@ -173,6 +184,19 @@ def problems(report: dict, workflows: dict) -> list[str]:
     schemas = load_snapshot()
     if not report.get("extension_loaded"):
         out.append("extension sae_concept_eraser.previews was not registered")
+    if report.get("vue_nodes_requested") and not report.get("vue_nodes_active"):
+        out.append(f"Nodes 2.0 was requested but frontend {report.get('frontend_version')} did not switch to it "
+                   "(Comfy.VueNodes.Enabled)")
+    if report.get("renderer_shows_nothing"):
+        out.append(f"frontend {report.get('frontend_version')}: Nodes 2.0 put no node on the page (not one panel in "
+                   "any workflow); its renderer cannot be checked")
+    listed = report.get("templates_listed") or []
+    for name in workflows:
+        if name not in listed:
+            out.append(f"{name}: not listed by /workflow_templates under the pack")
+        thumb = report.get("thumbnails", {}).get(name)
+        if not thumb or thumb.get("status") != 200 or not thumb.get("jpeg"):
+            out.append(f"{name}: thumbnail at the frontend's URL not served as a JPEG ({thumb})")
     for name, wf in workflows.items():
         r = report["workflows"].get(name)
         if r is None:
@@ -200,6 +224,12 @@ def problems(report: dict, workflows: dict) -> list[str]:
     # errors raised in our extension's code (its file is in the stack); the frontend's own start-up errors on a
     # fresh profile (setting migrations) are kept in the report but are not this pack's
     out += [f"page error: {e}" for e in report.get("page_errors", []) if "sae-concept-eraser" in e or "sae_" in e]
+    if report.get("live_skipped"):
+        out.append(f"live run skipped: {report['live_skipped']}")
+        return out
+    if report.get("live_failed"):
+        out.append(f"the run's results never showed in the panels: {report['live_failed']}")
+        return out
     mp = report["behaviour"].get("SAEMaskPreview", {})
     steps = [s["step"] for s in mp.get("states", [])]
     hashes = [s["hash"] for s in mp.get("states", [])]
@@ -230,11 +260,14 @@ def thumbnails(shots: pathlib.Path, width: int = 640) -> None:
 def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--shots", default="/work/shots", help="folder for screenshots and report.json (not the repo)")
+    ap.add_argument("--shots", required=True, help="folder for screenshots and report.json (outside the repository)")
     ap.add_argument("--thumbnails", action="store_true", help="write example_workflows/*.jpg from the screenshots")
+    ap.add_argument("--frontend-root", default=None,
+                    help="static folder of another comfyui-frontend-package build (ComfyUI's --front-end-root)")
+    ap.add_argument("--vue-nodes", action="store_true", help="check under Nodes 2.0 (the Vue node renderer)")
     args = ap.parse_args()
     try:
-        report = check(pathlib.Path(args.shots))
+        report = check(pathlib.Path(args.shots), frontend_root=args.frontend_root, vue_nodes=args.vue_nodes)
     except Skip as e:
         logger.info("%s", e)
         return 0

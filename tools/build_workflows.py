@@ -42,8 +42,9 @@ UNBOX_NOTE = (
     "* **sae/** `sdxl_unbox_down.2.1.safetensors`: the sdxl-unbox SAE of `down_blocks.2.attentions.1`. "
     "Download `checkpoints/unet.down_blocks.2.attentions.1_k10_hidden5120_auxk256_bs4096_lr0.0001/final` "
     "from github.com/surkovv/sdxl-unbox, then convert it to one native file:\n\n"
-    "`python -m sae_core convert <that folder> ComfyUI/models/sae/sdxl_unbox_down.2.1.safetensors`\n\n"
-    "(run in the pack's folder; Load SAE also reads the folder itself when you put it in models/sae).\n"
+    "`python custom_nodes/sae-concept-eraser convert <that folder> models/sae/sdxl_unbox_down.2.1.safetensors`\n\n"
+    "(run in the ComfyUI folder with the Python that runs ComfyUI; or skip converting: Load SAE also reads the "
+    "folder itself when you put it in models/sae).\n"
 )
 SAEURON_NOTE = (
     "## Files\n"
@@ -51,8 +52,9 @@ SAEURON_NOTE = (
     "UnlearnCanvas fine-tune of SD 1.5, which detects its concepts best).\n"
     "* **sae/** `{name}`: the SAeUron SAE of `{hook}` from huggingface.co/bcywinski/SAeUron "
     "(folder `unet.{hook}` with cfg.json + sae.safetensors). Convert it to one native file:\n\n"
-    "`python -m sae_core convert <that folder> ComfyUI/models/sae/{name}`\n\n"
-    "(run in the pack's folder; Load SAE also reads the folder itself when you put it in models/sae).\n"
+    "`python custom_nodes/sae-concept-eraser convert <that folder> models/sae/{name}`\n\n"
+    "(run in the ComfyUI folder with the Python that runs ComfyUI; or skip converting: Load SAE also reads the "
+    "folder itself when you put it in models/sae).\n"
 )
 
 
@@ -256,7 +258,8 @@ def wf_style(schemas) -> dict:
     k0 = sampler(g, ids, (ids["ckpt"], "MODEL"), (1120, 0), SD15_SAMPLING, title="KSampler (original)")
     k1 = sampler(g, ids, (per, "MODEL"), (1120, 360), SD15_SAMPLING, title="KSampler (Patch Replacer)")
     d0, d1 = decode(g, ids, k0, (1480, 0)), decode(g, ids, k1, (1480, 360))
-    cmp_ = g.node("SAECompare", (1760, 0), {"label_a": "original", "label_b": "style erased"}, size=[520, 460])
+    cmp_ = g.node("SAECompare", (1760, 0), {"label_a": "original", "label_b": "style erased", "label_c": ""},
+                  size=[520, 460])
     g.link(d0, "IMAGE", cmp_, "image_a")
     g.link(d1, "IMAGE", cmp_, "image_b")
     mask_preview(g, per, d1, (1760, 520))
@@ -280,8 +283,11 @@ def wf_learn(schemas) -> dict:
                   size=[340, 160])
     g.link(con, "CONCEPT", save, "concept")
     g.note((760, 220), "# Learn a concept and save it\nLearn Concept samples every concept prompt and every "
-           "contrast prompt (empty = a built-in set of generic scenes), records the SAE codes of the positive "
-           "branch at each step and keeps the latents that score highest for the concept (SAeUron's score). "
+           "contrast prompt (empty = a built-in set of generic scenes, minus any that names the concept: here the "
+           "cat scene), records the SAE codes of the positive branch at each step and keeps the latents that score "
+           "highest for the concept (SAeUron's score).\n\n**Cost:** one full sampling per prompt: 5 cat prompts + "
+           "9 contrast scenes = 14 samplings of 25 CFG steps at 512 px, a minute or two on a GPU, about 85 minutes "
+           "on a CPU. Learn once, save, then reuse the file with Load Concept.\n\n"
            "Save Concept writes `models/sae_concepts/cat_saeuron_objects.safetensors`: a small file bound to this "
            "SAE's fingerprint. Share it; others load it with Load Concept (connect their SAE to check it "
            "matches).\n\n" + SAEURON_NOTE.format(name=SAEURON_OBJ["name"], hook="up_blocks.1.attentions.1"),
@@ -302,8 +308,8 @@ def wf_two(schemas) -> dict:
     k0 = sampler(g, ids, (ids["ckpt"], "MODEL"), (1120, 0), TURBO_SAMPLING, title="KSampler (original)")
     k1 = sampler(g, ids, (per, "MODEL"), (1120, 360), TURBO_SAMPLING, title="KSampler (both erased)")
     d0, d1 = decode(g, ids, k0, (1480, 0)), decode(g, ids, k1, (1480, 360))
-    cmp_ = g.node("SAECompare", (1760, 0), {"label_a": "original", "label_b": "dog + bicycle erased"},
-                  size=[520, 460])
+    cmp_ = g.node("SAECompare", (1760, 0), {"label_a": "original", "label_b": "dog + bicycle erased",
+                                            "label_c": ""}, size=[520, 460])
     g.link(d0, "IMAGE", cmp_, "image_a")
     g.link(d1, "IMAGE", cmp_, "image_b")
     mask_preview(g, per, d1, (1760, 520))

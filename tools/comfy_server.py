@@ -25,8 +25,8 @@ class ServerError(RuntimeError):
 
 
 def comfyui_path() -> str | None:
-    """The ComfyUI checkout: COMFYUI_PATH, else /work/comfyui when it exists, else None."""
-    path = os.environ.get("COMFYUI_PATH") or ("/work/comfyui" if os.path.isdir("/work/comfyui") else "")
+    """The ComfyUI checkout named by COMFYUI_PATH, or None when unset or not a checkout (no default location)."""
+    path = os.environ.get("COMFYUI_PATH", "")
     return path if path and (pathlib.Path(path) / "main.py").is_file() else None
 
 
@@ -52,8 +52,9 @@ def post_json(url: str, payload, timeout: float = 10):
 
 
 @contextlib.contextmanager
-def comfy_server(base: pathlib.Path, python: str, comfy: str, startup_s: float = 180):
-    """Yield the server URL; ``base`` gets custom_nodes/<PACK_LINK> -> this repo. Terminated in finally."""
+def comfy_server(base: pathlib.Path, python: str, comfy: str, startup_s: float = 180, extra_args: list[str] = ()):
+    """Yield the server URL; ``base`` gets custom_nodes/<PACK_LINK> -> this repo. Terminated in finally.
+    ``extra_args`` go to main.py (e.g. ``["--front-end-root", folder]`` to serve another frontend build)."""
     base = pathlib.Path(base)
     (base / "custom_nodes").mkdir(parents=True, exist_ok=True)
     link = base / "custom_nodes" / PACK_LINK
@@ -64,7 +65,7 @@ def comfy_server(base: pathlib.Path, python: str, comfy: str, startup_s: float =
     log = open(log_path, "w")
     proc = subprocess.Popen(
         [python, "main.py", "--cpu", "--use-pytorch-cross-attention", "--listen", "127.0.0.1", "--port", str(port),
-         "--base-directory", str(base), "--disable-auto-launch"],
+         "--base-directory", str(base), "--disable-auto-launch", *extra_args],
         cwd=comfy, stdout=log, stderr=subprocess.STDOUT,
     )
     url = f"http://127.0.0.1:{port}"

@@ -1,7 +1,7 @@
 """Write tests/data/node_schemas.json: the /object_info schemas of this pack's nodes and the core nodes the
 example workflows use, read from a real ComfyUI (started here on 127.0.0.1 with the pack linked in).
 
-    COMFYUI_PATH=path/to/ComfyUI path/to/comfy-python tools/snapshot_schemas.py
+    COMFYUI_PATH=<ComfyUI checkout> <ComfyUI venv>/bin/python tools/snapshot_schemas.py
 
 tests/integration/test_workflows_comfyui.py fails when the stored snapshot and the live schemas differ.
 """

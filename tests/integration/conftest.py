@@ -1,6 +1,6 @@
 """Integration tests against a real ComfyUI checkout: put it on sys.path, or skip this whole folder.
 
-COMFYUI_PATH names the checkout (default /work/comfyui when it exists). ComfyUI must be importable
+COMFYUI_PATH names the checkout (no default: unset means skipped; `make test-comfy` refuses to run without it). ComfyUI must be importable
 with this interpreter (run with the ComfyUI venv, see README); otherwise nothing here is collected.
 """
 
@@ -12,12 +12,14 @@ import sys
 import pytest
 
 HERE = pathlib.Path(__file__).resolve().parent
-COMFYUI_PATH = os.environ.get("COMFYUI_PATH") or ("/work/comfyui" if os.path.isdir("/work/comfyui") else "")
+COMFYUI_PATH = os.environ.get("COMFYUI_PATH", "")
 
 
 def _import_comfyui() -> str | None:
     """None when ComfyUI imported, else why not."""
-    if not COMFYUI_PATH or not (pathlib.Path(COMFYUI_PATH) / "comfy").is_dir():
+    if not COMFYUI_PATH:
+        return "COMFYUI_PATH is not set; point it at a ComfyUI checkout to run these tests"
+    if not (pathlib.Path(COMFYUI_PATH) / "comfy").is_dir():
         return f"COMFYUI_PATH={COMFYUI_PATH!r} is not a ComfyUI checkout"
     if COMFYUI_PATH not in sys.path:
         # appended, not prepended: ComfyUI's top-level nodes.py must not shadow the pack's `nodes` package

@@ -472,14 +472,23 @@ def test_schemas_v3_only_with_tooltips_descriptions_and_prefix(pack, models_dir)
     assert exts["sae"][1] == {".safetensors"} and exts["sae_concepts"][1] == {".safetensors"}
 
 
-def test_learn_concept_default_contrast_and_errors(pack, sd1):
+def test_learn_concept_default_contrast_and_errors(pack, sd1, caplog):
     ext = pack.nodes.extension
     sae = make_sae(pack, 128, M=64)
     kw = dict(concept_name="cat", concept_prompts="a cat", contrast_prompts="  \n", negative_prompt="", width=64,
               height=64, steps=1, cfg=1.0, sampler_name="euler", scheduler="normal", seed=1, selection="top_n",
               percentile=99.0, top_n=1)
-    concept = ext.LearnConcept.execute(sd1.model, FakeClip(), sae, **kw).args[0]
-    assert concept.meta.prompts["__contrast__"] == list(pack.nodes.learn.DEFAULT_CONTRAST)
+    with caplog.at_level("INFO"):
+        concept = ext.LearnConcept.execute(sd1.model, FakeClip(), sae, **kw).args[0]
+    contrast = concept.meta.prompts["__contrast__"]
+    # the built-in set without its cat scene: cat is never scored against cat
+    assert contrast == [p for p in pack.nodes.learn.DEFAULT_CONTRAST if p != "a cat sleeping on a sofa"]
+    assert "left ['a cat sleeping on a sofa'] out of the built-in contrast set" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        named = ext.LearnConcept.execute(sd1.model, FakeClip(), sae, **{**kw, "contrast_prompts": "two cats\na dog"})
+    assert named.args[0].meta.prompts["__contrast__"] == ["two cats", "a dog"]  # the user's set is kept, but:
+    assert "contrast prompts ['two cats'] contain the concept's words ['cat']" in caplog.text
     assert concept.meta.hook_point == "up_blocks.1.attentions.1" and concept.meta.model_family == "sd1"
     assert concept.meta.sae_fingerprint == sae.fingerprint() and concept.timesteps.numel() == 1
     with pytest.raises(ValueError, match="concept_prompts is empty"):

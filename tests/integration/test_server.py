@@ -171,7 +171,7 @@ def test_graph_runs_and_wrong_graph_reports(server):
     status, hist = _run(url, wrong)
     assert status == 200 and hist["status"]["status_str"] == "error"
     err = [m[1] for m in hist["status"]["messages"] if m[0] == "execution_error"][0]
-    assert err["node_type"] == "SAELoadConcept" and err["exception_type"].endswith("ConceptMismatchError")
+    assert err["node_type"] == "SAELoadConcept" and err["exception_type"] == "sae_concept_eraser.sae_core.concepts.ConceptMismatchError"
     assert "cat.safetensors" in err["exception_message"]
 
     # V3 combos are not checked against their options by this ComfyUI's validation: Load SAE reports it

@@ -6,6 +6,7 @@ import {
   COMPARE_KEY, MASK_KEY, PayloadError, checkRef, clipRect, fitRect, isOurNodeType, parseComparePayload,
   parseMaskPayload, sliderFraction, stepAfterKey, stepIndex, stepLabel, viewPath,
 } from "../../js/sae_logic.js";
+import * as L from "../../js/sae_logic.js";
 
 const ref = (filename, type = "temp", subfolder = "") => ({ filename, subfolder, type });
 
@@ -121,4 +122,28 @@ test("clip rect is the part right of the divider", () => {
   assert.deepEqual(clipRect(1, r), { x: 210, y: 5, w: 0, h: 100 });
   assert.deepEqual(clipRect(-1, r), clipRect(0, r));
   assert.deepEqual(clipRect(NaN, r), clipRect(0.5, r));
+});
+
+test("outputKey keys only this pack's payload and ignores others", () => {
+  const a = { sae_mask_steps: [{ x: 1 }], images: [{ filename: "a.png" }] };
+  const b = { sae_mask_steps: [{ x: 1 }], images: [{ filename: "other.png" }] };
+  assert.equal(L.outputKey(a), L.outputKey(b));
+  assert.notEqual(L.outputKey(a), L.outputKey({ sae_mask_steps: [{ x: 2 }] }));
+  assert.equal(L.outputKey({ images: [] }), null);
+  assert.equal(L.outputKey(null), null);
+  assert.notEqual(L.outputKey({ sae_compare: [1] }), null);
+});
+
+test("executedNodeIds tries the displayed node, the node and a subgraph node's own id", () => {
+  assert.deepEqual(L.executedNodeIds({ node: "12", display_node: "12" }), ["12"]);
+  assert.deepEqual(L.executedNodeIds({ node: "4:7", display_node: "4:7" }), ["4:7", "7"]);
+  assert.deepEqual(L.executedNodeIds({ node: 9 }), ["9"]);
+  assert.deepEqual(L.executedNodeIds({}), []);
+});
+
+test("warningText accepts only a non-empty string", () => {
+  assert.equal(L.warningText({ text: "  x  " }), "x");
+  assert.equal(L.warningText({ text: "" }), null);
+  assert.equal(L.warningText({ text: 3 }), null);
+  assert.equal(L.warningText(null), null);
 });
