@@ -1,11 +1,11 @@
-from safetensors.torch import save_file
-
 """The pack's own single-file format: canonical tensors + the whole SAEConfig as JSON metadata."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+
+from safetensors.torch import save_file
 
 from ..config import SAEConfig
 from ..errors import SAEConfigError, SAEFormatError
