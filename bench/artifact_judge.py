@@ -93,7 +93,15 @@ def main(argv: list[str] | None = None) -> dict:
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     t0 = time.time()
-    out: dict = {"settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()}}
+    root = Path(__file__).resolve().parents[1]
+
+    def shown(v: Path) -> str:  # relative to the repository when inside it: no machine's folders in the JSON
+        try:
+            return str(v.resolve().relative_to(root))
+        except ValueError:
+            return v.name
+
+    out: dict = {"settings": {k: (shown(v) if isinstance(v, Path) else v) for k, v in vars(a).items()}}
 
     s = generate_scenes(a.clean, seed=70_000_003)
     t = time.time()

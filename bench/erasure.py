@@ -71,6 +71,15 @@ def average(per_concept: dict, method: str) -> dict:
     return out
 
 
+def _shown(path: Path) -> str:
+    """A path as the JSON records it: relative to the repository when inside it (no machine's folders in files)."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        return str(path.resolve().relative_to(root))
+    except ValueError:
+        return path.name
+
+
 def one_concept(c, weights, targets, others, seed, steps, cfg, scale, add, artifact_pixels, detection, window, threads,
                 world=None) -> dict:
     """Every method's metrics for concept ``c`` (also in a worker process of --jobs, which loads its own world)."""
@@ -166,7 +175,7 @@ def main(argv: list[str] | None = None) -> dict:
         "artifact_pixels": artifact_pixels, "unedited_artifact_rate": baseline_artifacts,
         "unedited_artifact_rate_judge": baseline_judge,
         "per_concept": per_concept,
-        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items() if k != "json"},
+        "settings": {k: (_shown(v) if isinstance(v, Path) else v) for k, v in vars(a).items() if k != "json"},
     }
     if a.json:
         a.json.write_text(json.dumps(out, indent=1))
