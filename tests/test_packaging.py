@@ -14,7 +14,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # What a ComfyUI user needs: the entry point, the nodes, the core they call, the frontend extension, the
 # example workflows (ComfyUI lists them as templates), the package metadata ComfyUI reads, README and licence.
-SHIPPED = {"__init__.py", "nodes", "sae_core", "js", "example_workflows", "pyproject.toml", "README.md", "LICENSE"}
+# __main__.py: `python custom_nodes/sae-concept-eraser convert ...` from a ComfyUI folder (README "Where files go")
+SHIPPED = {"__init__.py", "__main__.py", "nodes", "sae_core", "js", "example_workflows", "pyproject.toml", "README.md",
+           "LICENSE"}
 ANCHORED = re.compile(r"^/([\w.-]+)(/?)$")
 
 
