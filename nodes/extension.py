@@ -34,6 +34,7 @@ from .grid import compare_grid
 from .hook import RunState, check_window, family_of_config, install_patch, resolve_hook, sigma_window
 from .learn import DEFAULT_CONTRAST, parse_latent_ids, parse_prompts
 from .masks import AGGREGATES, SHOW, normalise, overlay, parse_color, pick_step, recorded_maps, upscale
+from .train_nodes import NODES as TRAIN_NODES
 from .ui_payload import compare_payload, mask_step_payload
 
 logger = logging.getLogger(__name__)
@@ -484,7 +485,7 @@ class Compare(io.ComfyNode):
 
 
 NODES = [LoadSAE, ConceptDetectorNode, PatchReplacer, SAESteer, MaskPreview, LearnConcept, SaveConcept,
-         LoadConcept, Compare]
+         LoadConcept, Compare, *TRAIN_NODES]
 
 
 class SAEExtension(ComfyExtension):

@@ -534,11 +534,13 @@ def train_stream(
     should_stop: Callable[[], bool] | None = None,
     max_seconds: float | None = None,
     sae_config: Mapping[str, Any] | None = None,
+    on_step: Callable[[int], None] | None = None,
 ) -> StreamResult:
     """Train on an ``ActivationDataset`` (or its folder), streaming shards; data-parallel when launched by torchrun.
 
     Checkpoints go to ``checkpoint_dir`` every ``cfg.checkpoint_every`` steps and when stopped (``should_stop()``
     true, ``max_seconds`` spent, or KeyboardInterrupt, which is re-raised after the checkpoint is written);
+    ``on_step(step)`` is called after every step (progress bars);
     ``resume`` continues from it and gives the same result as an uninterrupted run. Only rank 0 writes.
     """
     import time
@@ -603,6 +605,8 @@ def train_stream(
             want = step % cfg.log_every == 0 or step == cfg.steps
             m = trainer.step(buf[rows], cfg.batch_size, want_metrics=want)
             rows_since += cfg.batch_size
+            if on_step is not None:
+                on_step(step)
             if m is not None:
                 now = time.time()
                 m = {"step": step, **m, "rows_per_s": rows_since / max(now - t_log, 1e-9)}
