@@ -33,6 +33,7 @@ logger = logging.getLogger(__name__)
 FORMAT = "sae-concept-eraser/activations"
 VERSION = 1
 MANIFEST = "manifest.json"
+_MOMENT_CHUNK = 8192
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
@@ -136,9 +137,14 @@ class ShardWriter:
     def _flush(self) -> None:
         if not self.fill:
             return
-        acts = self.buf[: self.fill].clone()
-        x = acts.double()
-        tensors = {"acts": acts, "sum": x.sum(0), "sumsq": x.pow(2).sum(0)}
+        acts = self.buf[: self.fill]  # a contiguous view: no copy of the shard
+        total = torch.zeros(self.d, dtype=torch.float64)
+        total_sq = torch.zeros(self.d, dtype=torch.float64)
+        for i in range(0, self.fill, _MOMENT_CHUNK):  # float64 moments in chunks, never a float64 copy of the shard
+            x = acts[i:i + _MOMENT_CHUNK].double()
+            total += x.sum(0)
+            total_sq += x.pow(2).sum(0)
+        tensors = {"acts": acts, "sum": total, "sumsq": total_sq}
         name = shard_name(len(self.shards))
         tmp = self.folder / (name + ".tmp")
         save_file(tensors, str(tmp), metadata={"format": FORMAT + "/shard"})
