@@ -41,6 +41,7 @@ logger = logging.getLogger(__name__)
 CATEGORY = "SAE/train"
 DATASET_FOLDER = "sae_datasets"  # under ComfyUI's output directory
 SAEType = io.Custom("SAE")
+DatasetType = io.Custom("SAE_DATASET")  # a dataset folder path; a socket type, so Train SAE runs after Collect
 
 
 def dataset_root() -> Path:
@@ -126,7 +127,7 @@ class CollectActivations(io.ComfyNode):
                              tooltip="Rows per shard file; bounds memory (shard_rows x channels x 2 bytes)."),
                 io.Boolean.Input("overwrite", default=False, tooltip="Replace an existing dataset of that name."),
             ],
-            outputs=[io.String.Output(display_name="DATASET", tooltip="The dataset folder; connect to Train SAE.")],
+            outputs=[DatasetType.Output(display_name="DATASET", tooltip="The dataset folder; connect to Train SAE.")],
         )
 
     @classmethod
@@ -209,14 +210,18 @@ class TrainSAE(io.ComfyNode):
                                  tooltip="Continue from the checkpoint of sae_name (same settings; steps may grow)."),
                 io.Int.Input("checkpoint_every", default=500, min=0, max=1_000_000,
                              tooltip="Steps between checkpoints (0 = only when stopping or done)."),
+                DatasetType.Input("dataset_in", optional=True,
+                                  tooltip="DATASET of Collect Activations; when connected it replaces 'dataset' and "
+                                          "training waits for the collection."),
             ],
             outputs=[SAEType.Output(display_name="SAE", tooltip="The trained SAE (also saved to models/sae).")],
         )
 
     @classmethod
     def execute(cls, dataset: str, sae_name: str, latents: int, k: int, steps: int, batch_size: int, lr: float,
-                seed: int, holdout_shards: int, max_minutes: float, resume: bool, checkpoint_every: int) -> io.NodeOutput:
-        ds = ActivationDataset.open(resolve_dataset(dataset))
+                seed: int, holdout_shards: int, max_minutes: float, resume: bool, checkpoint_every: int,
+                dataset_in: str | None = None) -> io.NodeOutput:
+        ds = ActivationDataset.open(Path(dataset_in) if dataset_in else resolve_dataset(dataset))
         dst = Path(folders.sae_save_path(folder_paths, sae_name))
         ckpt = dst.with_suffix(".ckpt")
         if dst.exists() and not resume and not (ckpt / "checkpoint.pt").exists():

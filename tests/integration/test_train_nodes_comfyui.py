@@ -63,7 +63,7 @@ def test_train_node_writes_an_sae_and_resumes_after_interrupt(pack, sd1, output_
     out = tn.TrainSAE.execute(**{**kw, "resume": True, "max_minutes": 1e-9})
     assert not out.args[0].cfg.provenance["finished"]
     # resume to the end: the same SAE as one uninterrupted run
-    out = tn.TrainSAE.execute(**{**kw, "resume": True})
+    out = tn.TrainSAE.execute(**{**kw, "resume": True, "dataset": "", "dataset_in": str(output_dir / "sae_datasets" / "tiny")})
     sae = out.args[0]
     assert sae.cfg.provenance["finished"] and sae.cfg.hook_point == SD1_NAME and sae.cfg.model_family == "sd1"
     whole = tn.TrainSAE.execute(**{**kw, "sae_name": "whole"}).args[0]
