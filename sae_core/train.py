@@ -303,6 +303,8 @@ def _dist_setup(device: torch.device) -> _Dist:
     if world <= 1:
         return _Dist(1, 0, False)
     if not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)  # one GPU per process (LOCAL_RANK), before nccl binds to one
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return _Dist(dist.get_world_size(), dist.get_rank(), True)
 
