@@ -192,12 +192,15 @@ def cmd_train(args: argparse.Namespace, out: TextIO) -> int:
     rank = int(os.environ.get("RANK", "0"))
     m = ds.manifest
     block = m.get("block")
-    try:
-        hook = canonical_name(block) if block else None
-    except Exception:  # noqa: BLE001 - a block of a model outside the registry keeps its own name
-        hook = block
-    sae_config = {"input_space": m.get("input_space", "output"), "hook_point": hook,
-                  "model_family": normalize_family(args.family) if args.family else None,
+    family = normalize_family(args.family) if args.family else (m.get("model") or {}).get("family")
+    # a hook point names an SD 1.x / SDXL block; for other models the block stays in the provenance only
+    hook = None
+    if block and family:
+        try:
+            hook = canonical_name(block)
+        except Exception:  # noqa: BLE001 - a block outside the registry is recorded in the provenance
+            hook = None
+    sae_config = {"input_space": m.get("input_space", "output"), "hook_point": hook, "model_family": family,
                   "provenance": {"dataset": {k: m.get(k) for k in ("model", "block", "input_space", "branches", "rows",
                                                                     "sampler", "recorder")}
                                  | {"prompts": len(m.get("prompts") or []), "folder": Path(args.dataset).name}}}

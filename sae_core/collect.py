@@ -379,7 +379,14 @@ def collect_pipeline(pipe, prompts: Sequence[str], block: str, out: str | Path, 
     sampler = {"host": "diffusers", "pipeline": type(pipe).__name__, "scheduler": type(pipe.scheduler).__name__,
                "steps": steps, "guidance": guidance, "height": height, "width": width, "seed": seed, "batch": batch,
                "negative_prompt": negative_prompt}
-    meta = {"model": {"id": model_id, "fingerprint": model_fingerprint(denoiser), "class": type(denoiser).__name__},
+    try:
+        from .blocks import family_from_unet_config
+
+        family = family_from_unet_config(dict(denoiser.config))
+    except Exception:  # noqa: BLE001 - transformers and unknown configs: no family
+        family = None
+    meta = {"model": {"id": model_id, "fingerprint": model_fingerprint(denoiser), "class": type(denoiser).__name__,
+                      "family": family},
             "block": name, "input_space": settings.input_space, "branches": settings.branches,
             "prompts": list(prompts), "sampler": sampler}
     writer = ShardWriter(out, settings.shard_rows, settings.dtype, meta, overwrite=overwrite)

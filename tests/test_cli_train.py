@@ -78,7 +78,10 @@ def test_collect_and_train_on_a_saved_diffusers_pipeline(tiny_sd_folder, tmp_pat
     assert code == 0, err
     assert "train [" in out and "held-out fvu" in out
     sae = load_sae(tmp_path / "sae.safetensors")
-    assert sae.cfg.hook_point == "up_blocks.1.attentions.0" and sae.cfg.d_in == 32
+    # the tiny UNet is no SD 1.x / SDXL model: the block is kept in the provenance, not as a hook point
+    assert sae.cfg.hook_point is None and sae.cfg.model_family is None and sae.cfg.d_in == 32
+    assert sae.cfg.provenance["dataset"]["block"] == "up_blocks.1.attentions.0"
+    assert ds.manifest["model"]["family"] is None
     assert sae.cfg.provenance["dataset"]["rows"] == 120 and sae.cfg.provenance["dataset"]["prompts"] == 3
     assert sae.cfg.provenance["finished"]
     # held-out FVU recorded in the file is the one the command printed
