@@ -62,6 +62,7 @@ from .learn import (
 )
 from .masks import AGGREGATES, SHOW, normalise, overlay, parse_color, pick_step, recorded_maps, upscale
 from .templates import register_thumbnail_route
+from .train_nodes import NODES as TRAIN_NODES
 from .ui_payload import compare_payload, mask_step_payload
 
 logger = logging.getLogger(__name__)
@@ -660,7 +661,7 @@ class Compare(io.ComfyNode):
 
 
 NODES = [LoadSAE, ConceptDetectorNode, PatchReplacer, SAESteer, MaskPreview, LearnConcept, SaveConcept,
-         LoadConcept, Compare]
+         LoadConcept, Compare, *TRAIN_NODES]
 
 
 class SAEExtension(ComfyExtension):

@@ -94,6 +94,18 @@ def resolve_sae_entry(folder_paths, entry: str) -> str:
     )
 
 
+def sae_save_path(folder_paths, name: str) -> str:
+    """models/sae/<name>.safetensors (first registered path); refuses names that leave the folder."""
+    stem = name.strip()
+    if stem.endswith(".safetensors"):
+        stem = stem[: -len(".safetensors")]
+    if not stem or "/" in stem or "\\" in stem or stem.startswith("."):
+        raise ValueError(f"SAE file name {name!r}: expected a plain name like 'my_sae' (no folders, not hidden)")
+    root = folder_paths.get_folder_paths(SAE_FOLDER)[0]
+    os.makedirs(root, exist_ok=True)
+    return os.path.join(root, stem + ".safetensors")
+
+
 def concept_save_path(folder_paths, name: str) -> str:
     """models/sae_concepts/<name>.safetensors (first registered path); refuses names that leave the folder."""
     stem = name.strip()

@@ -13,6 +13,7 @@ from typing import Any, TextIO
 import torch
 
 from . import blocks as B
+from . import cli_train
 from .config import ACTIVATIONS, INPUT_SPACES
 from .errors import SAEConfigError, SAEError, SAEFormatError, SAENonFiniteError
 from .files import check_file_name, check_folder
@@ -450,6 +451,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="demo_output", help="folder for the comparison image")
     d.add_argument("--images", type=int, default=4, help="feature maps per CFG branch")
     d.add_argument("--gamma", type=float, default=-10.0, help="SAeUron steering multiplier to compare against")
+    cli_train.add_parsers(sub)
     return p
 
 
@@ -477,6 +479,8 @@ def main(argv: list[str] | None = None, *, out: TextIO | None = None, err: TextI
         "convert": lambda: cmd_convert(args, out, err),
         "blocks": lambda: cmd_blocks(args, out),
         "demo": lambda: cmd_demo(args, out),
+        "collect": lambda: cli_train.run(args, out),
+        "train": lambda: cli_train.run(args, out),
     }
     try:
         return commands[args.command]()

@@ -232,3 +232,19 @@ def _jittered_rgb(gen: torch.Generator, colour_ids: torch.Tensor) -> torch.Tenso
     """RGB per object slot: the nominal colour plus uniform jitter of +-0.05 per channel."""
     base = COLOUR_RGB[colour_ids.clamp(min=0)]
     return (base + _uniform(gen, base.shape, -0.05, 0.05)).clamp(0.0, 1.0)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Print generated captions, one per line (a prompt file for `python -m sae_core collect`)."""
+    import argparse
+
+    p = argparse.ArgumentParser(description="print the captions of n generated scenes, one per line")
+    p.add_argument("--n", type=int, required=True, help="number of scenes")
+    p.add_argument("--seed", type=int, required=True, help="scene seed (shapes_world.learn uses 30000001)")
+    a = p.parse_args(argv)
+    for c in generate_scenes(a.n, seed=a.seed).captions:
+        print(c)  # noqa: T201 - this command's output is the prompt file
+
+
+if __name__ == "__main__":
+    main()

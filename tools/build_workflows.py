@@ -1,4 +1,4 @@
-"""Write the five example workflows in example_workflows/ (ComfyUI UI format, version 0.4).
+"""Write the example workflows in example_workflows/ (ComfyUI UI format, version 0.4).
 
 Widget order, input and output slots come from the schema snapshot (tests/data/node_schemas.json), so a
 schema change shows up as a failing test rather than as a silently wrong file. Run:
@@ -319,9 +319,39 @@ def wf_two(schemas) -> dict:
     return g.workflow("two_concepts_at_once", [TURBO, UNBOX])
 
 
+def wf_train(schemas) -> dict:
+    g = Graph(schemas)
+    ck = g.node("CheckpointLoaderSimple", (0, 0), {"ckpt_name": SD15["name"]}, size=[320, 100])
+    prompts = "\n".join(["a photo of a cat", "a dog running on a beach", "a red car parked on a street",
+                          "a bowl of fruit on a wooden table", "a house with a garden", "a bird on a branch",
+                          "a person riding a bicycle", "a cup of coffee next to a laptop"])
+    col = g.node("SAECollectActivations", (380, 0),
+                 {"block": "up_blocks.1.attentions.1", "prompts": prompts, "dataset_name": "sd15_up_1_1",
+                  "width": 512, "height": 512, "steps": 25, "cfg": 7.5, "sampler_name": "euler",
+                  "scheduler": "normal", "seed": 0}, size=[380, 640])
+    g.link(ck, "MODEL", col, "model")
+    g.link(ck, "CLIP", col, "clip")
+    tr = g.node("SAETrainSAE", (800, 0), {"dataset": "sd15_up_1_1", "sae_name": "my_sd15_up_1_1", "latents": 20480,
+                                          "k": 32, "steps": 5000, "batch_size": 4096, "max_minutes": 10.0},
+                size=[360, 420])
+    g.link(col, "DATASET", tr, "dataset_in")
+    g.note((800, 460), "# Train your own SAE\nCollect Activations samples every prompt with the given settings and "
+           "records the output of one block (cond branch, every step) into `output/sae_datasets/sd15_up_1_1` "
+           "(safetensors shards + manifest.json). Use hundreds of varied prompts for a useful SAE; eight only show "
+           "the route. Train SAE trains a TopK SAE on that folder and saves `models/sae/my_sd15_up_1_1.safetensors`, "
+           "ready for Load SAE (no `python -m sae_core convert` needed: it is already the native format).\n\n"
+           "**The queue**: ComfyUI runs one prompt at a time, so Train SAE stops after `max_minutes`, saves a "
+           "checkpoint and the SAE so far, and lets the queue move on. Queue again with `resume` on (and Collect "
+           "Activations bypassed, `dataset` set to the folder name) to continue exactly where it stopped. Cancel "
+           "keeps the last checkpoint too.\n\n"
+           "Large runs are faster from the command line: `python -m sae_core collect` / `train` (README, Train your "
+           "own SAE), on several GPUs with `torchrun`.", size=[420, 520])
+    return g.workflow("train_your_own_sae", [SD15])
+
+
 BUILDERS = {"sdxl_turbo_object_erasure": wf_object_erasure, "compare_steer_vs_replace": wf_compare,
             "sd15_style_erasure_saeuron": wf_style, "learn_and_save_concept": wf_learn,
-            "two_concepts_at_once": wf_two}
+            "two_concepts_at_once": wf_two, "train_your_own_sae": wf_train}
 
 
 def main() -> int:

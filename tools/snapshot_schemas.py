@@ -20,7 +20,7 @@ from comfy_server import comfy_server, comfyui_path, get_json  # noqa: E402
 from workflow_format import SNAPSHOT, snapshot_schemas  # noqa: E402
 
 OUR_NODES = ("SAELoad", "SAEConceptDetector", "SAEPatchReplacer", "SAESteer", "SAEMaskPreview", "SAELearnConcept",
-             "SAESaveConcept", "SAELoadConcept", "SAECompare")
+             "SAESaveConcept", "SAELoadConcept", "SAECompare", "SAECollectActivations", "SAETrainSAE")
 CORE_NODES = ("CheckpointLoaderSimple", "CLIPTextEncode", "EmptyLatentImage", "KSampler", "VAEDecode", "SaveImage",
               "PreviewImage")
 
