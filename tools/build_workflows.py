@@ -203,7 +203,7 @@ def wf_object_erasure(schemas) -> dict:
     sae = g.node("SAELoad", (0, 200), {"sae_name": UNBOX["name"]})
     con = learn(g, ids, sae, (0, 460), "dog", DOG, TURBO_LEARN)
     det = detector(g, sae, [con], (760, 0), {"padding": 1})
-    per = edit(g, "SAEPatchReplacer", ids, det, (760, 380), {"mode": "random", "seed": 0})
+    per = edit(g, "SAEPatchReplacer", ids, det, (760, 380), {"mode": "background", "seed": 0, "look_ahead": True})
     k = sampler(g, ids, (per, "MODEL"), (1120, 0), TURBO_SAMPLING)
     dec = decode(g, ids, k, (1120, 330))
     g.link(dec, "IMAGE", g.node("SaveImage", (1480, 0), {"filename_prefix": "sae_erased"}, size=[340, 400]), "images")
@@ -222,7 +222,7 @@ def wf_compare(schemas) -> dict:
     sae = g.node("SAELoad", (0, 200), {"sae_name": UNBOX["name"]})
     con = learn(g, ids, sae, (0, 460), "dog", DOG, TURBO_LEARN)
     det = detector(g, sae, [con], (760, 0), {"padding": 1})
-    per = edit(g, "SAEPatchReplacer", ids, det, (760, 380), {"mode": "random", "seed": 0})
+    per = edit(g, "SAEPatchReplacer", ids, det, (760, 380), {"mode": "background", "seed": 0, "look_ahead": True})
     steer = edit(g, "SAESteer", ids, det, (760, 600), {"method": "unbox_add", "strength": -4.0,
                                                        "error": "preserve", "detected_only": True})
     k0 = sampler(g, ids, (ids["ckpt"], "MODEL"), (1120, 0), TURBO_SAMPLING, title="KSampler (original)")
@@ -254,7 +254,7 @@ def wf_style(schemas) -> dict:
                  "contrast_prompts": "a painting of a house\na portrait of a woman\na landscape with trees\n"
                                      "a still life with flowers\na watercolor of a harbour\na pencil sketch of a city"})
     det = detector(g, sae, [con], (760, 0), {"padding": 0})
-    per = edit(g, "SAEPatchReplacer", ids, det, (760, 380), {"mode": "random", "seed": 0})
+    per = edit(g, "SAEPatchReplacer", ids, det, (760, 380), {"mode": "background", "seed": 0, "look_ahead": True})
     k0 = sampler(g, ids, (ids["ckpt"], "MODEL"), (1120, 0), SD15_SAMPLING, title="KSampler (original)")
     k1 = sampler(g, ids, (per, "MODEL"), (1120, 360), SD15_SAMPLING, title="KSampler (Patch Replacer)")
     d0, d1 = decode(g, ids, k0, (1480, 0)), decode(g, ids, k1, (1480, 360))
@@ -304,7 +304,7 @@ def wf_two(schemas) -> dict:
                ["a photo of a bicycle", "a bicycle leaning against a wall", "a red bicycle on a street",
                 "a close-up photo of a bicycle wheel", "a bicycle in a park"], TURBO_LEARN)
     det = detector(g, sae, [c1, c2], (760, 0), {"padding": 1})
-    per = edit(g, "SAEPatchReplacer", ids, det, (760, 380), {"mode": "random", "seed": 0})
+    per = edit(g, "SAEPatchReplacer", ids, det, (760, 380), {"mode": "background", "seed": 0, "look_ahead": True})
     k0 = sampler(g, ids, (ids["ckpt"], "MODEL"), (1120, 0), TURBO_SAMPLING, title="KSampler (original)")
     k1 = sampler(g, ids, (per, "MODEL"), (1120, 360), TURBO_SAMPLING, title="KSampler (both erased)")
     d0, d1 = decode(g, ids, k0, (1480, 0)), decode(g, ids, k1, (1480, 360))
