@@ -1,7 +1,7 @@
-"""Proof on the shapes world: an SAE rebuilt with `python -m sae_core collect` + `train` against the shipped one.
+"""Proof on the shapes world: an SAE rebuilt with `python -m shapes_world.collect` and `sae_core train` against the shipped one.
 
     python -m shapes_world.scenes --n 768 --seed 30000001 > prompts.txt
-    python -m sae_core collect --model shapes_world/weights --block up_blocks.1.attentions.1 --prompts prompts.txt \
+    python -m shapes_world.collect --model shapes_world/weights --block up_blocks.1.attentions.1 --prompts prompts.txt \
         --out shapes_acts --steps 20 --guidance 3 --batch 32
     python -m sae_core train shapes_acts --out rebuilt/sae.safetensors --latents 1024 --k 4 --steps 3000 \
         --batch-size 2048

@@ -11,8 +11,8 @@ from typing import TextIO
 
 import torch
 
-from .collect import CollectSettings, collect_pipeline, collect_shapes, is_shapes_model, load_pipeline
-from .errors import SAEConfigError, SAEFormatError
+from .collect import CollectSettings, collect_pipeline, is_shapes_model, load_pipeline
+from .errors import SAEConfigError, SAEError, SAEFormatError, SAEInputError
 from .formats import save_native
 
 logger = logging.getLogger(__name__)
@@ -25,8 +25,8 @@ def add_parsers(sub) -> None:
         "shards plus manifest.json, for `train`. Memory stays bounded by --shard-rows.",
     )
     c.add_argument("--model", required=True,
-                   help="diffusers pipeline: Hugging Face model id or a folder written by save_pretrained; "
-                   "or the shapes-world model folder (shapes_world/weights)")
+                   help="diffusers pipeline: Hugging Face model id or a folder written by save_pretrained "
+                   "(the shapes-world model: python -m shapes_world.collect with the same arguments)")
     c.add_argument("--block", required=True,
                    help="block to record, any spelling: up_blocks.1.attentions.1, output_blocks.4.1 "
                    "(`python -m sae_core blocks`), or any submodule name of the UNet/transformer")
@@ -139,7 +139,9 @@ class Progress:
         self.out.flush()
 
 
-def cmd_collect(args: argparse.Namespace, out: TextIO) -> int:
+def cmd_collect(args: argparse.Namespace, out: TextIO, driver=None) -> int:
+    """``driver(args, prompts, settings, device, progress) -> manifest`` collects from a model that is not a diffusers
+    pipeline (the shapes world passes its own); None = a diffusers pipeline."""
     if args.threads:
         torch.set_num_threads(args.threads)
     prompts = read_prompts(args.prompts, args.prompt)
@@ -151,13 +153,13 @@ def cmd_collect(args: argparse.Namespace, out: TextIO) -> int:
     dev = _device(args.device)
     progress = Progress(out, "collect")
     t0 = time.time()
-    if is_shapes_model(args.model):
-        from shapes_world.model import load_model
-
-        model, _ = load_model(args.model, device=dev)
-        m = collect_shapes(model, prompts, args.block, args.out, settings, steps=args.steps,
-                           guidance=3.0 if args.guidance is None else args.guidance, seed=args.seed,
-                           batch=args.batch or 32, model_id=str(args.model), progress=progress, overwrite=args.overwrite)
+    if driver is not None:
+        m = driver(args, prompts, settings, dev, progress)
+    elif is_shapes_model(args.model):
+        raise SAEInputError(
+            f"--model {args.model}: a shapes-world model folder, expected a diffusers pipeline; collect from it with "
+            "`python -m shapes_world.collect` and the same arguments"
+        )
     else:
         dtype = args.model_dtype or ("float16" if dev.type == "cuda" else "float32")
         out.write(f"loading pipeline {args.model} ({dtype}, {dev})\n")
@@ -247,6 +249,22 @@ def _train(ds, cfg, ckpt, args, report, sae_config):
 
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def main_collect(argv: list[str] | None, driver, prog: str, out: TextIO | None = None) -> int:
+    """`collect` as a command of its own with a model driver (``python -m shapes_world.collect``): the same arguments
+    and one-line errors as ``python -m sae_core collect``."""
+    import sys
+
+    out = out or sys.stdout
+    p = argparse.ArgumentParser(prog=prog)
+    add_parsers(p.add_subparsers(dest="command", required=True))
+    args = p.parse_args(["collect", *(sys.argv[1:] if argv is None else argv)])
+    try:
+        return cmd_collect(args, out, driver=driver)
+    except (SAEError, OSError) as e:
+        sys.stderr.write(f"error: {' '.join(str(e).split())}\n")
+        return 1
 
 
 def run(args: argparse.Namespace, out: TextIO) -> int:

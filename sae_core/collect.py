@@ -411,28 +411,6 @@ def collect_pipeline(pipe, prompts: Sequence[str], block: str, out: str | Path, 
     return CollectResult(writer.close(recorder=rec.summary()))
 
 
-def collect_shapes(model, prompts: Sequence[str], block: str, out: str | Path, settings: CollectSettings = CollectSettings(),
-                   *, steps: int = 20, guidance: float = 3.0, seed: int = 0, batch: int = 32, model_id: str | None = None,
-                   progress=None, overwrite: bool = False) -> CollectResult:
-    """The same for the repository's shapes-world model (``shapes_world.model.ShapesModel``, DDIM, [cond; uncond])."""
-    from shapes_world.render import render  # only this driver needs the shapes world
-
-    name = _block_name(model.unet, block)
-    sampler = {"host": "shapes_world", "scheduler": "DDIMScheduler", "steps": steps, "guidance": guidance,
-               "seed": seed, "batch": batch}
-    meta = {"model": {"id": model_id, "fingerprint": model_fingerprint(model), "class": type(model).__name__},
-            "block": name, "input_space": settings.input_space, "branches": settings.branches,
-            "prompts": list(prompts), "sampler": sampler}
-    writer = ShardWriter(out, settings.shard_rows, settings.dtype, meta, overwrite=overwrite)
-    rec = ActivationRecorder(writer, settings, label=name)
-    batches = _prompt_batches(prompts, batch)
-    for bi, ps in enumerate(batches):
-        render(model, ps, seed=seed + bi * batch, steps=steps, cfg=guidance, interventions={name: rec})
-        if progress is not None:
-            progress(bi + 1, len(batches))
-    return CollectResult(writer.close(recorder=rec.summary()))
-
-
 def is_shapes_model(path: str | Path) -> bool:
     cfg = Path(path) / "config.json"
     if not cfg.is_file():

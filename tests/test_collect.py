@@ -120,7 +120,7 @@ def shapes_model():
 
 @pytest.mark.usefixtures("one_thread")
 def test_shapes_driver_records_what_the_shapes_tap_records(shapes_model, tmp_path):
-    from sae_core.collect import collect_shapes
+    from shapes_world.collect import collect_shapes
     from shapes_world.learn import BLOCK, ActivationTap
     from shapes_world.render import render
     from shapes_world.scenes import generate_scenes
