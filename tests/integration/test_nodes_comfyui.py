@@ -462,12 +462,13 @@ def test_schemas_v3_only_with_tooltips_descriptions_and_prefix(pack, models_dir)
     names = {}
     for node in nodes:
         s = node.GET_SCHEMA()
-        assert s.node_id.startswith("SAE") and s.category == "SAE" and s.description
+        assert s.node_id.startswith("SAE") and s.category.split("/")[0] == "SAE" and s.description
         assert all(i.tooltip for i in s.inputs), [i.id for i in s.inputs if not i.tooltip]
         assert all(o.tooltip for o in s.outputs)
         names[s.node_id] = s.display_name
     assert sorted(names.values()) == sorted(["Load SAE", "Concept Detector", "Patch Replacer", "SAE Steer",
-                                             "Mask Preview", "Learn Concept", "Save Concept", "Load Concept", "Compare"])
+                                             "Mask Preview", "Learn Concept", "Save Concept", "Load Concept", "Compare",
+                                             "Collect Activations", "Train SAE"])
     exts = folder_paths.folder_names_and_paths
     assert exts["sae"][1] == {".safetensors"} and exts["sae_concepts"][1] == {".safetensors"}
 

@@ -134,7 +134,7 @@ def test_nodes_registered_with_schema(server):
     assert NODE_IDS <= set(info)
     for nid in NODE_IDS:
         node = info[nid]
-        assert node["category"] == "SAE" and node["description"]
+        assert node["category"].split("/")[0] == "SAE" and node["description"]
         for section in ("required", "optional"):
             for name, spec in node["input"].get(section, {}).items():
                 assert spec[1].get("tooltip"), f"{nid}.{name} has no tooltip"
@@ -151,7 +151,8 @@ def test_graph_runs_and_wrong_graph_reports(server):
         "2": {"class_type": "SAELoadConcept", "inputs": {"concept_name": "cat.safetensors", "sae": ["1", 0]}},
         "3": {"class_type": "SAEConceptDetector", "inputs": {
             "sae": ["1", 0], "concept": ["2", 0], "latent_ids": "7", "typed_threshold": 0.0, "threshold_scale": 1.0,
-            "padding": 1, "min_region": 0, "start_percent": 0.0, "end_percent": 1.0, "branches": "both"}},
+            "padding": 1, "min_region": 0, "start_percent": 0.0, "end_percent": 1.0, "branches": "both",
+            "presence_gate": True, "temporal": "none"}},
         "4": {"class_type": "SAESaveConcept", "inputs": {"concept": ["2", 0], "filename": "copy", "overwrite": True}},
         "5": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 48, "batch_size": 1, "color": 0}},
         "6": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 48, "batch_size": 1, "color": 16777215}},
@@ -171,7 +172,7 @@ def test_graph_runs_and_wrong_graph_reports(server):
     status, hist = _run(url, wrong)
     assert status == 200 and hist["status"]["status_str"] == "error"
     err = [m[1] for m in hist["status"]["messages"] if m[0] == "execution_error"][0]
-    assert err["node_type"] == "SAELoadConcept" and err["exception_type"] == "sae_concept_eraser.sae_core.concepts.ConceptMismatchError"
+    assert err["node_type"] == "SAELoadConcept" and err["exception_type"] == "sae_core.ConceptMismatchError"
     assert "cat.safetensors" in err["exception_message"]
 
     # V3 combos are not checked against their options by this ComfyUI's validation: Load SAE reports it
@@ -205,9 +206,10 @@ def test_sampling_graph_with_ksampler_mask_preview_and_wrong_width(server):
         "s": load("tiny_unet.safetensors"),
         "d": {"class_type": "SAEConceptDetector", "inputs": {
             "sae": ["s", 0], "latent_ids": "1, 2, 3, 4, 5, 6", "typed_threshold": 0.0, "threshold_scale": 1.0,
-            "padding": 0, "min_region": 0, "start_percent": 0.0, "end_percent": 1.0, "branches": "both"}},
+            "padding": 0, "min_region": 0, "start_percent": 0.0, "end_percent": 1.0, "branches": "both",
+            "presence_gate": True, "temporal": "none"}},
         "p": {"class_type": "SAEPatchReplacer", "inputs": {"model": ["m", 0], "detector": ["d", 0], "mode": "random",
-                                                           "target": "output", "seed": 0}},
+                                                           "target": "output", "seed": 0, "look_ahead": False}},
         "k0": {"class_type": "KSampler", "inputs": {"model": ["m", 0], "seed": 5, "steps": 3, "cfg": 4.0,
                                                     "sampler_name": "euler", "scheduler": "normal", "positive": ["c", 0],
                                                     "negative": ["c", 1], "latent_image": ["l", 0], "denoise": 1.0}},
