@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from .concepts import ConceptDictionary, ConceptStatsAccumulator
-from .detect import detected_fraction
+from .detect import detected_fraction, pick_topk
 
 logger = logging.getLogger(__name__)
 
@@ -43,9 +43,8 @@ class GateFit(NamedTuple):
 
 def picked_from_sample(values: Tensor, ids: Tensor, latents: Tensor) -> Tensor:
     """Codes of ``latents`` [K] from kept top codes (values, ids [H, W, top]) -> [1, H, W, K] float32
-    (0 where a latent was not among the kept codes)."""
-    hit = ids.long().unsqueeze(-1) == latents.view(1, 1, 1, -1)  # [H, W, top, K]
-    return torch.where(hit, values.float().unsqueeze(-1), torch.zeros(())).sum(-2)[None]
+    (0 where a latent was not among the kept codes): ``detect.pick_topk`` on one image."""
+    return pick_topk(values.float(), ids.long(), latents)[None]
 
 
 def best_threshold(pos: Tensor, neg: Tensor) -> tuple[float, float]:

@@ -442,7 +442,7 @@ class BlockIntervention(SharedOnCopy):
         cstep = self.detector.step(step.timestep)
         sub, dense_codes, norm, kept = self._encode(tokens, cstep, step.timestep)
         det = self.detector.detect_picked(sub, cstep)
-        mask = self._effective_mask(det.mask, sub, cstep, parts, step)
+        mask = self._effective_mask(det, sub, cstep, parts, step)
         if self.region is not None:
             user = self._region_rows(parts, mask.shape[1:], mask.device)
             mask = user if self.region_mode == "replace" else mask & user
@@ -495,13 +495,14 @@ class BlockIntervention(SharedOnCopy):
             return block_out
         return _put(block_out, rows, new_rows)
 
-    def _effective_mask(self, mask: Tensor, picked: Tensor, cstep, parts: Sequence[ChunkRows], step: StepInfo) -> Tensor:
+    def _effective_mask(self, det, picked: Tensor, cstep, parts: Sequence[ChunkRows], step: StepInfo) -> Tensor:
         """The mask the edit uses: the detector's, through the look-ahead guide or the presence gate and the
         temporal rule. Stays on the device (no synchronisation).
 
         With the gate (or a guide) the cond branch decides: the gate was learned on cond rows (the prompt names the
         concept there; the unconditional branch fires elsewhere), so presence opens on cond rows only and the
         uncond row of an image is edited at its cond row's patches (the same call's, else the last one seen)."""
+        mask = det.mask
         if self.phase == "detect":
             return mask
         keys = _row_keys(parts)
@@ -516,7 +517,11 @@ class BlockIntervention(SharedOnCopy):
         if s.gate and (float(cstep.gate) > 0 or not cstep.reliable):
             deciders = _deciding_rows(keys, self.branches)
             if cstep.reliable and cstep.latents.numel():
-                opened = detected_fraction(picked, cstep.thresholds.to(picked.device)) >= float(cstep.gate)
+                if float(s.threshold_scale) == 1.0:  # the detector's own score is the gate's statistic: no second pass
+                    frac = (det.score > 0).flatten(1).float().mean(-1)
+                else:
+                    frac = detected_fraction(picked, cstep.thresholds.to(picked.device))
+                opened = frac >= float(cstep.gate)
                 opened = opened & deciders.to(opened.device)
             else:
                 opened = torch.zeros(mask.shape[0], dtype=torch.bool, device=mask.device)

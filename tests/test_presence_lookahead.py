@@ -358,3 +358,14 @@ def test_gate_is_decided_on_the_cond_branch_and_uncond_rows_follow_its_mask():
     changed_c = (out[1] != batch[1]).any(0)
     assert torch.equal(changed_u, changed_c)  # both branches at the cond row's patches
     assert int(changed_c.sum()) == 7 and not changed_u[5].any()
+
+
+@pytest.mark.parametrize("scale", [1.0, 1.3])
+def test_gate_statistic_is_read_at_scale_one_whatever_the_detection_scale(scale):
+    """The gate was learned on the share of patches above tau (scale 1): a detector at another threshold_scale
+    reads the same statistic (the scale-1 path reuses the detection score, the other recomputes it)."""
+    sae, u = planted_sae(d=D)
+    iv = _gated_iv(u, sae, DetectionSettings(threshold_scale=scale, gate=True))
+    iv(None, _maps([7, 1], u, seed=21), StepInfo(500.0))
+    present = {k: bool(v) for k, v in iv._memory["present"].items()}
+    assert present == {(0, 0): True, (0, 1): False}
