@@ -18,6 +18,7 @@ import torch
 from comfy_api.latest import ComfyExtension, io, ui
 
 from ..sae_core.blocks import FAMILIES, blocks
+from ..sae_core.collector import ConceptCollector
 from ..sae_core.concepts import (
     ConceptDictionary,
     ConceptStatsAccumulator,
@@ -30,15 +31,10 @@ from ..sae_core.detect import TEMPORAL_MODES, ConceptDetector, DetectionSettings
 from ..sae_core.errors import SAEFileExistsError, SAEFileNotFoundError, SAEInputError
 from ..sae_core.formats import load_sae
 from ..sae_core.gate import learn_presence_gate
-from ..sae_core.intervention import (
-    REGION_MODES,
-    BlockIntervention,
-    ConceptCollector,
-    Recorder,
-    ReplaceSettings,
-)
+from ..sae_core.intervention import REGION_MODES, BlockIntervention, ReplaceSettings
 from ..sae_core.lookahead import LookAheadSettings
 from ..sae_core.mixins import SharedOnCopy
+from ..sae_core.recorder import Recorder
 from ..sae_core.replace import MODES
 from ..sae_core.steer import CFG_SIGNS, ERROR_MODES, METHODS
 from . import folders

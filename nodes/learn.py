@@ -1,6 +1,6 @@
 """Learn Concept pieces that need no ComfyUI: prompt parsing and the default contrast set.
 
-The recording itself is sae_core.intervention.ConceptCollector, installed with nodes/hook.py.
+The recording itself is sae_core.collector.ConceptCollector, installed with nodes/hook.py.
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from .errors import SAEConfigError, SAEFormatError
-from .intervention import BRANCHES, StepInfo, chunk_rows
+from .steps import BRANCHES, StepInfo, chunk_rows
 
 logger = logging.getLogger(__name__)
 

@@ -1,10 +1,8 @@
-"""BlockIntervention: (block input, block output, step) -> new block output; and the per-run Recorder.
+"""BlockIntervention: (block input, block output, step) -> new block output, and ReplaceSettings (PER options).
 
-One call = one UNet block call at one denoising step. The batch is split into ``len(step.chunks)``
-equal chunks, one CFG branch each (0 = cond, 1 = uncond; any order, any count). Only the rows of the
-configured branches are encoded, once, then detected and edited; other rows are returned untouched.
-No call counting: the step comes from the caller. Several interventions chain on one block by
-feeding the output of one as ``block_out`` of the next.
+Only the rows of the configured CFG branches (sae_core.steps) are encoded, once, then detected and edited; other
+rows are returned untouched. No call counting: the step comes from the caller. Several interventions chain on one
+block by feeding the output of one as ``block_out`` of the next. Detections go to a Recorder (sae_core.recorder).
 """
 
 from __future__ import annotations
@@ -12,8 +10,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
-from dataclasses import dataclass, field
-from typing import NamedTuple, Sequence
+from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -21,74 +19,31 @@ from einops import rearrange
 from torch import Tensor
 
 from .detect import ConceptDetector, detected_fraction, pick_topk
-from .errors import SAEInputError, SAELookupError, SAEStateError, SAETypeError, require_int, require_number
+from .errors import SAEInputError, SAETypeError, require_int
 from .lookahead import GuideMasks, LookAheadSettings
 from .mixins import DictRoundTrip, SharedOnCopy
+from .recorder import Recorder
 from .replace import VALUE_MODES, check_mode, patch_salience, replace_patches
 from .steer import SteerSettings, steer_picked
+from .steps import (
+    BRANCHES,
+    ChunkRows,
+    StepInfo,
+    StepWindow,
+    chunk_rows,
+    put_rows,
+    row_keys,
+    row_selection,
+    take_rows,
+)
+
+# the public API (README, docs) imports these from here
+__all__ = ["BlockIntervention", "Recorder", "ReplaceSettings", "StepInfo", "StepWindow"]
 
 logger = logging.getLogger(__name__)
 
-BRANCHES = {"cond": (0,), "uncond": (1,), "both": (0, 1)}
 KEPT_DENSE = 64  # codes per patch that patch salience reads from an SAE without TopK
 REGION_MODES = ("intersect", "replace")
-BRANCH_NAMES = {0: "cond", 1: "uncond"}
-
-
-@dataclass(frozen=True)
-class StepInfo:
-    """One model call: model timestep (0..999 for SD/SDXL eps models), sigma, CFG chunk flags, step index."""
-
-    timestep: float
-    sigma: float | None = None
-    chunks: tuple[int, ...] = (0,)
-    step_index: int | None = None
-
-    def __post_init__(self):
-        require_number("StepInfo.timestep", self.timestep)
-        if self.sigma is not None:
-            require_number("StepInfo.sigma", self.sigma, minimum=0.0, finite=False)
-        if self.step_index is not None:
-            require_int("StepInfo.step_index", self.step_index)
-        chunks = self.chunks
-        if isinstance(chunks, (str, bytes, dict)) or not hasattr(chunks, "__iter__") or any(
-                isinstance(c, bool) or not isinstance(c, int) and not (isinstance(c, Tensor) and c.numel() == 1)
-                for c in chunks):
-            raise SAEInputError(f"StepInfo.chunks is {chunks!r}, expected a non-empty tuple of 0 (cond) / 1 (uncond) flags")
-        object.__setattr__(self, "chunks", tuple(int(c) for c in chunks))
-        if not self.chunks or any(c not in (0, 1) for c in self.chunks):
-            raise SAEInputError(f"StepInfo.chunks is {self.chunks}, expected a non-empty tuple of 0 (cond) / 1 (uncond) flags")
-
-    @property
-    def key(self) -> int | float:
-        """Recorder key: the step index when known, else the timestep."""
-        return self.step_index if self.step_index is not None else float(self.timestep)
-
-
-@dataclass(frozen=True)
-class StepWindow:
-    """Active where every given bound holds (inclusive). Sigma bounds suit ComfyUI's percent_to_sigma."""
-
-    timestep_min: float | None = None
-    timestep_max: float | None = None
-    sigma_min: float | None = None
-    sigma_max: float | None = None
-
-    def contains(self, step: StepInfo) -> bool:
-        t = float(step.timestep)
-        if self.timestep_min is not None and t < self.timestep_min:
-            return False
-        if self.timestep_max is not None and t > self.timestep_max:
-            return False
-        if self.sigma_min is not None or self.sigma_max is not None:
-            if step.sigma is None:
-                raise SAEInputError("StepWindow has sigma bounds but the StepInfo has no sigma; pass sigma or use timestep bounds")
-            s = float(step.sigma)
-            if self.sigma_min is not None and s < self.sigma_min:
-                return False
-            if self.sigma_max is not None and s > self.sigma_max:
-                return False
-        return True
 
 
 @dataclass(frozen=True)
@@ -110,150 +65,6 @@ class ReplaceSettings(DictRoundTrip):
             raise SAEInputError(f"ReplaceSettings.target is {self.target!r}, expected 'output' or 'residual'")
 
 
-# ----------------------------------------------------------------------------------------------
-# Recorder
-
-
-def pack_mask(mask: Tensor) -> Tensor:
-    """[..., H, W] bool -> [..., ceil(H*W / 8)] uint8 on the CPU (little-endian bit order)."""
-    lead = mask.shape[:-2]
-    flat = mask.reshape(*lead, -1).to("cpu", torch.uint8)
-    pad = (-flat.shape[-1]) % 8
-    if pad:
-        flat = torch.cat([flat, flat.new_zeros(*lead, pad)], -1)
-    bits = flat.reshape(*lead, -1, 8) << torch.arange(8, dtype=torch.uint8)
-    return bits.sum(-1, dtype=torch.uint8)
-
-
-def unpack_mask(bits: Tensor, hw: tuple[int, int]) -> Tensor:
-    H, W = hw
-    lead = bits.shape[:-1]
-    unp = (bits[..., None] >> torch.arange(8, dtype=torch.uint8)) & 1
-    return unp.reshape(*lead, -1)[..., : H * W].reshape(*lead, H, W).bool()
-
-
-@dataclass
-class MaskRecord:
-    label: str
-    key: int | float  # step_index, or timestep when unknown
-    timestep: float
-    sigma: float | None
-    branch: str  # "cond" | "uncond"
-    chunk: int  # position of the chunk in the batch
-    image: int  # index inside the chunk
-    hw: tuple[int, int]
-    bits: Tensor  # packed mask, uint8
-    score: Tensor | None  # [H, W] float16 or None
-    all_detected: bool
-    device: str = ""  # the device that computed it (several under multi-GPU sampling)
-
-    def mask(self) -> Tensor:
-        return unpack_mask(self.bits, self.hw)
-
-
-@dataclass
-class Recorder(SharedOnCopy):
-    """Per-run store of detection masks (bit-packed) and score maps (fp16) on the CPU. Reset per run.
-
-    Shared on copy: the patched model's clones must all write to the one recorder that Mask Preview reads.
-    Thread-safe: under multi-GPU sampling each device's thread adds its chunks' records (tagged with the
-    device); they land in one list, and ``masks`` unites the chunks of one step, branch and image, whichever
-    device computed them.
-    """
-
-    record_scores: bool = True
-    records: list[MaskRecord] = field(default_factory=list)
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
-
-    def reset(self) -> None:
-        with self._lock:
-            self.records.clear()
-
-    def devices(self) -> list[str]:
-        return sorted({r.device for r in self.records})
-
-    def add(self, label: str, step: StepInfo, branch: int, chunk: int, mask: Tensor, score: Tensor | None,
-            all_detected: Tensor, device: str = "") -> None:
-        """mask [b, H, W] bool, score [b, H, W] or None, all_detected [b] bool for the b images of one chunk."""
-        H, W = mask.shape[-2:]
-        bits = pack_mask(mask)
-        sc = score.detach().to("cpu", torch.float16) if (score is not None and self.record_scores) else None
-        ad = all_detected.cpu().tolist()
-        new = [MaskRecord(
-            label, step.key, float(step.timestep), None if step.sigma is None else float(step.sigma),
-            BRANCH_NAMES[branch], chunk, i, (H, W), bits[i].clone(), None if sc is None else sc[i].clone(), bool(ad[i]),
-            device,
-        ) for i in range(mask.shape[0])]
-        with self._lock:
-            self.records.extend(new)
-
-    def select(self, label: str | None = None, branch: str | None = None, image: int | None = None) -> list[MaskRecord]:
-        with self._lock:
-            records = list(self.records)
-        return [r for r in records if (label is None or r.label == label) and (branch is None or r.branch == branch)
-                and (image is None or r.image == image)]
-
-    def labels(self) -> list[str]:
-        return sorted({r.label for r in self.records})
-
-    def keys(self, label: str | None = None) -> list[int | float]:
-        """Recorded step keys in recording order (first appearance)."""
-        return list(dict.fromkeys(r.key for r in self.select(label)))
-
-    def masks(self, branch: str = "cond", image: int = 0, label: str | None = None) -> tuple[list, Tensor]:
-        """(step keys, [S, H, W] bool) in recording order; several chunks of one branch are united."""
-        recs = self.select(label, branch, image)
-        if not recs:
-            raise SAELookupError(
-                f"Recorder: nothing recorded for branch={branch!r}, image={image}, label={label!r}; recorded labels "
-                f"{self.labels()}, branches {sorted({r.branch for r in self.records})}, images "
-                f"{sorted({r.image for r in self.records})}"
-            )
-        by_key: dict = {}
-        for r in recs:
-            m = r.mask()
-            by_key[r.key] = by_key[r.key] | m if r.key in by_key else m
-        shapes = {tuple(m.shape) for m in by_key.values()}
-        if len(shapes) != 1:
-            raise SAEInputError(f"Recorder: masks of label {label!r} have several grid sizes {sorted(shapes)}; pick one label")
-        return list(by_key), torch.stack(list(by_key.values()))
-
-    def aggregate(self, branch: str = "cond", image: int = 0, label: str | None = None) -> Tensor:
-        """[H, W] float: the fraction of recorded steps on which each patch was detected."""
-        return self.masks(branch, image, label)[1].float().mean(0)
-
-
-# ----------------------------------------------------------------------------------------------
-# The intervention
-
-
-class ChunkRows(NamedTuple):
-    chunk: int  # position in the batch
-    flag: int  # 0 cond / 1 uncond
-    start: int
-    stop: int
-
-
-def chunk_rows(batch: int, chunks: Sequence[int], branches: Sequence[int]) -> list[ChunkRows]:
-    """Equal chunks of the batch, one per flag; the ones whose flag is in ``branches``."""
-    n = len(chunks)
-    if batch % n:
-        raise SAEInputError(
-            f"batch of {batch} rows does not split into {n} equal CFG chunks {tuple(chunks)}; the StepInfo chunks "
-            "must match the rows of this call (ComfyUI cond_or_uncond)"
-        )
-    size = batch // n
-    return [ChunkRows(i, f, i * size, (i + 1) * size) for i, f in enumerate(chunks) if f in branches]
-
-
-def _row_keys(parts: Sequence[ChunkRows]) -> list[tuple[int, int, int]]:
-    """(branch flag, occurrence of that flag in the batch, image) of every row of ``parts``, in order."""
-    seen: dict[int, int] = {}
-    keys = []
-    for p in parts:
-        occ = seen[p.flag] = seen.get(p.flag, -1) + 1
-        keys.extend((p.flag, occ, j) for j in range(p.stop - p.start))
-    return keys
 
 
 def _deciding_rows(keys: list[tuple[int, int, int]], branches: Sequence[int]) -> Tensor:
@@ -270,34 +81,6 @@ def _seed_for(seed: int, step: StepInfo, flag: int, occurrence: int) -> int:
     h = hashlib.sha256(f"{int(seed)}:{key}:{flag}:{occurrence}".encode()).hexdigest()
     return int(h[:15], 16)
 
-
-def _row_selection(parts: Sequence[ChunkRows], batch: int) -> slice | list[int]:
-    """The rows of ``parts``: a slice when contiguous (no copy), else a list of row ids."""
-    ids = [i for p in parts for i in range(p.start, p.stop)]
-    if ids == list(range(ids[0], ids[-1] + 1)):
-        return slice(ids[0], ids[-1] + 1)
-    return ids
-
-
-def _take(x: Tensor, rows: slice | list[int]) -> Tensor:
-    if isinstance(rows, slice):
-        return x if rows == slice(0, x.shape[0]) else x[rows]
-    return x.index_select(0, torch.tensor(rows, device=x.device))
-
-
-def _put(block_out: Tensor, rows: slice | list[int], new_rows: Tensor) -> Tensor:
-    """A new tensor: block_out with ``rows`` replaced by new_rows (cast to block_out's dtype)."""
-    new_rows = new_rows.to(block_out.dtype)
-    if isinstance(rows, slice) and rows == slice(0, block_out.shape[0]):
-        if new_rows.stride() == block_out.stride() and new_rows.data_ptr() != block_out.data_ptr():
-            return new_rows
-        return torch.empty_like(block_out).copy_(new_rows)  # block_out's memory layout (steering works channels-last)
-    result = block_out.clone()
-    if isinstance(rows, slice):
-        result[rows] = new_rows
-    else:
-        result.index_copy_(0, torch.tensor(rows, device=block_out.device), new_rows)
-    return result
 
 
 def _to_host(*tensors: Tensor | None) -> list[Tensor | None]:
@@ -434,9 +217,9 @@ class BlockIntervention(SharedOnCopy):
         parts = chunk_rows(block_out.shape[0], step.chunks, self.branches)
         if not parts:
             return block_out
-        rows = _row_selection(parts, block_out.shape[0])
-        out_rows = _take(block_out, rows)
-        in_rows = _take(block_in, rows) if self.needs_block_in else None
+        rows = row_selection(parts, block_out.shape[0])
+        out_rows = take_rows(block_out, rows)
+        in_rows = take_rows(block_in, rows) if self.needs_block_in else None
         a = out_rows if self.input_space == "output" else out_rows - in_rows
         tokens = rearrange(a, "b c h w -> b h w c")
         cstep = self.detector.step(step.timestep)
@@ -493,7 +276,7 @@ class BlockIntervention(SharedOnCopy):
                 off += n
         if new_rows is None:
             return block_out
-        return _put(block_out, rows, new_rows)
+        return put_rows(block_out, rows, new_rows)
 
     def _effective_mask(self, det, picked: Tensor, cstep, parts: Sequence[ChunkRows], step: StepInfo) -> Tensor:
         """The mask the edit uses: the detector's, through the look-ahead guide or the presence gate and the
@@ -505,7 +288,7 @@ class BlockIntervention(SharedOnCopy):
         mask = det.mask
         if self.phase == "detect":
             return mask
-        keys = _row_keys(parts)
+        keys = row_keys(parts)
         if self.phase == "edit" and self.guide is not None:
             g_mask, g_present = self.guide.rows([j for _, _, j in keys], tuple(mask.shape[-2:]), mask.device)
             base = (g_mask | self._cond_masks(mask, keys)) if self.lookahead is None or self.lookahead.combine == "union" \
@@ -651,49 +434,3 @@ class BlockIntervention(SharedOnCopy):
         edited = mask & ~all_detected.to(mask.device, non_blocking=True)[:, None, None]
         return torch.where(edited[:, None], in_rows + new_vals, out_rows)
 
-
-class ConceptCollector(SharedOnCopy):
-    """Learn Concept's block hook: encodes the rows of the chosen branch (cond by default, as SAeUron) and feeds
-    their codes to a ConceptStatsAccumulator under ``self.concept``; returns ``block_out`` unchanged.
-
-    Set ``collector.concept = name`` before sampling each concept's prompts, and ``collector.sample`` to an id
-    per sampling run when the accumulator keeps per-image codes for the presence gate.
-    Shared on copy: it holds the SAE and the accumulator that Learn Concept reads after sampling.
-    """
-
-    def __init__(self, sae, accumulator, branches: str = "cond", input_space: str | None = None, label: str = "block"):
-        if branches not in BRANCHES:
-            raise SAEInputError(f"ConceptCollector({label}): branches is {branches!r}, expected one of {list(BRANCHES)}")
-        if int(accumulator.n_latents) != int(sae.cfg.n_latents):
-            raise SAEInputError(
-                f"ConceptCollector({label}): accumulator has {accumulator.n_latents} latents, SAE "
-                f"{getattr(sae, 'source', '')} has {sae.cfg.n_latents}"
-            )
-        self.sae, self.accumulator, self.branches, self.label = sae, accumulator, BRANCHES[branches], label
-        self.input_space = input_space or getattr(sae.cfg, "input_space", None) or "output"
-        self.concept: str | None = None
-        self.sample = None  # id of the sampling run (e.g. prompt index): per-image codes for the presence gate
-        self._lock = threading.Lock()  # multi-GPU device threads add to one accumulator
-
-    def __call__(self, block_in: Tensor | None, block_out: Tensor, step: StepInfo) -> Tensor:
-        if self.concept is None:
-            raise SAEStateError(f"ConceptCollector({self.label}): set .concept to the name of the prompts being sampled")
-        d = int(self.sae.cfg.d_in)
-        if block_out.ndim != 4 or block_out.shape[1] != d:
-            raise SAEInputError(
-                f"ConceptCollector({self.label}): block output has shape {tuple(block_out.shape)}, expected [B, {d}, H, W]"
-            )
-        if self.input_space == "residual" and (block_in is None or block_in.shape != block_out.shape):
-            raise SAEInputError(f"ConceptCollector({self.label}): a residual SAE needs the block input with the output's shape")
-        parts = chunk_rows(block_out.shape[0], step.chunks, self.branches)
-        if not parts or block_out.numel() == 0:
-            return block_out
-        idx = torch.cat([torch.arange(p.start, p.stop) for p in parts]).to(block_out.device)
-        a = block_out.index_select(0, idx)
-        if self.input_space == "residual":
-            a = a - block_in.index_select(0, idx)
-        with torch.no_grad():
-            codes = self.sae.encode(rearrange(a, "b c h w -> b h w c"))
-        with self._lock:
-            self.accumulator.add(self.concept, step.timestep, codes, sample=self.sample)
-        return block_out

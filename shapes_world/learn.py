@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
 
+from sae_core.collector import ConceptCollector
 from sae_core.concepts import (
     ConceptDictionary,
     ConceptStatsAccumulator,
@@ -35,8 +36,8 @@ from sae_core.concepts import (
 )
 from sae_core.formats import save_native
 from sae_core.gate import learn_presence_gate
-from sae_core.intervention import ConceptCollector, StepInfo, chunk_rows
 from sae_core.sae import SparseAutoencoder
+from sae_core.steps import StepInfo, chunk_rows
 from sae_core.train import TrainConfig, fraction_of_variance_unexplained, train_sae
 
 from .evaluator import load_evaluator

@@ -13,7 +13,8 @@ from typing import Mapping, Sequence
 import torch
 from torch import Tensor
 
-from sae_core.intervention import BlockIntervention, ConceptCollector
+from sae_core.collector import ConceptCollector
+from sae_core.intervention import BlockIntervention
 from sae_core.torch_hooks import StepHolder, attach_interventions, track_timestep
 
 from .model import ShapesModel

@@ -5,18 +5,11 @@ import torch
 from einops import rearrange
 from planted import planted_maps, planted_sae
 
+from sae_core.collector import ConceptCollector
 from sae_core.concepts import ConceptDictionary, ConceptStatsAccumulator
 from sae_core.detect import ConceptDetector, DetectionSettings
-from sae_core.intervention import (
-    BlockIntervention,
-    ConceptCollector,
-    Recorder,
-    ReplaceSettings,
-    StepInfo,
-    StepWindow,
-    pack_mask,
-    unpack_mask,
-)
+from sae_core.intervention import BlockIntervention, Recorder, ReplaceSettings, StepInfo, StepWindow
+from sae_core.recorder import pack_mask, unpack_mask
 from sae_core.steer import SteerSettings
 
 LAYOUTS = [(0,), (1, 0), (0, 1), (0, 1, 0)]

@@ -4,6 +4,7 @@ import pytest
 import torch
 from planted import direction, orthogonal, planted_sae
 
+from sae_core.collector import ConceptCollector
 from sae_core.concepts import (
     ConceptDictionary,
     ConceptStatsAccumulator,
@@ -12,7 +13,7 @@ from sae_core.concepts import (
 )
 from sae_core.detect import ConceptDetector, DetectionSettings
 from sae_core.gate import best_threshold, fit_gate, learn_presence_gate
-from sae_core.intervention import BlockIntervention, ConceptCollector, Recorder, ReplaceSettings, StepInfo
+from sae_core.intervention import BlockIntervention, Recorder, ReplaceSettings, StepInfo
 from sae_core.lookahead import GuideMasks, LookAheadSettings, guide_from_recorder, sample_twice
 from sae_core.replace import patch_salience, replace_patches, source_indices
 
