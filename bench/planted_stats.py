@@ -23,9 +23,10 @@ from einops import rearrange
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from sae_core.concepts import ConceptStatsAccumulator, SelectionRule, build_concept_dictionary  # noqa: E402
+from sae_core.concept_stats import ConceptStatsAccumulator  # noqa: E402
 from sae_core.detect import ConceptDetector  # noqa: E402
 from sae_core.intervention import BlockIntervention, ReplaceSettings, StepInfo  # noqa: E402
+from sae_core.selection import SelectionRule, build_concept_dictionary  # noqa: E402
 from sae_core.stats import activation_shift  # noqa: E402
 from sae_core.steer import SteerSettings  # noqa: E402
 from sae_core.synthetic import coverage_regions, planted_maps, planted_sae  # noqa: E402

@@ -19,13 +19,8 @@ from comfy_api.latest import ComfyExtension, io, ui
 
 from ..sae_core.blocks import FAMILIES, blocks
 from ..sae_core.collector import ConceptCollector
-from ..sae_core.concepts import (
-    ConceptDictionary,
-    ConceptStatsAccumulator,
-    SelectionRule,
-    build_concept_dictionary,
-    load_concepts,
-)
+from ..sae_core.concept_stats import ConceptStatsAccumulator
+from ..sae_core.concepts import ConceptDictionary, load_concepts
 from ..sae_core.config import ACTIVATIONS, INPUT_SPACES
 from ..sae_core.detect import TEMPORAL_MODES, ConceptDetector, DetectionSettings
 from ..sae_core.errors import SAEFileExistsError, SAEFileNotFoundError, SAEInputError
@@ -36,6 +31,7 @@ from ..sae_core.lookahead import LookAheadSettings
 from ..sae_core.mixins import SharedOnCopy
 from ..sae_core.recorder import Recorder
 from ..sae_core.replace import MODES
+from ..sae_core.selection import SelectionRule, build_concept_dictionary
 from ..sae_core.steer import CFG_SIGNS, ERROR_MODES, METHODS
 from . import folders
 from .grid import compare_grid

@@ -10,10 +10,11 @@ import torch
 from einops import rearrange
 from PIL import Image, ImageDraw
 
-from .concepts import ConceptStatsAccumulator, SelectionRule, build_concept_dictionary
+from .concept_stats import ConceptStatsAccumulator
 from .detect import ConceptDetector, DetectionSettings
 from .files import atomic_write
 from .intervention import BlockIntervention, Recorder, ReplaceSettings, StepInfo
+from .selection import SelectionRule, build_concept_dictionary
 from .stats import activation_shift
 from .steer import SteerSettings
 from .synthetic import coverage_regions, planted_maps, planted_sae

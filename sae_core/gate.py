@@ -26,7 +26,8 @@ from typing import Callable, NamedTuple
 import torch
 from torch import Tensor
 
-from .concepts import ConceptDictionary, ConceptStatsAccumulator
+from .concept_stats import ConceptStatsAccumulator
+from .concepts import ConceptDictionary
 from .detect import detected_fraction, pick_topk
 
 logger = logging.getLogger(__name__)

@@ -28,15 +28,12 @@ from einops import rearrange
 from torch import Tensor
 
 from sae_core.collector import ConceptCollector
-from sae_core.concepts import (
-    ConceptDictionary,
-    ConceptStatsAccumulator,
-    SelectionRule,
-    build_concept_dictionary,
-)
+from sae_core.concept_stats import ConceptStatsAccumulator
+from sae_core.concepts import ConceptDictionary
 from sae_core.formats import save_native
 from sae_core.gate import learn_presence_gate
 from sae_core.sae import SparseAutoencoder
+from sae_core.selection import SelectionRule, build_concept_dictionary
 from sae_core.steps import StepInfo, chunk_rows
 from sae_core.train import TrainConfig, fraction_of_variance_unexplained, train_sae
 

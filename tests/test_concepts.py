@@ -8,20 +8,10 @@ import torch
 from planted import planted_sae
 from safetensors.torch import save_file
 
-from sae_core.concepts import (
-    ConceptDictionary,
-    ConceptFileError,
-    ConceptMismatchError,
-    ConceptStats,
-    ConceptStatsAccumulator,
-    SelectionRule,
-    build_concept_dictionary,
-    ddim_leading_timesteps,
-    import_saeuron_stats,
-    load_concepts,
-    saeuron_scores,
-    select_latents,
-)
+from sae_core.concept_stats import ConceptStats, ConceptStatsAccumulator
+from sae_core.concepts import ConceptDictionary, ConceptFileError, ConceptMismatchError, load_concepts
+from sae_core.formats.saeuron import ddim_leading_timesteps, import_saeuron_stats
+from sae_core.selection import SelectionRule, build_concept_dictionary, saeuron_scores, select_latents
 
 # -- independent reference (NumPy, float64, written from docs/FORMULAS.md section 5) -------------------
 

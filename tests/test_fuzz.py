@@ -278,9 +278,9 @@ def test_node_names_and_entries(text):
 
 @given(st.data())
 def test_settings_constructors(data):
-    from sae_core.concepts import SelectionRule
     from sae_core.detect import DetectionSettings
     from sae_core.intervention import ReplaceSettings, StepInfo
+    from sae_core.selection import SelectionRule
     from sae_core.steer import SteerSettings
 
     v = json_values | st.floats()

@@ -6,7 +6,8 @@ from einops import rearrange
 from planted import planted_maps, planted_sae
 
 from sae_core.collector import ConceptCollector
-from sae_core.concepts import ConceptDictionary, ConceptStatsAccumulator
+from sae_core.concept_stats import ConceptStatsAccumulator
+from sae_core.concepts import ConceptDictionary
 from sae_core.detect import ConceptDetector, DetectionSettings
 from sae_core.intervention import BlockIntervention, Recorder, ReplaceSettings, StepInfo, StepWindow
 from sae_core.recorder import pack_mask, unpack_mask

@@ -5,11 +5,11 @@ import json
 
 import pytest
 
-from sae_core.concepts import SelectionRule
 from sae_core.config import SAEConfig
 from sae_core.detect import DetectionSettings
 from sae_core.errors import SAEConfigError
 from sae_core.intervention import Recorder, ReplaceSettings
+from sae_core.selection import SelectionRule
 from sae_core.steer import SteerSettings
 from shapes_world.evaluator import EvaluatorConfig
 from shapes_world.model import ModelConfig

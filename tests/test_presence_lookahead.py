@@ -5,17 +5,14 @@ import torch
 from planted import direction, orthogonal, planted_sae
 
 from sae_core.collector import ConceptCollector
-from sae_core.concepts import (
-    ConceptDictionary,
-    ConceptStatsAccumulator,
-    SelectionRule,
-    build_concept_dictionary,
-)
+from sae_core.concept_stats import ConceptStatsAccumulator
+from sae_core.concepts import ConceptDictionary
 from sae_core.detect import ConceptDetector, DetectionSettings
 from sae_core.gate import best_threshold, fit_gate, learn_presence_gate
 from sae_core.intervention import BlockIntervention, Recorder, ReplaceSettings, StepInfo
 from sae_core.lookahead import GuideMasks, LookAheadSettings, guide_from_recorder, sample_twice
 from sae_core.replace import patch_salience, replace_patches, source_indices
+from sae_core.selection import SelectionRule, build_concept_dictionary
 
 H, W, D = 6, 8, 16
 TIMESTEPS = (900.0, 500.0, 100.0)

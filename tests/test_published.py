@@ -11,7 +11,8 @@ from einops import rearrange
 from sae_builders import random_weights
 
 from nodes import hook
-from sae_core.concepts import ConceptDictionary, ConceptStatsAccumulator
+from sae_core.concept_stats import ConceptStatsAccumulator
+from sae_core.concepts import ConceptDictionary
 from sae_core.config import SAEConfig
 from sae_core.detect import ConceptDetector, detect_picked
 from sae_core.intervention import BlockIntervention, StepInfo

@@ -6,9 +6,10 @@ import torch
 from einops import rearrange
 from planted import coverage_regions, planted_maps, planted_sae
 
-from sae_core.concepts import ConceptStatsAccumulator, SelectionRule, build_concept_dictionary
+from sae_core.concept_stats import ConceptStatsAccumulator
 from sae_core.detect import ConceptDetector
 from sae_core.intervention import BlockIntervention, ReplaceSettings, StepInfo
+from sae_core.selection import SelectionRule, build_concept_dictionary
 from sae_core.stats import activation_shift, channel_moments, frechet_diagonal, token_norms, wasserstein1
 from sae_core.steer import SteerSettings
 
