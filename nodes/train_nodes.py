@@ -86,7 +86,7 @@ def _encode(clip, text: str):
 class CollectActivations(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        from .extension import _block_names
+        from .common import block_names
 
         return io.Schema(
             node_id="SAECollectActivations",
@@ -100,7 +100,7 @@ class CollectActivations(io.ComfyNode):
             inputs=[
                 io.Model.Input("model", tooltip="The model to make an SAE for."),
                 io.Clip.Input("clip", tooltip="Its text encoder, to encode the prompts."),
-                io.Combo.Input("block", options=_block_names(), default="up_blocks.1.attentions.1",
+                io.Combo.Input("block", options=block_names(), default="up_blocks.1.attentions.1",
                                tooltip="Block whose output is recorded (SAeUron: up_blocks.1.attentions.1 for objects)."),
                 io.String.Input("prompts", multiline=True, default="a photo of a cat\na photo of a dog",
                                 tooltip="One prompt per line; more and more varied prompts give a better SAE."),

@@ -74,7 +74,7 @@ def test_clone_variants_on_the_real_patcher(pack, sd1):
     opts = deep.model_options["transformer_options"][pack.nodes.hook.OPTIONS_KEY]
     assert list(opts.values()) == [state]
     # the SAE rides along as a ComfyUI model
-    extra = m.get_additional_models_with_key(pack.nodes.extension.SAE_MODELS_KEY)
+    extra = m.get_additional_models_with_key(pack.nodes.patching.SAE_MODELS_KEY)
     assert len(extra) == 1 and extra[0].model is sae
 
 
@@ -158,7 +158,7 @@ def test_sae_weights_load_and_unload_with_the_model(pack, sd1):
 def test_sae_patcher_gives_device_clones_an_empty_placeholder(pack, monkeypatch):
     """The newer deepclone_multigpu rebuilds every additional model from its cached_patcher_init (and fails
     without one); ours builds an empty module, so no second copy of the SAE weights is made per device."""
-    ext = pack.nodes.extension
+    ext = pack.nodes.patching
     monkeypatch.setattr(comfy.model_patcher.ModelPatcher, "cached_patcher_init", None, raising=False)
     p = ext.sae_patcher(make_sae(pack, 32, M=64))
     fn, args = p.cached_patcher_init[:2]

@@ -1,0 +1,185 @@
+"""Learn Concept, Save Concept, Load Concept: a concept learned by sampling, and its file in models/sae_concepts."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import comfy.model_management
+import comfy.patcher_extension
+import comfy.sample
+import comfy.samplers
+import comfy.utils
+import folder_paths
+import torch
+from comfy_api.latest import io, ui
+
+from ..sae_core.collector import ConceptCollector
+from ..sae_core.concept_stats import ConceptStatsAccumulator
+from ..sae_core.concepts import load_concepts
+from ..sae_core.errors import SAEFileExistsError, SAEFileNotFoundError, SAEInputError
+from ..sae_core.gate import learn_presence_gate
+from ..sae_core.selection import SelectionRule, build_concept_dictionary
+from . import folders
+from .common import CATEGORY, CONTRAST_LABEL, ConceptType, SAEType, encode_prompt, tell
+from .hook import RunState, family_of_config, install_patch, resolve_hook
+from .learn import DEFAULT_CONTRAST, concept_words, default_contrast, parse_prompts, prompts_naming
+
+
+class LearnConcept(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="SAELearnConcept",
+            display_name="Learn Concept",
+            category=CATEGORY,
+            description="Generate the concept prompts and the contrast prompts, record the SAE codes of the cond "
+                        "branch at every step, and select the concept's latents per timestep (SAeUron scores). "
+                        "Cost: one full sampling per prompt, concept and contrast: (concept prompts + contrast "
+                        f"prompts, up to {len(DEFAULT_CONTRAST)} built in) x steps CFG steps; the learn template "
+                        "(14 samplings of 25 steps at 512 px) takes a minute or two on a GPU and about 85 minutes "
+                        "on a CPU. Save the result with Save Concept and reuse it.",
+            hidden=[io.Hidden.unique_id],
+            inputs=[
+                io.Model.Input("model", tooltip="The model the SAE was trained on."),
+                io.Clip.Input("clip", tooltip="Text encoder of that model, to encode the prompts."),
+                SAEType.Input("sae", tooltip="The SAE whose latents are scored."),
+                io.String.Input("concept_name", default="concept", tooltip="Name stored in the concept file."),
+                io.String.Input("concept_prompts", multiline=True, default="a photo of a cat",
+                                tooltip="One prompt per line showing the concept; more prompts give steadier scores."),
+                io.String.Input("contrast_prompts", multiline=True, default="",
+                                tooltip="One prompt per line WITHOUT the concept; empty uses a built-in set of "
+                                        f"{len(DEFAULT_CONTRAST)} generic scenes, minus any scene that names the "
+                                        "concept (its name's words, or words all concept prompts share). Each "
+                                        "prompt costs one full sampling."),
+                io.String.Input("negative_prompt", default="", tooltip="Negative prompt for every run."),
+                io.Int.Input("width", default=512, min=64, max=4096, step=8, tooltip="Image width in pixels."),
+                io.Int.Input("height", default=512, min=64, max=4096, step=8, tooltip="Image height in pixels."),
+                io.Int.Input("steps", default=20, min=1, max=1000,
+                             tooltip="Sampling steps; the concept stores one selection per step's timestep. Time "
+                                     "grows with steps x number of prompts."),
+                io.Float.Input("cfg", default=7.5, min=0.0, max=100.0, step=0.1, tooltip="Classifier-free guidance scale."),
+                io.Combo.Input("sampler_name", options=comfy.samplers.KSampler.SAMPLERS, default="euler",
+                               tooltip="Sampler used for the recording runs."),
+                io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS, default="normal",
+                               tooltip="Scheduler used for the recording runs."),
+                io.Int.Input("seed", default=188, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=False,
+                             tooltip="Noise seed of every run (SAeUron uses 188)."),
+                io.Combo.Input("selection", options=["percentile", "top_n", "specific"], default="top_n",
+                               tooltip="percentile: latents above a score quantile (SAeUron); top_n: the n best; "
+                                       "specific: up to top_n latents active on the concept's patches and at most a "
+                                       "fifth as often without it (sharper masks for small objects)."),
+                io.Float.Input("percentile", default=99.99, min=0.01, max=99.9999, step=0.001,
+                               tooltip="For 'percentile': higher keeps fewer latents (99.99 of 20480 keeps 3)."),
+                io.Int.Input("top_n", default=3, min=1, max=1000, tooltip="For 'top_n' and 'specific': latents kept per timestep (at most)."),
+            ],
+            outputs=[ConceptType.Output(display_name="CONCEPT", tooltip="Connect to Concept Detector or Save Concept.")],
+        )
+
+    @classmethod
+    def execute(cls, model, clip, sae, concept_name: str, concept_prompts: str, contrast_prompts: str,
+                negative_prompt: str, width: int, height: int, steps: int, cfg: float, sampler_name: str,
+                scheduler: str, seed: int, selection: str, percentile: float, top_n: int) -> io.NodeOutput:
+        name = concept_name.strip()
+        if not name or name == CONTRAST_LABEL:
+            raise SAEInputError(f"Learn Concept: concept_name {concept_name!r} is empty or reserved; type a name like 'cat'")
+        prompts = parse_prompts(concept_prompts)
+        if not prompts:
+            raise SAEInputError("Learn Concept: concept_prompts is empty; type at least one prompt (one per line)")
+        uid = cls.hidden.unique_id if cls.hidden is not None else None
+        contrast = parse_prompts(contrast_prompts)
+        words = sorted(concept_words(name, prompts))
+        if contrast:
+            naming = prompts_naming(contrast, set(words))
+            if naming:
+                tell(uid, f"Learn Concept: contrast prompts {naming} contain the concept's words {words}; the "
+                           "concept is then scored against itself and its latents score low. Remove them from "
+                           "contrast_prompts unless that is intended")
+        else:
+            contrast, dropped = default_contrast(name, prompts)
+            if dropped:
+                tell(uid, f"Learn Concept: left {dropped} out of the built-in contrast set: they name the concept "
+                           f"({words}); {len(contrast)} built-in scenes used", level=logging.INFO)
+        rule = SelectionRule(method=selection, percentile=percentile, top_n=top_n)
+        key, block = resolve_hook(sae, model)
+        family = family_of_config(model.model.model_config)
+        # per-image codes kept for the presence gate (about 6 bytes x k per patch and step)
+        acc = ConceptStatsAccumulator(int(sae.cfg.n_latents), fire_above=sae.firing_level, keep_samples=True,
+                                      sample_top=int(sae.cfg.k) if getattr(sae.cfg, "k", None) else 64)
+        collector = ConceptCollector(sae, acc, branches="cond", label=block)
+        state = RunState("Learn Concept", None)
+        patched = install_patch(model, key, collector, state, comfy.patcher_extension.WrappersMP.OUTER_SAMPLE)
+        negative = encode_prompt(clip, negative_prompt)
+        jobs = [(name, p) for p in prompts] + [(CONTRAST_LABEL, p) for p in contrast]
+        pbar = comfy.utils.ProgressBar(len(jobs) * steps, node_id=uid)
+
+        def on_step(*_):
+            pbar.update(1)
+            comfy.model_management.throw_exception_if_processing_interrupted()
+
+        for job, (label, prompt) in enumerate(jobs):
+            comfy.model_management.throw_exception_if_processing_interrupted()
+            collector.concept, collector.sample = label, job
+            positive = encode_prompt(clip, prompt)
+            latent = torch.zeros([1, 4, height // 8, width // 8])
+            latent = comfy.sample.fix_empty_latent_channels(patched, latent)
+            noise = comfy.sample.prepare_noise(latent, seed, None)
+            comfy.sample.sample(patched, noise, steps, cfg, sampler_name, scheduler, positive, negative, latent,
+                                denoise=1.0, callback=on_step, disable_pbar=True, seed=seed)
+        concept = build_concept_dictionary(
+            acc.stats(), rule, keep=[name], sae_fingerprint=sae.fingerprint(), hook_point=block,
+            model_family=family, prompts={name: prompts, CONTRAST_LABEL: contrast},
+        )
+        concept = learn_presence_gate(concept, acc)
+        return io.NodeOutput(concept)
+
+
+class SaveConcept(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="SAESaveConcept",
+            display_name="Save Concept",
+            category=CATEGORY,
+            description="Save a concept to models/sae_concepts as a small .safetensors file to reuse or share.",
+            is_output_node=True,
+            inputs=[
+                ConceptType.Input("concept", tooltip="From Learn Concept or Load Concept."),
+                io.String.Input("filename", default="concept", tooltip="File name without folder; .safetensors is added."),
+                io.Boolean.Input("overwrite", default=False, tooltip="Replace an existing file of that name (off = refuse)."),
+            ],
+            outputs=[ConceptType.Output(display_name="CONCEPT", tooltip="The same concept, passed through.")],
+        )
+
+    @classmethod
+    def execute(cls, concept, filename: str, overwrite: bool) -> io.NodeOutput:
+        path = folders.concept_save_path(folder_paths, filename)
+        if os.path.exists(path) and not overwrite:
+            raise SAEFileExistsError(f"Save Concept: {path} exists; pick another filename or switch overwrite on")
+        concept.save(path)
+        return io.NodeOutput(concept, ui=ui.PreviewText(f"saved {list(concept.names)} to {path}"))
+
+
+class LoadConcept(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="SAELoadConcept",
+            display_name="Load Concept",
+            category=CATEGORY,
+            description="Load a concept file from models/sae_concepts; with an SAE connected, check it was learned with it.",
+            inputs=[
+                io.Combo.Input("concept_name", options=folder_paths.get_filename_list(folders.CONCEPT_FOLDER),
+                               tooltip="Concept file in models/sae_concepts."),
+                SAEType.Input("sae", optional=True, tooltip="Optional: refuse the file if it was learned with another SAE."),
+            ],
+            outputs=[ConceptType.Output(display_name="CONCEPT", tooltip="Connect to Concept Detector.")],
+        )
+
+    @classmethod
+    def execute(cls, concept_name: str, sae=None) -> io.NodeOutput:
+        path = folder_paths.get_full_path(folders.CONCEPT_FOLDER, concept_name)
+        if path is None:
+            raise SAEFileNotFoundError(f"Load Concept: {concept_name!r} not found in models/{folders.CONCEPT_FOLDER} "
+                                    f"({folder_paths.get_folder_paths(folders.CONCEPT_FOLDER)})")
+        return io.NodeOutput(load_concepts(path, sae=sae))
