@@ -1,5 +1,4 @@
-"""What the pack's nodes share: the category, the socket types, the detector spec, the block list, messages to the UI,
-prompt encoding."""
+"""What the pack's nodes share: the category, the socket types, the detector spec, the block list, messages to the UI."""
 
 from __future__ import annotations
 
@@ -79,7 +78,3 @@ def tell(node_id, text: str, level: int = logging.WARNING) -> None:
             server.send_progress_text(text, node_id)
     except Exception as e:  # outside a server (tests, scripts) the log line is the message
         logger.debug("could not show the message in the UI: %s", e)
-
-
-def encode_prompt(clip, text: str):
-    return clip.encode_from_tokens_scheduled(clip.tokenize(text))

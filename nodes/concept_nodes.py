@@ -5,13 +5,9 @@ from __future__ import annotations
 import logging
 import os
 
-import comfy.model_management
 import comfy.patcher_extension
-import comfy.sample
 import comfy.samplers
-import comfy.utils
 import folder_paths
-import torch
 from comfy_api.latest import io, ui
 
 from ..sae_core.collector import ConceptCollector
@@ -21,9 +17,10 @@ from ..sae_core.errors import SAEFileExistsError, SAEFileNotFoundError, SAEInput
 from ..sae_core.gate import learn_presence_gate
 from ..sae_core.selection import SelectionRule, build_concept_dictionary
 from . import folders
-from .common import CATEGORY, CONTRAST_LABEL, ConceptType, SAEType, encode_prompt, tell
+from .common import CATEGORY, CONTRAST_LABEL, ConceptType, SAEType, tell
 from .hook import RunState, family_of_config, install_patch, resolve_hook
 from .learn import DEFAULT_CONTRAST, concept_words, default_contrast, parse_prompts, prompts_naming
+from .sampling import sample_prompts
 
 
 class LearnConcept(io.ComfyNode):
@@ -93,13 +90,13 @@ class LearnConcept(io.ComfyNode):
             naming = prompts_naming(contrast, set(words))
             if naming:
                 tell(uid, f"Learn Concept: contrast prompts {naming} contain the concept's words {words}; the "
-                           "concept is then scored against itself and its latents score low. Remove them from "
-                           "contrast_prompts unless that is intended")
+                       "concept is then scored against itself and its latents score low. Remove them from "
+                       "contrast_prompts unless that is intended")
         else:
             contrast, dropped = default_contrast(name, prompts)
             if dropped:
                 tell(uid, f"Learn Concept: left {dropped} out of the built-in contrast set: they name the concept "
-                           f"({words}); {len(contrast)} built-in scenes used", level=logging.INFO)
+                       f"({words}); {len(contrast)} built-in scenes used", level=logging.INFO)
         rule = SelectionRule(method=selection, percentile=percentile, top_n=top_n)
         key, block = resolve_hook(sae, model)
         family = family_of_config(model.model.model_config)
@@ -109,23 +106,13 @@ class LearnConcept(io.ComfyNode):
         collector = ConceptCollector(sae, acc, branches="cond", label=block)
         state = RunState("Learn Concept", None)
         patched = install_patch(model, key, collector, state, comfy.patcher_extension.WrappersMP.OUTER_SAMPLE)
-        negative = encode_prompt(clip, negative_prompt)
         jobs = [(name, p) for p in prompts] + [(CONTRAST_LABEL, p) for p in contrast]
-        pbar = comfy.utils.ProgressBar(len(jobs) * steps, node_id=uid)
 
-        def on_step(*_):
-            pbar.update(1)
-            comfy.model_management.throw_exception_if_processing_interrupted()
+        def before_run(job: int) -> None:
+            collector.concept, collector.sample = jobs[job][0], job
 
-        for job, (label, prompt) in enumerate(jobs):
-            comfy.model_management.throw_exception_if_processing_interrupted()
-            collector.concept, collector.sample = label, job
-            positive = encode_prompt(clip, prompt)
-            latent = torch.zeros([1, 4, height // 8, width // 8])
-            latent = comfy.sample.fix_empty_latent_channels(patched, latent)
-            noise = comfy.sample.prepare_noise(latent, seed, None)
-            comfy.sample.sample(patched, noise, steps, cfg, sampler_name, scheduler, positive, negative, latent,
-                                denoise=1.0, callback=on_step, disable_pbar=True, seed=seed)
+        sample_prompts(patched, clip, [(p, seed) for _, p in jobs], negative_prompt, width, height, steps, cfg,
+                       sampler_name, scheduler, uid, before_run)
         concept = build_concept_dictionary(
             acc.stats(), rule, keep=[name], sae_fingerprint=sae.fingerprint(), hook_point=block,
             model_family=family, prompts={name: prompts, CONTRAST_LABEL: contrast},

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import comfy.model_management
 import comfy.patcher_extension
-import comfy.sample
 import comfy.samplers
 import comfy.utils
 import folder_paths
@@ -33,8 +32,10 @@ from ..sae_core.collect import (
 from ..sae_core.formats import save_native
 from ..sae_core.train import StreamConfig, train_stream
 from . import folders
+from .common import block_names
 from .hook import RunState, family_of_config, install_patch
 from .learn import parse_prompts
+from .sampling import sample_prompts
 
 logger = logging.getLogger(__name__)
 
@@ -79,15 +80,9 @@ def _block_key(model, block: str) -> tuple[str, str]:
     return spec.comfy_key, spec.diffusers
 
 
-def _encode(clip, text: str):
-    return clip.encode_from_tokens_scheduled(clip.tokenize(text))
-
-
 class CollectActivations(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        from .common import block_names
-
         return io.Schema(
             node_id="SAECollectActivations",
             display_name="Collect Activations",
@@ -152,23 +147,10 @@ class CollectActivations(io.ComfyNode):
         rec = ActivationRecorder(writer, settings, label=name)
         patched = install_patch(model, key, rec, RunState("Collect Activations"),
                                 comfy.patcher_extension.WrappersMP.OUTER_SAMPLE)
-        negative = _encode(clip, negative_prompt)
         uid = cls.hidden.unique_id if cls.hidden is not None else None
-        pbar = comfy.utils.ProgressBar(len(lines) * steps, node_id=uid)
-
-        def on_step(*_):
-            pbar.update(1)
-            comfy.model_management.throw_exception_if_processing_interrupted()
-
         t0 = time.time()
-        for i, prompt in enumerate(lines):
-            comfy.model_management.throw_exception_if_processing_interrupted()
-            positive = _encode(clip, prompt)
-            latent = torch.zeros([1, 4, height // 8, width // 8])
-            latent = comfy.sample.fix_empty_latent_channels(patched, latent)
-            noise = comfy.sample.prepare_noise(latent, seed + i, None)
-            comfy.sample.sample(patched, noise, steps, cfg, sampler_name, scheduler, positive, negative, latent,
-                                denoise=1.0, callback=on_step, disable_pbar=True, seed=seed + i)
+        sample_prompts(patched, clip, [(prompt, seed + i) for i, prompt in enumerate(lines)], negative_prompt, width,
+                       height, steps, cfg, sampler_name, scheduler, uid)
         m = writer.close(recorder=rec.summary())
         text = (f"{m['rows']} rows x {m['d_in']} channels of {name} in {len(m['shards'])} shard(s) -> {folder} "
                 f"({time.time() - t0:.0f} s)")
