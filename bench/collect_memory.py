@@ -22,7 +22,8 @@ ROOT = Path(__file__).resolve().parents[1]
 CHILD = r"""
 import resource, sys, torch
 sys.path.insert(0, {root!r})
-from sae_core.collect import ActivationRecorder, CollectSettings, ShardWriter
+from sae_core.collect import ActivationRecorder, CollectSettings
+from sae_core.dataset import ShardWriter
 from sae_core.intervention import StepInfo
 torch.set_num_threads(1)
 d, rows, shard, folder = {d}, {rows}, {shard}, {folder!r}

@@ -29,9 +29,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sae_core.collect import ActivationDataset  # noqa: E402
+from sae_core.dataset import ActivationDataset  # noqa: E402
 from sae_core.formats import load_sae  # noqa: E402
-from sae_core.train import evaluate_rows  # noqa: E402
+from sae_core.trainer import evaluate_rows  # noqa: E402
 from shapes_world.erasure import WEIGHTS, evaluate_concept, load_world, prompt_sets  # noqa: E402
 from shapes_world.learn import CONCEPT_DIR, CONCEPTS, SAE_NAME, LearnSettings, learn_concepts  # noqa: E402
 from shapes_world.scenes import generate_scenes  # noqa: E402

@@ -34,8 +34,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from sae_core.collect import ShardWriter  # noqa: E402
-from sae_core.train import SAETrainer, StreamConfig  # noqa: E402
+from sae_core.dataset import ShardWriter  # noqa: E402
+from sae_core.trainer import SAETrainer, StreamConfig  # noqa: E402
 
 
 def _sync(dev: torch.device) -> None:

@@ -22,15 +22,10 @@ import torch
 from comfy_api.latest import io, ui
 
 from ..sae_core.blocks import BlockError, resolve_block
-from ..sae_core.collect import (
-    ActivationDataset,
-    ActivationRecorder,
-    CollectSettings,
-    ShardWriter,
-    model_fingerprint,
-)
+from ..sae_core.collect import ActivationRecorder, CollectSettings, model_fingerprint
+from ..sae_core.dataset import ActivationDataset, ShardWriter
 from ..sae_core.formats import save_native
-from ..sae_core.train import StreamConfig, train_stream
+from ..sae_core.trainer import StreamConfig, train_stream
 from . import folders
 from .common import block_names
 from .hook import RunState, family_of_config, install_patch

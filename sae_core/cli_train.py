@@ -176,8 +176,8 @@ def cmd_collect(args: argparse.Namespace, out: TextIO, driver=None) -> int:
 
 def cmd_train(args: argparse.Namespace, out: TextIO) -> int:
     from .blocks import canonical_name, normalize_family
-    from .collect import ActivationDataset
-    from .train import StreamConfig
+    from .dataset import ActivationDataset
+    from .trainer import StreamConfig
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -238,7 +238,7 @@ def cmd_train(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def _train(ds, cfg, ckpt, args, report, sae_config):
-    from .train import train_stream
+    from .trainer import train_stream
 
     try:
         return train_stream(ds, cfg, checkpoint_dir=ckpt, resume=args.resume, device=_device(args.device),

@@ -18,11 +18,11 @@ from sae_core.collect import (
     ActivationRecorder,
     CollectResult,
     CollectSettings,
-    ShardWriter,
     _block_name,
     _prompt_batches,
     model_fingerprint,
 )
+from sae_core.dataset import ShardWriter
 
 from .render import render
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from sae_core.__main__ import main
-from sae_core.collect import ActivationDataset
+from sae_core.dataset import ActivationDataset
 from sae_core.formats import load_sae
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -5,13 +5,8 @@ import json
 import pytest
 import torch
 
-from sae_core.collect import (
-    MANIFEST,
-    ActivationDataset,
-    ActivationRecorder,
-    CollectSettings,
-    ShardWriter,
-)
+from sae_core.collect import ActivationRecorder, CollectSettings
+from sae_core.dataset import MANIFEST, ActivationDataset, ShardWriter
 from sae_core.errors import SAEConfigError, SAEFormatError
 from sae_core.intervention import StepInfo
 

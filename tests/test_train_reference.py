@@ -17,7 +17,7 @@ import math
 import pytest
 import torch
 
-from sae_core.train import SAETrainer, StreamConfig
+from sae_core.trainer import SAETrainer, StreamConfig
 
 
 def reference_losses(x, W_enc, b_enc, W_dec, b_pre, k, dead, k_aux, total_var):

@@ -14,7 +14,7 @@ import torch
 
 sparsify = pytest.importorskip("sparsify")
 
-from sae_core.train import SAETrainer, StreamConfig  # noqa: E402
+from sae_core.trainer import SAETrainer, StreamConfig  # noqa: E402
 
 
 def _pair(d, M, k, x, seed):

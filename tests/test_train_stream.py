@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from sae_core.collect import ActivationDataset, ShardWriter
+from sae_core.dataset import ActivationDataset, ShardWriter
 from sae_core.errors import SAEConfigError, SAEError
-from sae_core.train import BatchPlan, StreamConfig, evaluate_rows, train_stream
+from sae_core.trainer import BatchPlan, StreamConfig, evaluate_rows, train_stream
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
