@@ -36,18 +36,7 @@ def recorded_maps(recorder, what: str = "mask", branch: str = "cond", image: int
     if what == "mask":
         keys, masks = recorder.masks(branch, image, label)
         return keys, masks.float()
-    recs = recorder.select(label, branch, image)
-    if not recs:
-        recorder.masks(branch, image, label)  # raises the descriptive KeyError
-    by_key: dict = {}
-    for r in recs:
-        if r.score is None:
-            raise SAEInputError(
-                f"no score maps were recorded for {r.label!r} (the recorder kept masks only); show 'mask' instead"
-            )
-        s = torch.nan_to_num(r.score.float(), neginf=0.0).clamp_min(0.0)
-        by_key[r.key] = torch.maximum(by_key[r.key], s) if r.key in by_key else s
-    return list(by_key), torch.stack(list(by_key.values()))
+    return recorder.scores(branch, image, label)
 
 
 def pick_step(keys: list, maps: Tensor, step: int, aggregate: str) -> Tensor:

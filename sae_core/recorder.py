@@ -102,6 +102,24 @@ class Recorder(SharedOnCopy):
 
     def masks(self, branch: str = "cond", image: int = 0, label: str | None = None) -> tuple[list, Tensor]:
         """(step keys, [S, H, W] bool) in recording order; several chunks of one branch are united."""
+        return self._per_step(branch, image, label, MaskRecord.mask, torch.logical_or, "masks")
+
+    def scores(self, branch: str = "cond", image: int = 0, label: str | None = None) -> tuple[list, Tensor]:
+        """(step keys, [S, H, W] float32) in recording order: the detection margin clamped at 0 (-inf where no
+        latent was selected becomes 0); several chunks of one branch are merged by their maximum."""
+
+        def margin(r: MaskRecord) -> Tensor:
+            if r.score is None:
+                raise SAEInputError(
+                    f"no score maps were recorded for {r.label!r} (the recorder kept masks only); show 'mask' instead"
+                )
+            return torch.nan_to_num(r.score.float(), neginf=0.0).clamp_min(0.0)
+
+        return self._per_step(branch, image, label, margin, torch.maximum, "score maps")
+
+    def _per_step(self, branch: str, image: int, label: str | None, value, merge, what: str) -> tuple[list, Tensor]:
+        """One map per recorded step of ``branch`` and ``image``: ``value(record)``, the step's chunks combined
+        with ``merge``; (step keys in recording order, [S, H, W])."""
         recs = self.select(label, branch, image)
         if not recs:
             raise SAELookupError(
@@ -111,11 +129,11 @@ class Recorder(SharedOnCopy):
             )
         by_key: dict = {}
         for r in recs:
-            m = r.mask()
-            by_key[r.key] = by_key[r.key] | m if r.key in by_key else m
+            m = value(r)
+            by_key[r.key] = merge(by_key[r.key], m) if r.key in by_key else m
         shapes = {tuple(m.shape) for m in by_key.values()}
         if len(shapes) != 1:
-            raise SAEInputError(f"Recorder: masks of label {label!r} have several grid sizes {sorted(shapes)}; pick one label")
+            raise SAEInputError(f"Recorder: {what} of label {label!r} have several grid sizes {sorted(shapes)}; pick one label")
         return list(by_key), torch.stack(list(by_key.values()))
 
     def aggregate(self, branch: str = "cond", image: int = 0, label: str | None = None) -> Tensor:
