@@ -23,6 +23,7 @@ from torch import Tensor
 from .concepts import ConceptDictionary, ConceptStep
 from .errors import SAEInputError, require_int, require_number
 from .mixins import DictRoundTrip
+from .sae import TopKCodes
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +67,14 @@ class DetectionSettings(DictRoundTrip):
 class Detection(NamedTuple):
     score: Tensor  # [B, H, W] float32 margin max_i (f_i - scale * tau_i); detected before post-processing where > 0
     mask: Tensor  # [B, H, W] bool, after min_region and padding
+
+
+class StepDetection(NamedTuple):
+    """One block call's detection (``ConceptDetector.detect_codes``)."""
+
+    step: ConceptStep  # the concepts' selected latents at the call's timestep
+    picked: Tensor  # [B, H, W, K] codes of step.latents
+    detection: Detection
 
 
 def _check_grid(codes: Tensor, what: str) -> None:
@@ -193,6 +202,7 @@ class ConceptDetector:
         self.settings = settings or DetectionSettings()
         self.n_latents = m.pop()
         self._steps: dict[float, ConceptStep] = {}
+        self._latents: dict[tuple[float, torch.device], tuple[ConceptStep, Tensor]] = {}
 
     def step(self, timestep: float) -> ConceptStep:
         """The merged ConceptStep at ``timestep``; cached (a run asks for the same few timesteps at every call)."""
@@ -204,6 +214,28 @@ class ConceptDetector:
                 self._steps.clear()
             self._steps[key] = hit
         return hit
+
+    def detect_codes(self, codes: Tensor | TopKCodes, timestep: float) -> StepDetection:
+        """The hot path's one call: the concepts at ``timestep``, the codes of their latents and the detection, from
+        dense codes [B, H, W, M] or TopK codes (values, indices [B, H, W, k]), which are never expanded to M."""
+        st = self.step(timestep)
+        if isinstance(codes, TopKCodes):
+            picked = pick_topk(codes.values, codes.indices, self._latents_on(st, timestep, codes.indices.device))
+        else:
+            picked = codes.index_select(-1, self._latents_on(st, timestep, codes.device))
+        return StepDetection(st, picked, detect_picked(picked, st, self.settings))
+
+    def _latents_on(self, st: ConceptStep, timestep: float, device: torch.device) -> Tensor:
+        """``st.latents`` on ``device``, copied once per timestep and device (no transfer per call). Device threads
+        of multi-GPU sampling share the cache; a lost race costs one copy."""
+        key = (float(timestep), device)
+        hit = self._latents.get(key)
+        if hit is None or hit[0] is not st:
+            hit = (st, st.latents.to(device))
+            if len(self._latents) >= 1024:
+                self._latents.clear()
+            self._latents[key] = hit
+        return hit[1]
 
     def detect_picked(self, picked: Tensor, step: ConceptStep) -> Detection:
         """Detection from the codes of ``step.latents`` only, [B, H, W, K] (TopK hot path, see ``pick_topk``)."""

@@ -9,22 +9,22 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import threading
 from dataclasses import dataclass
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
 
-from .detect import ConceptDetector, detected_fraction, pick_topk
+from .detect import ConceptDetector, detected_fraction
 from .errors import SAEInputError, SAETypeError, require_int
 from .lookahead import GuideMasks, LookAheadSettings
 from .mixins import DictRoundTrip, SharedOnCopy
 from .recorder import Recorder
 from .replace import VALUE_MODES, check_mode, patch_salience, replace_patches
-from .steer import SteerSettings, steer_picked
+from .sae import NormState, TopKCodes
+from .steer import SteerCodes, SteerSettings, steer_codes
 from .steps import (
     BRANCHES,
     ChunkRows,
@@ -102,6 +102,28 @@ def _to_host(*tensors: Tensor | None) -> list[Tensor | None]:
     return [None if t is None else t.cpu() for t in tensors]
 
 
+class Encoded(NamedTuple):
+    """One call's SAE codes of the selected rows. TopK SAEs keep (values, indices) and build no [..., M] codes
+    unless a caller asks for them (legacy error modes); the picked values equal the dense ones."""
+
+    codes: TopKCodes | Tensor  # TopKCodes, or dense codes [..., M] for SAEs without TopK
+    norm: NormState | None
+    n_latents: int
+
+    def dense(self) -> Tensor:
+        """[..., M] codes."""
+        if not isinstance(self.codes, TopKCodes):
+            return self.codes
+        tk = self.codes
+        return tk.values.new_zeros((*tk.values.shape[:-1], self.n_latents)).scatter_(-1, tk.indices, tk.values)
+
+    def kept(self) -> tuple[Tensor, Tensor]:
+        """(values, indices) [..., k] of the largest codes per patch, as patch salience reads them."""
+        if isinstance(self.codes, TopKCodes):
+            return self.codes.values, self.codes.indices
+        return self.codes.topk(min(KEPT_DENSE, self.codes.shape[-1]), dim=-1)
+
+
 class BlockIntervention(SharedOnCopy):
     """Detect a concept in one block's output and optionally replace (PER) or steer it.
 
@@ -165,9 +187,7 @@ class BlockIntervention(SharedOnCopy):
         self.guide: GuideMasks | None = None
         self.pass_recorder: Recorder | None = None
         self._memory: dict = {}
-        self._lat_cache: dict = {}
         self._warned_nonfinite = False
-        self._lock = threading.Lock()  # the latent-id cache is shared by multi-GPU device threads
 
     def reset(self) -> None:
         """Forget the previous run (gate verdicts, sticky masks). Hosts call it when a run starts."""
@@ -222,10 +242,10 @@ class BlockIntervention(SharedOnCopy):
         in_rows = take_rows(block_in, rows) if self.needs_block_in else None
         a = out_rows if self.input_space == "output" else out_rows - in_rows
         tokens = rearrange(a, "b c h w -> b h w c")
-        cstep = self.detector.step(step.timestep)
-        sub, dense_codes, norm, kept = self._encode(tokens, cstep, step.timestep)
-        det = self.detector.detect_picked(sub, cstep)
-        mask = self._effective_mask(det, sub, cstep, parts, step)
+        enc = self._encode(tokens)
+        found = self.detector.detect_codes(enc.codes, step.timestep)
+        cstep, det = found.step, found.detection
+        mask = self._effective_mask(det, found.picked, cstep, parts, step)
         if self.region is not None:
             user = self._region_rows(parts, mask.shape[1:], mask.device)
             mask = user if self.region_mode == "replace" else mask & user
@@ -236,8 +256,8 @@ class BlockIntervention(SharedOnCopy):
             sign = None
             if edit.cfg_sign == "opposite" and edit.method in ("unbox_add", "gsae_add"):
                 sign = torch.cat([torch.full((p.stop - p.start,), -1.0 if p.flag == 1 else 1.0) for p in parts])
-            res = steer_picked(self.sae, tokens, sub, dense_codes, norm, cstep, mask, self.edit,
-                               self.detector.settings.threshold_scale, row_sign=sign)
+            res = steer_codes(self.sae, tokens, SteerCodes(found.picked, enc.norm, enc.dense), cstep, mask, edit,
+                              self.detector.settings, row_sign=sign)
         # Everything the host must see comes over in one device -> host transfer (one synchronisation per call):
         # the mask (PER draws its sources on the CPU; the recorder), the score (recorder), whether steering changed
         # anything (to return block_out itself otherwise).
@@ -257,7 +277,7 @@ class BlockIntervention(SharedOnCopy):
         new_rows = None
 
         if isinstance(edit, ReplaceSettings) and bool(mask_h.any()):
-            new_rows = self._replace(in_rows, out_rows, a, mask, mask_h, parts, step, kept)
+            new_rows = self._replace(in_rows, out_rows, a, mask, mask_h, parts, step, enc.kept)
         elif res is not None and bool(changed_h):
             new_a = rearrange(res.values, "b h w c -> b c h w")
             if self.input_space == "output":
@@ -369,34 +389,13 @@ class BlockIntervention(SharedOnCopy):
             rows.append(grid.expand(size, H, W) if n == 1 else grid)
         return torch.cat(rows) if len(rows) > 1 else rows[0]
 
-    def _encode(self, tokens: Tensor, cstep, timestep: float):
-        """(codes of the selected latents [..., K], () -> dense codes [..., M], norm state, () -> kept codes
-        (values, indices) [..., k]). TopK SAEs build no [..., M] codes unless a caller asks for them (legacy error
-        modes); the picked values equal the dense ones."""
+    def _encode(self, tokens: Tensor) -> Encoded:
         sae = self.sae
-        lat = self._latents_on(cstep, timestep, tokens.device)
         if getattr(sae.cfg, "is_topk", False) and hasattr(sae, "encode_topk"):
             tk = sae.encode_topk(tokens)
-
-            def dense() -> Tensor:
-                shape = (*tk.values.shape[:-1], int(sae.cfg.n_latents))
-                return tk.values.new_zeros(shape).scatter_(-1, tk.indices, tk.values)
-
-            return pick_topk(tk.values, tk.indices, lat), dense, tk.norm, lambda: (tk.values, tk.indices)
+            return Encoded(tk, tk.norm, int(sae.cfg.n_latents))
         codes, norm = sae.encode_with_norm(tokens)
-        return (codes.index_select(-1, lat), (lambda: codes), norm,
-                lambda: codes.topk(min(KEPT_DENSE, codes.shape[-1]), dim=-1))
-
-    def _latents_on(self, cstep, timestep: float, device: torch.device) -> Tensor:
-        key = (float(timestep), device)
-        hit = self._lat_cache.get(key)
-        if hit is None or hit[0] is not cstep:
-            hit = (cstep, cstep.latents.to(device))
-            with self._lock:
-                if len(self._lat_cache) >= 1024:
-                    self._lat_cache.clear()
-                self._lat_cache[key] = hit
-        return hit[1]
+        return Encoded(codes, norm, int(sae.cfg.n_latents))
 
     def _replace(self, in_rows, out_rows, a, mask, mask_h, parts, step, kept):
         e = self.edit

@@ -152,6 +152,11 @@ class SparseAutoencoder(nn.Module):
         self._cache[key] = (versions, cast)
         return cast
 
+    @property
+    def stored_dtype(self) -> torch.dtype:
+        """The dtype the weights are kept in (``weights(device, stored_dtype)`` casts nothing)."""
+        return self.W_dec.dtype
+
     def clear_cache(self) -> None:
         self._cache.clear()
 

@@ -22,7 +22,7 @@ Options:
   SAEs with an input normalisation (OpenAI / SAELens layer_norm): the add methods work in the SAE's input space like
                   the latent edits, so their delta is de-normalised (times the row's scale): x + out_scale * delta_n,
                   gsae_add measuring ||x_n|| of the normalised row;
-  row_sign (steer_picked) - a per-row sign for the add methods: sdxl-unbox's SDXL-base app subtracts on the uncond
+  row_sign (steer_codes) - a per-row sign for the add methods: sdxl-unbox's SDXL-base app subtracts on the uncond
                   branch and adds on the cond one (BlockIntervention passes it for SteerSettings.cfg_sign="opposite").
 """
 
@@ -30,14 +30,16 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 from torch import Tensor
 
 from .concepts import ConceptStep
+from .detect import DetectionSettings
 from .errors import SAEInputError
 from .mixins import DictRoundTrip
+from .sae import NormState
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +88,14 @@ class SteerSettings(DictRoundTrip):
             raise SAEInputError(f"SteerSettings.strength is {self.strength}, expected a finite number")
 
 
+class SteerCodes(NamedTuple):
+    """The codes of the rows to steer."""
+
+    picked: Tensor  # [..., K] codes of step.latents (the TopK hot path builds no [..., M] codes)
+    norm: NormState | None  # the SAE's normalisation state from the same encode
+    dense: Callable[[], Tensor]  # () -> [..., M] codes; called only where the whole reconstruction is needed
+
+
 class SteerResult(NamedTuple):
     values: Tensor  # [..., d] edited SAE-input vectors
     changed: Tensor  # [...] bool: rows that differ from the input
@@ -111,17 +121,27 @@ def steer(sae, x: Tensor, codes: Tensor, norm, step: ConceptStep, mask: Tensor, 
             f"steer: x {tuple(x.shape)}, codes {tuple(codes.shape)} and mask {tuple(mask.shape)} must share leading dims"
         )
     sub = codes.index_select(-1, step.latents.to(codes.device))
-    return steer_picked(sae, x, sub, lambda: codes, norm, step, mask, settings, threshold_scale)
+    return steer_codes(sae, x, SteerCodes(sub, norm, lambda: codes), step, mask, settings,
+                       DetectionSettings(threshold_scale=threshold_scale))
 
 
 def steer_picked(sae, x: Tensor, sub: Tensor, dense_codes, norm, step: ConceptStep, mask: Tensor,
                  settings: SteerSettings, threshold_scale: float = 1.0, row_sign: Tensor | None = None) -> SteerResult:
-    """``steer`` from sub [..., K] = the codes of ``step.latents`` only (the TopK hot path builds no [..., M] codes).
+    """``steer`` from sub [..., K] = the codes of ``step.latents`` only, ``dense_codes()`` -> [..., M]
+    (see ``steer_codes``)."""
+    return steer_codes(sae, x, SteerCodes(sub, norm, dense_codes), step, mask, settings,
+                       DetectionSettings(threshold_scale=threshold_scale), row_sign)
 
-    ``dense_codes()`` returns the full codes [..., M]; it is called only where the whole reconstruction is needed
-    (error modes legacy_saeuron and none, or a normalisation state without ``out_scale``). No host synchronisation:
-    ``values`` is a new tensor even when ``changed`` is all false (rows not changed are bit-identical to x).
+
+def steer_codes(sae, x: Tensor, codes: SteerCodes, step: ConceptStep, mask: Tensor, settings: SteerSettings,
+                detection: DetectionSettings, row_sign: Tensor | None = None) -> SteerResult:
+    """x [..., d] SAE inputs, ``codes`` their codes, mask [...] the rows to edit -> SteerResult. Thresholds are
+    scaled like detection's (``detection.threshold_scale``), so both agree on every patch.
+
+    No host synchronisation: ``values`` is a new tensor even when ``changed`` is all false (rows not changed are
+    bit-identical to x).
     """
+    sub, norm, dense_codes = codes
     if sub.shape[:-1] != x.shape[:-1] or mask.shape != x.shape[:-1] or sub.shape[-1] != step.latents.numel():
         raise SAEInputError(
             f"steer: x {tuple(x.shape)}, picked codes {tuple(sub.shape)} (one column per selected latent, "
@@ -135,12 +155,12 @@ def steer_picked(sae, x: Tensor, sub: Tensor, dense_codes, norm, step: ConceptSt
     if lat.numel() and s.method == "saeuron_scale":
         # the same float32 comparison as detection (score = f - scale * tau > 0), whatever the input dtype, so
         # detection and steering agree on every patch near tau in fp16 / bf16 too
-        fire = sub.float() > float(threshold_scale) * step.thresholds.to(sub.device, torch.float32)
+        fire = sub.float() > float(detection.threshold_scale) * step.thresholds.to(sub.device, torch.float32)
         if region is not None:
             fire = fire & region[..., None]
         if s.use_beta:  # SAEmnesia: gamma * ||f|| / ||d_i||, per patch and latent
             f_norm = dense_codes().float().norm(dim=-1, keepdim=True)
-            d_norm = sae.W_dec.detach()[lat.to(sae.W_dec.device)].float().norm(dim=-1).to(sub.device)
+            d_norm = _decoder_rows(sae, lat, sub.device).float().norm(dim=-1)
             factor = (float(s.strength) * f_norm / d_norm.clamp_min(1e-12)).to(sub.dtype)
         else:
             factor = (float(s.strength) * step.means.to(sub.device, torch.float32)).to(sub.dtype)
@@ -150,7 +170,7 @@ def steer_picked(sae, x: Tensor, sub: Tensor, dense_codes, norm, step: ConceptSt
         if region is not None:
             new_sub = torch.where(region[..., None], new_sub, sub)
     elif lat.numel():
-        dirs = sae.W_dec.detach()[lat.to(sae.W_dec.device)].to(x.device)
+        dirs = _decoder_rows(sae, lat, x.device)
         scale = None if norm is None else getattr(norm, "out_scale", None)
         if s.method == "unbox_add":
             lm = getattr(sae, "latent_mean", None)
@@ -207,3 +227,9 @@ def _picked_delta(sae, sub: Tensor, new_sub: Tensor, latents: Tensor, norm, dens
             return sae.decode(edited, norm) - sae.decode(codes, norm)
         delta = delta * scale
     return delta
+
+
+def _decoder_rows(sae, latents: Tensor, device: torch.device) -> Tensor:
+    """Rows ``latents`` of W_dec on ``device`` in the stored dtype (the directions the add methods add, at full
+    precision whatever the activations' dtype), through the SAE's weight cache."""
+    return sae.weights(device, sae.stored_dtype).W_dec.index_select(0, latents.to(device))
