@@ -23,6 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from sae_core.files import recorded_path  # noqa: E402
 from sae_core.intervention import ReplaceSettings  # noqa: E402
 from sae_core.steer import SteerSettings  # noqa: E402
 from shapes_world import artifacts  # noqa: E402
@@ -93,15 +94,7 @@ def main(argv: list[str] | None = None) -> dict:
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     t0 = time.time()
-    root = Path(__file__).resolve().parents[1]
-
-    def shown(v: Path) -> str:  # relative to the repository when inside it: no machine's folders in the JSON
-        try:
-            return str(v.resolve().relative_to(root))
-        except ValueError:
-            return v.name
-
-    out: dict = {"settings": {k: (shown(v) if isinstance(v, Path) else v) for k, v in vars(a).items()}}
+    out: dict = {"settings": {k: (recorded_path(v, Path(__file__).resolve().parents[1]) if isinstance(v, Path) else v) for k, v in vars(a).items()}}
 
     s = generate_scenes(a.clean, seed=70_000_003)
     t = time.time()

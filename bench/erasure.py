@@ -28,9 +28,11 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
 from sae_core.detect import DetectionSettings  # noqa: E402
+from sae_core.files import recorded_path  # noqa: E402
 from sae_core.intervention import StepWindow  # noqa: E402
 from shapes_world.erasure import (  # noqa: E402
     DETECTION,
@@ -69,15 +71,6 @@ def average(per_concept: dict, method: str) -> dict:
     reasons = [r["methods"][method]["judge_reasons"] for r in per_concept.values()]
     out["judge_reasons"] = {k: sum(x[k] for x in reasons) / len(reasons) for k in reasons[0]}
     return out
-
-
-def _shown(path: Path) -> str:
-    """A path as the JSON records it: relative to the repository when inside it (no machine's folders in files)."""
-    root = Path(__file__).resolve().parents[1]
-    try:
-        return str(path.resolve().relative_to(root))
-    except ValueError:
-        return path.name
 
 
 def one_concept(c, weights, targets, others, seed, steps, cfg, scale, add, artifact_pixels, detection, window, threads,
@@ -175,7 +168,7 @@ def main(argv: list[str] | None = None) -> dict:
         "artifact_pixels": artifact_pixels, "unedited_artifact_rate": baseline_artifacts,
         "unedited_artifact_rate_judge": baseline_judge,
         "per_concept": per_concept,
-        "settings": {k: (_shown(v) if isinstance(v, Path) else v) for k, v in vars(a).items() if k != "json"},
+        "settings": {k: (recorded_path(v, ROOT) if isinstance(v, Path) else v) for k, v in vars(a).items() if k != "json"},
     }
     if a.json:
         a.json.write_text(json.dumps(out, indent=1))

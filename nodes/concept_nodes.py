@@ -6,7 +6,6 @@ import logging
 import os
 
 import comfy.patcher_extension
-import comfy.samplers
 import folder_paths
 from comfy_api.latest import io, ui
 
@@ -20,7 +19,7 @@ from . import folders
 from .common import CATEGORY, CONTRAST_LABEL, ConceptType, SAEType, tell
 from .hook import RunState, family_of_config, install_patch, resolve_hook
 from .learn import DEFAULT_CONTRAST, concept_words, default_contrast, parse_prompts, prompts_naming
-from .sampling import sample_prompts
+from .sampling import sample_prompts, sampling_inputs
 
 
 class LearnConcept(io.ComfyNode):
@@ -50,18 +49,9 @@ class LearnConcept(io.ComfyNode):
                                         "concept (its name's words, or words all concept prompts share). Each "
                                         "prompt costs one full sampling."),
                 io.String.Input("negative_prompt", default="", tooltip="Negative prompt for every run."),
-                io.Int.Input("width", default=512, min=64, max=4096, step=8, tooltip="Image width in pixels."),
-                io.Int.Input("height", default=512, min=64, max=4096, step=8, tooltip="Image height in pixels."),
-                io.Int.Input("steps", default=20, min=1, max=1000,
-                             tooltip="Sampling steps; the concept stores one selection per step's timestep. Time "
-                                     "grows with steps x number of prompts."),
-                io.Float.Input("cfg", default=7.5, min=0.0, max=100.0, step=0.1, tooltip="Classifier-free guidance scale."),
-                io.Combo.Input("sampler_name", options=comfy.samplers.KSampler.SAMPLERS, default="euler",
-                               tooltip="Sampler used for the recording runs."),
-                io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS, default="normal",
-                               tooltip="Scheduler used for the recording runs."),
-                io.Int.Input("seed", default=188, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=False,
-                             tooltip="Noise seed of every run (SAeUron uses 188)."),
+                *sampling_inputs("Sampling steps; the concept stores one selection per step's timestep. Time grows "
+                                 "with steps x number of prompts.", "used for the recording runs", 188,
+                                 "Noise seed of every run (SAeUron uses 188)."),
                 io.Combo.Input("selection", options=["percentile", "top_n", "specific"], default="top_n",
                                tooltip="percentile: latents above a score quantile (SAeUron); top_n: the n best; "
                                        "specific: up to top_n latents active on the concept's patches and at most a "

@@ -13,6 +13,18 @@ from .hook import steer_settings
 from .patching import patch_model
 
 
+def _patch_inputs() -> list:
+    """What both patching nodes take first: the model and the detector."""
+    return [io.Model.Input("model", tooltip="The model to patch (it is cloned, never changed)."),
+            DetectorType.Input("detector", tooltip="From Concept Detector.")]
+
+
+def _patch_outputs() -> list:
+    """What both patching nodes return: the patched model and its run's detections."""
+    return [io.Model.Output(display_name="MODEL", tooltip="The patched model; sample it with a KSampler."),
+            DetectionsType.Output(display_name="DETECTIONS", tooltip="Masks recorded during sampling, for Mask Preview.")]
+
+
 class PatchReplacer(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -24,8 +36,7 @@ class PatchReplacer(io.ComfyNode):
             description="PER: detected patch embeddings of the SAE's block are replaced by embeddings sampled "
                         "from undetected patches of the same feature map; no latent is edited.",
             inputs=[
-                io.Model.Input("model", tooltip="The model to patch (it is cloned, never changed)."),
-                DetectorType.Input("detector", tooltip="From Concept Detector."),
+                *_patch_inputs(),
                 io.Combo.Input("mode", options=list(MODES), default="background",
                                tooltip="random: a random undetected patch (the paper's); nearest: the closest "
                                        "undetected patch; mean: the mean of the undetected patches; background: the "
@@ -43,10 +54,7 @@ class PatchReplacer(io.ComfyNode):
                                          "opened on most steps (the others stay bit-identical). About twice the "
                                          "sampling time; no gain for one-step models (off = one pass, the paper's)."),
             ],
-            outputs=[
-                io.Model.Output(display_name="MODEL", tooltip="The patched model; sample it with a KSampler."),
-                DetectionsType.Output(display_name="DETECTIONS", tooltip="Masks recorded during sampling, for Mask Preview."),
-            ],
+            outputs=_patch_outputs(),
         )
 
     @classmethod
@@ -68,8 +76,7 @@ class SAESteer(io.ComfyNode):
             description="Steer the SAE latents of the detected concept (SAeUron scaling, set, sdxl-unbox add, "
                         "G-SAE add) and map back with an error term, for comparison with Patch Replacer.",
             inputs=[
-                io.Model.Input("model", tooltip="The model to patch (it is cloned, never changed)."),
-                DetectorType.Input("detector", tooltip="From Concept Detector."),
+                *_patch_inputs(),
                 io.Combo.Input("method", options=list(METHODS), default="saeuron_scale",
                                tooltip="saeuron_scale: f <- f * strength * mu (negative ablates); set: f <- strength; "
                                        "unbox_add: add strength * mean * direction; gsae_add: add strength * ||x|| * unit direction."),
@@ -96,10 +103,7 @@ class SAESteer(io.ComfyNode):
                                tooltip="With a mask: 'intersect' edits detected patches inside it only; 'replace' "
                                        "edits the painted patches whatever the detector finds."),
             ],
-            outputs=[
-                io.Model.Output(display_name="MODEL", tooltip="The patched model; sample it with a KSampler."),
-                DetectionsType.Output(display_name="DETECTIONS", tooltip="Masks recorded during sampling, for Mask Preview."),
-            ],
+            outputs=_patch_outputs(),
         )
 
     @classmethod

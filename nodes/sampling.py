@@ -7,8 +7,27 @@ from typing import Callable, Sequence
 
 import comfy.model_management
 import comfy.sample
+import comfy.samplers
 import comfy.utils
 import torch
+from comfy_api.latest import io
+
+
+def sampling_inputs(steps_tooltip: str, runs: str, seed_default: int, seed_tooltip: str) -> list:
+    """The inputs of ``sample_prompts``'s runs, from width to seed, as the recording nodes show them; ``runs`` ends the
+    sampler's and scheduler's tooltips ("used for the recording runs")."""
+    return [
+        io.Int.Input("width", default=512, min=64, max=4096, step=8, tooltip="Image width in pixels."),
+        io.Int.Input("height", default=512, min=64, max=4096, step=8, tooltip="Image height in pixels."),
+        io.Int.Input("steps", default=20, min=1, max=1000, tooltip=steps_tooltip),
+        io.Float.Input("cfg", default=7.5, min=0.0, max=100.0, step=0.1, tooltip="Classifier-free guidance scale."),
+        io.Combo.Input("sampler_name", options=comfy.samplers.KSampler.SAMPLERS, default="euler",
+                       tooltip=f"Sampler {runs}."),
+        io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS, default="normal",
+                       tooltip=f"Scheduler {runs}."),
+        io.Int.Input("seed", default=seed_default, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=False,
+                     tooltip=seed_tooltip),
+    ]
 
 
 def encode_prompt(clip, text: str):

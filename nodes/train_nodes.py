@@ -15,7 +15,6 @@ from pathlib import Path
 
 import comfy.model_management
 import comfy.patcher_extension
-import comfy.samplers
 import comfy.utils
 import folder_paths
 import torch
@@ -30,7 +29,7 @@ from . import folders
 from .common import block_names
 from .hook import RunState, family_of_config, install_patch
 from .learn import parse_prompts
-from .sampling import sample_prompts
+from .sampling import sample_prompts, sampling_inputs
 
 logger = logging.getLogger(__name__)
 
@@ -97,16 +96,8 @@ class CollectActivations(io.ComfyNode):
                 io.String.Input("negative_prompt", default="", tooltip="Negative prompt for every run."),
                 io.String.Input("dataset_name", default="my_sae_data",
                                 tooltip="Folder name under output/sae_datasets (or an absolute folder path)."),
-                io.Int.Input("width", default=512, min=64, max=4096, step=8, tooltip="Image width in pixels."),
-                io.Int.Input("height", default=512, min=64, max=4096, step=8, tooltip="Image height in pixels."),
-                io.Int.Input("steps", default=20, min=1, max=1000, tooltip="Sampling steps; every step is recorded."),
-                io.Float.Input("cfg", default=7.5, min=0.0, max=100.0, step=0.1, tooltip="Classifier-free guidance scale."),
-                io.Combo.Input("sampler_name", options=comfy.samplers.KSampler.SAMPLERS, default="euler",
-                               tooltip="Sampler of the recording runs."),
-                io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS, default="normal",
-                               tooltip="Scheduler of the recording runs."),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=False,
-                             tooltip="Noise seed of the first prompt; prompt i uses seed + i."),
+                *sampling_inputs("Sampling steps; every step is recorded.", "of the recording runs", 0,
+                                 "Noise seed of the first prompt; prompt i uses seed + i."),
                 io.Combo.Input("input_space", options=["output", "residual"], default="output",
                                tooltip="output: the block output (SAeUron); residual: output minus input (sdxl-unbox)."),
                 io.Combo.Input("branches", options=["cond", "uncond", "both"], default="cond",

@@ -23,6 +23,15 @@ NAME_MAX = 255
 _TMP_EXTRA = len(".") + 16 + len(".tmp") + 1
 
 
+def recorded_path(path: Path, root: Path) -> str:
+    """``path`` as a file that others read records it: relative to ``root`` when inside it, else its bare name (no
+    machine's folders in shared files)."""
+    try:
+        return str(Path(path).resolve().relative_to(Path(root).resolve()))
+    except ValueError:
+        return Path(path).name
+
+
 def check_file_name(path: str | os.PathLike, what: str = "file") -> Path:
     """``path`` as a Path, refused with SAEPathError when no filesystem could hold it (NUL byte, name too long)."""
     text = os.fspath(path)
