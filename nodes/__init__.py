@@ -1,1 +1,2 @@
-"""ComfyUI glue of SAE Concept Eraser: node schemas (extension.py) and the small pure modules they use."""
+"""ComfyUI glue of SAE Concept Eraser: the nodes (one family per *_nodes.py, registered in extension.py) and the
+small modules they share."""

@@ -1,5 +1,5 @@
 """ComfyUI nodes to make an SAE for the loaded model: Collect Activations (prompts -> dataset folder) and Train SAE
-(dataset folder -> models/sae). Thin adapters over sae_core.collect and sae_core.train.
+(dataset folder -> models/sae). Thin adapters over sae_core.collect, sae_core.dataset and sae_core.trainer.
 
 Training in the UI and the queue: ComfyUI runs one prompt at a time, so a node that trains blocks everything
 queued after it. Train SAE therefore takes ``max_minutes``: when that time is spent it writes a checkpoint and the

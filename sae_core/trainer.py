@@ -19,6 +19,7 @@ from .sae import SparseAutoencoder
 
 logger = logging.getLogger(__name__)
 
+
 @dataclass
 class StreamConfig:
     """How to train a ReLU-TopK SAE from a dataset folder; the same on one process or under torchrun."""

@@ -29,7 +29,7 @@ def test_collect_records_the_cond_block_outputs_the_sampler_produced(pack, sd1, 
     out = tn.CollectActivations.execute(captured, FakeClip(), **COLLECT)
     folder = out.args[0]
     assert not sd1.model.object_patches
-    ds = pack.sae_core.collect.ActivationDataset.open(folder)
+    ds = pack.sae_core.dataset.ActivationDataset.open(folder)
     got = torch.cat([ds.load(i) for i in range(len(ds.shards))]).float()
     # reference: the cond rows of every captured block call, channels last, in call order, stored as float16
     ref = []
