@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from .dataset import DTYPES, ShardWriter
 from .errors import SAEConfigError, SAEFormatError
+from .mixins import SharedOnCopy
 from .steps import BRANCHES, StepInfo, chunk_rows
 
 logger = logging.getLogger(__name__)
@@ -70,12 +71,13 @@ class CollectSettings:
             object.__setattr__(self, "step_indices", tuple(sorted({int(s) for s in self.step_indices})))
 
 
-class ActivationRecorder:
+class ActivationRecorder(SharedOnCopy):
     """A BlockIntervention that records and changes nothing: (block_in, block_out, step) -> block_out.
 
     Keeps the rows of the chosen CFG branches at the chosen steps, optionally a random subset of patch positions
     per map, as channels-last vectors [n, d] (``b c h w`` feature maps or ``b n c`` token sequences), and hands
     them to ``writer``. Usable on both hosts: ``sae_core.torch_hooks.attach_interventions`` and the ComfyUI hook.
+    Shared on copy: every clone of the patched model must write into the one writer.
     """
 
     def __init__(self, writer: ShardWriter, settings: CollectSettings = CollectSettings(), label: str = "block"):
@@ -85,9 +87,6 @@ class ActivationRecorder:
         self.calls = 0
         self.grid: tuple[int, ...] | None = None
         self.timesteps: set[float] = set()
-
-    def __deepcopy__(self, memo):  # ComfyUI deep-copies model_options on clone; the recorder must stay one object
-        return self
 
     def __call__(self, block_in: Tensor | None, block_out: Tensor, step: StepInfo) -> Tensor:
         s = self.settings

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +23,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from .errors import SAEFormatError
+from .files import atomic_write, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -39,9 +39,7 @@ def shard_name(i: int) -> str:
 
 
 def write_json_atomic(path: Path, data: Mapping) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=str))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(data, indent=1, default=str), what="dataset manifest")
 
 
 class ShardWriter:
@@ -96,9 +94,8 @@ class ShardWriter:
             total_sq += x.pow(2).sum(0)
         tensors = {"acts": acts, "sum": total, "sumsq": total_sq}
         name = shard_name(len(self.shards))
-        tmp = self.folder / (name + ".tmp")
-        save_file(tensors, str(tmp), metadata={"format": FORMAT + "/shard"})
-        os.replace(tmp, self.folder / name)
+        atomic_write(self.folder / name, lambda tmp: save_file(tensors, str(tmp), metadata={"format": FORMAT + "/shard"}),
+                     what="activation shard")
         self.shards.append({"file": name, "rows": self.fill})
         self.rows += self.fill
         self.fill = 0

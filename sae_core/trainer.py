@@ -15,6 +15,7 @@ from torch import Tensor
 
 from .config import SAEConfig
 from .errors import SAEConfigError, SAEFormatError
+from .files import atomic_write
 from .sae import SparseAutoencoder
 
 logger = logging.getLogger(__name__)
@@ -312,11 +313,7 @@ CHECKPOINT = "checkpoint.pt"
 
 def save_checkpoint(folder: Path, state: Mapping[str, Any]) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / CHECKPOINT
-    tmp = folder / (CHECKPOINT + ".tmp")
-    torch.save(dict(state), tmp)
-    tmp.replace(path)
-    return path
+    return atomic_write(folder / CHECKPOINT, lambda tmp: torch.save(dict(state), tmp), what="training checkpoint")
 
 
 def load_checkpoint(folder: Path, cfg: StreamConfig) -> dict[str, Any]:
