@@ -154,6 +154,16 @@ def decode(g: Graph, ids: dict, k: int, pos) -> int:
     return d
 
 
+def compare(g: Graph, images: list[int], labels: list[str], size: list[int]) -> int:
+    """A Compare node at the right of the graph fed by ``images`` (two or three VAEDecode nodes)."""
+    slots = ("a", "b", "c")
+    labels = [*labels, ""] if len(labels) == 2 else labels
+    c = g.node("SAECompare", (1760, 0), {f"label_{k}": v for k, v in zip(slots, labels, strict=True)}, size=size)
+    for d, k in zip(images, slots[:len(images)], strict=True):
+        g.link(d, "IMAGE", c, f"image_{k}")
+    return c
+
+
 TURBO_SAMPLING = {"seed": 42, "steps": 4, "cfg": 1.0, "sampler_name": "euler_ancestral", "scheduler": "sgm_uniform",
                   "denoise": 1.0}
 TURBO_LEARN = {"width": 512, "height": 512, "steps": 4, "cfg": 1.0, "sampler_name": "euler_ancestral",
@@ -229,11 +239,7 @@ def wf_compare(schemas) -> dict:
     k1 = sampler(g, ids, (per, "MODEL"), (1120, 360), TURBO_SAMPLING, title="KSampler (Patch Replacer)")
     k2 = sampler(g, ids, (steer, "MODEL"), (1120, 720), TURBO_SAMPLING, title="KSampler (SAE Steer)")
     d0, d1, d2 = (decode(g, ids, k, (1480, 360 * i)) for i, k in enumerate((k0, k1, k2)))
-    cmp_ = g.node("SAECompare", (1760, 0), {"label_a": "original", "label_b": "Patch Replacer",
-                                            "label_c": "SAE Steer"}, size=[520, 620])
-    g.link(d0, "IMAGE", cmp_, "image_a")
-    g.link(d1, "IMAGE", cmp_, "image_b")
-    g.link(d2, "IMAGE", cmp_, "image_c")
+    compare(g, [d0, d1, d2], ["original", "Patch Replacer", "SAE Steer"], [520, 620])
     g.note((360, 560), "# Original vs SAE Steer vs Patch Replacer\nThe three KSamplers share one seed, prompt "
            "and latent; only the model differs. Compare shows the three side by side; drag its slider to wipe "
            "between the original and the branch picked in its menu. Steering edits the SAE latents (pushes activations off their "
@@ -258,10 +264,7 @@ def wf_style(schemas) -> dict:
     k0 = sampler(g, ids, (ids["ckpt"], "MODEL"), (1120, 0), SD15_SAMPLING, title="KSampler (original)")
     k1 = sampler(g, ids, (per, "MODEL"), (1120, 360), SD15_SAMPLING, title="KSampler (Patch Replacer)")
     d0, d1 = decode(g, ids, k0, (1480, 0)), decode(g, ids, k1, (1480, 360))
-    cmp_ = g.node("SAECompare", (1760, 0), {"label_a": "original", "label_b": "style erased", "label_c": ""},
-                  size=[520, 460])
-    g.link(d0, "IMAGE", cmp_, "image_a")
-    g.link(d1, "IMAGE", cmp_, "image_b")
+    compare(g, [d0, d1], ["original", "style erased"], [520, 460])
     mask_preview(g, per, d1, (1760, 520))
     g.note((760, 600), "# SD 1.5 style erasure with a SAeUron SAE\nSAeUron's style SAE sits on "
            "`up_blocks.1.attentions.2` (16x16 patches at 512 px). Learn Concept scores the latents per timestep "
@@ -308,10 +311,7 @@ def wf_two(schemas) -> dict:
     k0 = sampler(g, ids, (ids["ckpt"], "MODEL"), (1120, 0), TURBO_SAMPLING, title="KSampler (original)")
     k1 = sampler(g, ids, (per, "MODEL"), (1120, 360), TURBO_SAMPLING, title="KSampler (both erased)")
     d0, d1 = decode(g, ids, k0, (1480, 0)), decode(g, ids, k1, (1480, 360))
-    cmp_ = g.node("SAECompare", (1760, 0), {"label_a": "original", "label_b": "dog + bicycle erased",
-                                            "label_c": ""}, size=[520, 460])
-    g.link(d0, "IMAGE", cmp_, "image_a")
-    g.link(d1, "IMAGE", cmp_, "image_b")
+    compare(g, [d0, d1], ["original", "dog + bicycle erased"], [520, 460])
     mask_preview(g, per, d1, (1760, 520))
     g.note((760, 600), "# Two concepts erased at once\nConcept Detector unites the detections of every "
            "connected concept (up to three, plus typed latent ids); one Patch Replacer then erases them all in "
