@@ -1,0 +1,268 @@
+"""The nodes on tiny FLUX and SD3 models built with ComfyUI's own classes, through comfy.sample.
+
+Around the node's patch sit two plain ``patches_replace["dit"]`` patches written here: the inner one (installed
+first, so the node must chain it) records the block's untouched output sequence, the outer one (installed after)
+records what the node returned. References (token -> grid layout, masks, PER's sources) are computed here.
+"""
+
+import math
+
+import comfy.model_management
+import comfy.sample
+import comfy.samplers
+import pytest
+import torch
+from test_nodes_comfyui import FakeClip, make_sae, ref_mask, typed_detector
+from tiny_dits import POOLED, WIDTH, build_flux, build_sd3, dit_conds
+from tiny_unets import sample
+
+
+@pytest.fixture(scope="module")
+def flux(comfy_threads):
+    return build_flux()
+
+
+@pytest.fixture(scope="module")
+def flux_dev(comfy_threads):
+    return build_flux(seed=21, guidance=True)
+
+
+@pytest.fixture(scope="module")
+def sd3(comfy_threads):
+    return build_sd3()
+
+
+def _tiny(request, name):
+    return request.getfixturevalue(name)
+
+
+def run(model, *, width=80, height=56, cfg=1.0, steps=2, batch=1, guidance=None, seed=7):
+    pos, neg = dit_conds(guidance=guidance)
+    return sample(model, "dit", width=width, height=height, cfg=cfg, steps=steps, batch=batch, positive=pos,
+                  negative=neg, seed=seed)
+
+
+class SeqRecorder:
+    """A foreign replace patch: chains what was there before it (or the original block) and records the
+    ``img`` sequence it returns and the call's cond_or_uncond."""
+
+    def __init__(self, prev=None):
+        self.prev, self.calls = prev, []
+
+    def __deepcopy__(self, memo):  # model.clone() deep-copies model_options: keep one recorder
+        return self
+
+    def __call__(self, args, extra):
+        out = self.prev(args, extra) if self.prev is not None else extra["original_block"](args)
+        to = args["transformer_options"]
+        self.calls.append((out["img"].detach().clone(), out.get("txt"), tuple(to["cond_or_uncond"])))
+        return out
+
+
+def add_recorder(model, kind, index):
+    m = model.clone()
+    prev = m.model_options.get("transformer_options", {}).get("patches_replace", {}).get("dit", {}).get((kind, index))
+    rec = SeqRecorder(prev)
+    m.set_model_patch_replace(rec, "dit", kind, index)
+    return m, rec
+
+
+def image_grid(seq, start, gh, gw):
+    """[B, C, gh, gw] from the image tokens of a sequence (row-major patches, as FLUX / SD3 patchify)."""
+    b, _, c = seq.shape
+    return seq[:, start:start + gh * gw].reshape(b, gh, gw, c).permute(0, 3, 1, 2)
+
+
+# (fixture, block name, ComfyUI key, patch kind, index, text tokens before the image tokens)
+CASES = [
+    ("flux", "transformer_blocks.1", "double_blocks.1", "double_block", 1, 0),
+    ("flux", "single_transformer_blocks.0", "single_blocks.0", "single_block", 0, 5),
+    ("flux_dev", "single_transformer_blocks.1", "single_blocks.1", "single_block", 1, 5),
+    ("sd3", "transformer_blocks.1", "joint_blocks.1", "double_block", 1, 0),
+    ("sd3", "transformer_blocks.2", "joint_blocks.2", "double_block", 2, 0),  # the last, context pre-only block
+]
+FAMILY = {"flux": "flux", "flux_dev": "flux", "sd3": "sd3"}
+
+
+def busy_ids(sae, grid_out, n=2):
+    codes = sae.encode(grid_out.movedim(1, -1))
+    share = (codes > 0).float().flatten(0, 2).mean(0)
+    return [int(i) for i in torch.argsort((share - 0.3).abs())[:n]]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[f"{c[0]}-{c[2]}" for c in CASES])
+@pytest.mark.parametrize("size,cfg,batch", [((80, 56), 1.0, 1), ((48, 104), 3.0, 2)])
+def test_patch_replacer_on_dit_blocks(pack, request, case, size, cfg, batch):
+    fixture, name, comfy_name, kind, index, txt = case
+    tiny = _tiny(request, fixture)
+    ext = pack.nodes.extension
+    w, h = size
+    guidance = 3.5 if fixture == "flux_dev" else None
+    gh, gw = math.ceil(h // 8 / 2), math.ceil(w // 8 / 2)  # 56 -> latent 7 -> 4 rows (padded)
+    sae = make_sae(pack, WIDTH, hook=name, family=FAMILY[fixture])
+    base = run(tiny.model, width=w, height=h, cfg=cfg, batch=batch, guidance=guidance)
+
+    probe, rec0 = add_recorder(tiny.model, kind, index)
+    run(probe, width=w, height=h, cfg=1.0, steps=1, guidance=guidance)
+    ids = busy_ids(sae, image_grid(rec0.calls[0][0], txt, gh, gw))
+    det = typed_detector(pack, sae, ids, padding=0)
+
+    inner, rec_in = add_recorder(tiny.model, kind, index)
+    patched, dets = ext.PatchReplacer.execute(inner, det, mode="random", target="output", seed=3,
+                                              look_ahead=False).args
+    outer, rec_out = add_recorder(patched, kind, index)
+    out = run(outer, width=w, height=h, cfg=cfg, batch=batch, guidance=guidance)
+    assert torch.isfinite(out).all()
+    assert rec_in.calls and len(rec_in.calls) == len(rec_out.calls)  # the chained foreign patch ran every call
+
+    edited = 0
+    for s, ((seq_in, txt_in, chunks), (seq_out, txt_out, _)) in enumerate(zip(rec_in.calls, rec_out.calls)):
+        assert seq_in.shape[1] == txt + gh * gw
+        # never the text tokens: the single blocks' leading text tokens and the double blocks' txt stream
+        assert torch.equal(seq_out[:, :txt], seq_in[:, :txt])
+        if txt_in is not None:
+            assert txt_out is txt_in
+        g_in, g_out = image_grid(seq_in, txt, gh, gw), image_grid(seq_out, txt, gh, gw)
+        mask = ref_mask(sae, g_in, ids, [0.0] * len(ids), 1.0, 0)  # [rows, gh, gw]
+        n = seq_in.shape[0] // len(chunks)
+        for c, flag in enumerate(chunks):
+            keys, masks = dets.recorder.masks("cond" if flag == 0 else "uncond", 0)
+            assert masks.shape[1:] == (gh, gw)
+            torch.testing.assert_close(masks[keys.index(s)], mask[c * n])
+        for r in range(seq_in.shape[0]):
+            m = mask[r]
+            keep = ~m
+            # PER: undetected tokens bit-identical, detected ones copied from undetected tokens of the same map
+            assert torch.equal(g_out[r][:, keep], g_in[r][:, keep])
+            if m.any() and keep.any():
+                sources = g_in[r][:, keep].T  # [K, C]
+                for y, x in m.nonzero().tolist():
+                    assert (sources == g_out[r][:, y, x]).all(-1).any()
+                edited += 1
+    assert edited, "nothing was detected: the test would not see a wrong replacement"
+    assert not torch.equal(out, base)
+    assert not tiny.model.model_options.get("transformer_options", {}).get("patches_replace")
+
+
+@pytest.mark.parametrize("fixture,name", [("flux", "single_transformer_blocks.1"), ("sd3", "transformer_blocks.0")])
+def test_identity_settings_are_bit_identical(pack, request, fixture, name):
+    tiny = _tiny(request, fixture)
+    ext = pack.nodes.extension
+    sae = make_sae(pack, WIDTH, hook=name, family=FAMILY[fixture])
+    cfg = 3.0 if fixture == "sd3" else 1.0
+    base = run(tiny.model, width=96, height=40, cfg=cfg)
+    nothing = typed_detector(pack, sae, [1, 2], typed_threshold=1e6)
+    m, det = ext.PatchReplacer.execute(tiny.model, nothing, mode="random", target="output", seed=0,
+                                       look_ahead=False).args
+    torch.testing.assert_close(run(m, width=96, height=40, cfg=cfg), base, rtol=0, atol=0)
+    assert det.recorder.records and not any(r.mask().any() for r in det.recorder.records)
+    some = typed_detector(pack, sae, [1, 2, 3, 4])
+    m2, det2 = ext.SAESteer.execute(m, some, method="saeuron_scale", strength=1.0, error="preserve",
+                                    detected_only=False).args
+    torch.testing.assert_close(run(m2, width=96, height=40, cfg=cfg), base, rtol=0, atol=0)
+    assert any(r.mask().any() for r in det2.recorder.records)
+    # steering that does edit changes the result, on the image tokens' grid
+    m3, det3 = ext.SAESteer.execute(tiny.model, some, method="saeuron_scale", strength=-4.0, error="preserve",
+                                    detected_only=True).args
+    assert not torch.equal(run(m3, width=96, height=40, cfg=cfg), base)
+    assert det3.recorder.records[0].hw == (3, 6)
+
+
+def test_mask_preview_on_flux(pack, flux):
+    ext = pack.nodes.extension
+    sae = make_sae(pack, WIDTH, hook="single_transformer_blocks.0", family="flux")
+    probe, rec0 = add_recorder(flux.model, "single_block", 0)
+    run(probe, width=96, height=64, steps=1)
+    ids = busy_ids(sae, image_grid(rec0.calls[0][0], 5, 4, 6))
+    m, dets = ext.PatchReplacer.execute(flux.model, typed_detector(pack, sae, ids), mode="nearest", target="output",
+                                        seed=0, look_ahead=False).args
+    run(m, width=96, height=64, steps=2)
+    images = torch.rand(1, 64, 96, 3, generator=torch.Generator().manual_seed(0))
+    overlay, mask = ext.MaskPreview.execute(dets, images, step=-1, aggregate="max", branch="cond", show="mask",
+                                            opacity=0.5, color="#ff0000").args
+    keys, grids = dets.recorder.masks("cond", 0)
+    g = grids.any(0).float()
+    assert g.shape == (4, 6) and 0 < float(g.mean()) < 1
+    torch.testing.assert_close(mask[0], g.repeat_interleave(16, 0).repeat_interleave(16, 1))
+
+
+class DitClip(FakeClip):
+    def encode_from_tokens_scheduled(self, tokens):
+        (cond, extra), = super().encode_from_tokens_scheduled(tokens)
+        g = torch.Generator().manual_seed(len(tokens))
+        return [[cond, {**extra, "pooled_output": torch.randn(1, POOLED, generator=g)}]]
+
+
+def test_learn_concept_on_flux_matches_recorded_codes(pack, flux):
+    ext = pack.nodes.extension
+    sae = make_sae(pack, WIDTH, M=64, hook="transformer_blocks.0", family="flux")
+    inner, rec = add_recorder(flux.model, "double_block", 0)
+    kw = dict(concept_name="cat", concept_prompts="a cat\na cat on a mat", contrast_prompts="a dog\na house",
+              negative_prompt="", width=64, height=48, steps=2, cfg=1.0, sampler_name="euler",
+              scheduler="simple", seed=188, selection="top_n", percentile=99.0, top_n=2)
+    concept = ext.LearnConcept.execute(inner, DitClip(), sae, **kw).args[0]
+    assert concept.names == ("cat",) and concept.meta.model_family == "flux"
+    assert len(rec.calls) == 4 * 2
+    mu = {"cat": [], "other": []}
+    for p in range(4):
+        per_t = [sae.encode(image_grid(rec.calls[p * 2 + s][0], 0, 3, 4).movedim(1, -1)).flatten(0, 2).double().mean(0)
+                 for s in range(2)]
+        mu["cat" if p < 2 else "other"].append(torch.stack(per_t))
+    mc, mn = torch.stack(mu["cat"]).mean(0), torch.stack(mu["other"]).mean(0)
+    score = mc / (mc.sum(-1, keepdim=True) + 1e-8) - mn / (mn.sum(-1, keepdim=True) + 1e-8)
+    ms = flux.model.get_model_object("model_sampling")
+    sig = comfy.samplers.calculate_sigmas(ms, "simple", 2)
+    for s in range(2):
+        t = concept.timestep_index(float(ms.timestep(sig[s:s + 1])))  # FLUX's timestep is sigma (0..1)
+        got = [int(i) for i in concept.latents[0, t] if i >= 0]
+        assert set(got) == set(torch.topk(score[s], 2).indices.tolist())
+
+
+def test_errors_and_interrupts_leave_nothing_patched(pack, flux, sd3):
+    ext = pack.nodes.extension
+    base = run(flux.model)
+    # a wrong width fails before sampling, naming the block and both widths
+    wrong = make_sae(pack, 32, hook="single_transformer_blocks.0", family="flux")
+    with pytest.raises(ValueError) as e:
+        ext.PatchReplacer.execute(flux.model, typed_detector(pack, wrong, [1]), mode="random", target="output",
+                                  seed=0, look_ahead=False)
+    for part in ("single_transformer_blocks.0", "diffusion_model.single_blocks.0", f"has {WIDTH} channels",
+                 "d_in=32"):
+        assert part in str(e.value), str(e.value)
+    # an SAE of another family
+    other = make_sae(pack, WIDTH, hook="transformer_blocks.0", family="sd3")
+    with pytest.raises(ValueError, match="trained on sd3.*model is flux"):
+        ext.PatchReplacer.execute(flux.model, typed_detector(pack, other, [1]), mode="random", target="output",
+                                  seed=0, look_ahead=False)
+    # an interrupt inside sampling: the run state is released, the input model never carried the patch
+    sae = make_sae(pack, WIDTH, hook="transformer_blocks.1", family="flux")
+    m, dets = ext.PatchReplacer.execute(flux.model, typed_detector(pack, sae, [1, 2]), mode="random",
+                                        target="output", seed=0, look_ahead=False).args
+    comfy.model_management.interrupt_current_processing(True)
+    try:
+        with pytest.raises(comfy.model_management.InterruptProcessingException):
+            pos, neg = dit_conds()
+            latent = torch.zeros(1, 16, 7, 10)
+
+            def stop(*_):
+                comfy.model_management.throw_exception_if_processing_interrupted()
+
+            comfy.sample.sample(m, latent.clone(), 2, 1.0, "euler", "simple", pos, neg, latent, callback=stop,
+                                disable_pbar=True, seed=1)
+    finally:
+        comfy.model_management.interrupt_current_processing(False)
+    assert dets.active == 0
+    assert not flux.model.model_options.get("transformer_options", {}).get("patches_replace")
+    torch.testing.assert_close(run(flux.model), base, rtol=0, atol=0)
+    # Learn Concept interrupted on SD3
+    sae3 = make_sae(pack, WIDTH, M=64, hook="transformer_blocks.0", family="sd3")
+    comfy.model_management.interrupt_current_processing(True)
+    try:
+        with pytest.raises(comfy.model_management.InterruptProcessingException):
+            ext.LearnConcept.execute(sd3.model, DitClip(), sae3, concept_name="cat", concept_prompts="a cat",
+                                     contrast_prompts="", negative_prompt="", width=64, height=64, steps=2, cfg=3.0,
+                                     sampler_name="euler", scheduler="simple", seed=1, selection="top_n",
+                                     percentile=99.0, top_n=2)
+    finally:
+        comfy.model_management.interrupt_current_processing(False)
+    assert not sd3.model.model_options.get("transformer_options", {}).get("patches_replace")
