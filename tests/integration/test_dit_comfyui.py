@@ -116,7 +116,7 @@ def test_patch_replacer_on_dit_blocks(pack, request, case, size, cfg, batch):
     assert rec_in.calls and len(rec_in.calls) == len(rec_out.calls)  # the chained foreign patch ran every call
 
     edited = 0
-    for s, ((seq_in, txt_in, chunks), (seq_out, txt_out, _)) in enumerate(zip(rec_in.calls, rec_out.calls)):
+    for s, ((seq_in, txt_in, chunks), (seq_out, txt_out, _)) in enumerate(zip(rec_in.calls, rec_out.calls, strict=True)):
         assert seq_in.shape[1] == txt + gh * gw
         # never the text tokens: the single blocks' leading text tokens and the double blocks' txt stream
         assert torch.equal(seq_out[:, :txt], seq_in[:, :txt])
