@@ -127,10 +127,17 @@ def make_dit_patch(kind: str, prev: Callable | None, intervention, state, window
     from .hook import _UNSET, step_info  # nodes.hook imports this module lazily: no import cycle
 
     def patch(args: dict, extra: dict):
+        to = args.get("transformer_options") or extra.get("transformer_options") or {}
+        saved_in = None
+        x_in = args.get("img")
+        if state.active and getattr(intervention, "needs_block_in", True) and isinstance(x_in, torch.Tensor):
+            # ComfyUI's FLUX single block adds its update to its input in place (x += ...): keep the image tokens
+            # of the input now, or a residual SAE would see output - output = 0
+            s0, h0, w0 = image_span(kind, x_in, to, patch_size, state.label)
+            saved_in = x_in[:, s0:s0 + h0 * w0].clone()
         out = prev(args, extra) if prev is not None else extra["original_block"](args)
         if not state.active:
             return out
-        to = args.get("transformer_options") or extra.get("transformer_options") or {}
         img = out["img"]
         device = to.get("multigpu_thread_device")
         step = step_info(to, state.model_sampling, state)
@@ -145,10 +152,9 @@ def make_dit_patch(kind: str, prev: Callable | None, intervention, state, window
         start, gh, gw = image_span(kind, img, to, patch_size, state.label)
         n = gh * gw
         block_out = rearrange(img[:, start:start + n], "b (h w) c -> b c h w", h=gh, w=gw)
-        x_in = args.get("img")
         block_in = None
-        if isinstance(x_in, torch.Tensor) and x_in.shape == img.shape:
-            block_in = rearrange(x_in[:, start:start + n], "b (h w) c -> b c h w", h=gh, w=gw)
+        if saved_in is not None and saved_in.shape == (img.shape[0], n, img.shape[2]):
+            block_in = rearrange(saved_in, "b (h w) c -> b c h w", h=gh, w=gw)
         new = intervention(block_in, block_out, step)
         if new is block_out:
             return out

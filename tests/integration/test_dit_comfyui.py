@@ -47,15 +47,17 @@ class SeqRecorder:
     ``img`` sequence it returns and the call's cond_or_uncond."""
 
     def __init__(self, prev=None):
-        self.prev, self.calls = prev, []
+        self.prev, self.calls, self.inputs = prev, [], []
 
     def __deepcopy__(self, memo):  # model.clone() deep-copies model_options: keep one recorder
         return self
 
     def __call__(self, args, extra):
+        x_in = args["img"].detach().clone()  # before the block: FLUX's single block adds to its input in place
         out = self.prev(args, extra) if self.prev is not None else extra["original_block"](args)
         to = args["transformer_options"]
         self.calls.append((out["img"].detach().clone(), out.get("txt"), tuple(to["cond_or_uncond"])))
+        self.inputs.append(x_in)
         return out
 
 
@@ -266,3 +268,53 @@ def test_errors_and_interrupts_leave_nothing_patched(pack, flux, sd3):
     finally:
         comfy.model_management.interrupt_current_processing(False)
     assert not sd3.model.model_options.get("transformer_options", {}).get("patches_replace")
+
+
+@pytest.mark.parametrize("mode,target", [("random", "output"), ("nearest", "output"), ("mean", "output"),
+                                         ("background", "output"), ("random", "residual")])
+def test_every_per_mode_keeps_text_and_undetected_tokens(pack, flux, mode, target):
+    ext = pack.nodes.extension
+    txt, gh, gw = 5, 4, 5  # 80 x 64 px -> latent 10 x 8 -> 5 x 4 tokens... rows first: 64 px = 4 rows
+    sae = make_sae(pack, WIDTH, hook="single_transformer_blocks.1", family="flux")
+    probe, rec0 = add_recorder(flux.model, "single_block", 1)
+    run(probe, width=80, height=64, steps=1)
+    ids = busy_ids(sae, image_grid(rec0.calls[0][0], txt, gh, gw))
+    inner, rec_in = add_recorder(flux.model, "single_block", 1)
+    patched, dets = ext.PatchReplacer.execute(inner, typed_detector(pack, sae, ids), mode=mode, target=target,
+                                              seed=2, look_ahead=False).args
+    outer, rec_out = add_recorder(patched, "single_block", 1)
+    run(outer, width=80, height=64, steps=2)
+    changed = False
+    for (seq_in, _, _), (seq_out, _, _) in zip(rec_in.calls, rec_out.calls, strict=True):
+        assert torch.equal(seq_out[:, :txt], seq_in[:, :txt])
+        mask = ref_mask(sae, image_grid(seq_in, txt, gh, gw), ids, [0.0] * len(ids), 1.0, 0)
+        g_in, g_out = image_grid(seq_in, txt, gh, gw), image_grid(seq_out, txt, gh, gw)
+        assert torch.equal(g_out.permute(0, 2, 3, 1)[~mask], g_in.permute(0, 2, 3, 1)[~mask])
+        changed = changed or not torch.equal(g_out, g_in)
+    assert changed, [float(r.mask().float().mean()) for r in dets.recorder.records]
+
+
+@pytest.mark.parametrize("fixture,name,kind,index,txt", [("flux", "single_transformer_blocks.0", "single_block", 0, 5),
+                                                        ("sd3", "transformer_blocks.1", "double_block", 1, 0)])
+def test_residual_sae_sees_output_minus_input(pack, request, fixture, name, kind, index, txt):
+    """The block input is kept before the block runs (ComfyUI's FLUX single block updates it in place)."""
+    tiny = _tiny(request, fixture)
+    ext = pack.nodes.extension
+    gh, gw = 4, 5
+    sae = make_sae(pack, WIDTH, hook=name, family=FAMILY[fixture], input_space="residual")
+    probe, rec0 = add_recorder(tiny.model, kind, index)
+    run(probe, width=80, height=64, steps=1)
+    resid = image_grid(rec0.calls[0][0], txt, gh, gw) - image_grid(rec0.inputs[0], txt, gh, gw)
+    assert resid.abs().amax() > 0
+    ids = busy_ids(sae, resid)
+    inner, rec = add_recorder(tiny.model, kind, index)
+    m, dets = ext.PatchReplacer.execute(inner, typed_detector(pack, sae, ids), mode="random", target="residual",
+                                        seed=0, look_ahead=False).args
+    run(m, width=80, height=64, steps=2, cfg=3.0 if fixture == "sd3" else 1.0)
+    for s, ((seq, _, chunks), x_in) in enumerate(zip(rec.calls, rec.inputs, strict=True)):
+        ref = ref_mask(sae, image_grid(seq, txt, gh, gw) - image_grid(x_in, txt, gh, gw), ids, [0.0] * len(ids),
+                       1.0, 0)
+        assert 0 < float(ref.float().mean()) < 1
+        for c, flag in enumerate(chunks):
+            keys, masks = dets.recorder.masks("cond" if flag == 0 else "uncond", 0)
+            torch.testing.assert_close(masks[keys.index(s)], ref[c])
