@@ -318,3 +318,21 @@ def test_residual_sae_sees_output_minus_input(pack, request, fixture, name, kind
         for c, flag in enumerate(chunks):
             keys, masks = dets.recorder.masks("cond" if flag == 0 else "uncond", 0)
             torch.testing.assert_close(masks[keys.index(s)], ref[c])
+
+
+def test_look_ahead_runs_two_passes_on_flux(pack, flux):
+    ext = pack.nodes.extension
+    txt, gh, gw = 5, 4, 5
+    sae = make_sae(pack, WIDTH, hook="single_transformer_blocks.0", family="flux")
+    probe, rec0 = add_recorder(flux.model, "single_block", 0)
+    run(probe, width=80, height=64, steps=1)
+    ids = busy_ids(sae, image_grid(rec0.calls[0][0], txt, gh, gw))
+    inner, rec = add_recorder(flux.model, "single_block", 0)
+    m, dets = ext.PatchReplacer.execute(inner, typed_detector(pack, sae, ids), mode="random", target="output", seed=0,
+                                        look_ahead=True).args
+    base = run(flux.model, width=80, height=64, steps=2)
+    out = run(m, width=80, height=64, steps=2)
+    assert len(rec.calls) == 2 * 2  # detect pass + edit pass, two steps each, from the same noise
+    torch.testing.assert_close(rec.calls[0][0], rec.calls[2][0], rtol=0, atol=0)  # same first-step input
+    assert not torch.equal(out, base) and dets.recorder.keys() == [0, 1]
+    assert not flux.model.model_options.get("transformer_options", {}).get("patches_replace")
