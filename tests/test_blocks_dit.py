@@ -180,3 +180,19 @@ def test_registry_matches_diffusers_sd3(cfg):
     g = grid_size(blocks(family)[0], lh, lw)
     for s in blocks(family):
         assert shapes[s.diffusers] == (1, g.height * g.width, s.channels)
+
+
+@pytest.mark.parametrize("family,rows,first", [
+    ("flux", 57, "| transformer_blocks.0 | double_blocks.0 | double.0 | 3072 | 32x32 | 64x64 |"),
+    ("sd3", 24, "| transformer_blocks.0 | joint_blocks.0 | joint.0 | 1536 | 32x32 | 64x64 |"),
+    ("SD3.5-large", 38, "| transformer_blocks.0 | joint_blocks.0 | joint.0 | 2432 | 32x32 | 64x64 |"),
+])
+def test_cli_blocks_prints_the_dit_tables(family, rows, first):
+    import io
+
+    from sae_core.__main__ import main
+
+    out, err = io.StringIO(), io.StringIO()
+    assert main(["blocks", "--family", family], out=out, err=err) == 0, err.getvalue()
+    lines = [ln for ln in out.getvalue().splitlines() if ln.startswith("| ") and "diffusers" not in ln]
+    assert len(lines) == rows and lines[0] == first
