@@ -61,3 +61,12 @@ def test_finebooru_refusals(tmp_path):
 def test_sparsify_folder_named_after_a_flux_hook(tmp_path, folder, hook):
     sae = load_sae(write_sparsify(tmp_path / folder, random_weights(D, M), k=K))
     assert (sae.cfg.hook_point, sae.cfg.model_family) == (hook, "flux")
+
+
+def test_a_model_folder_with_the_same_file_names_is_not_taken_for_an_sae(tmp_path):
+    d = tmp_path / "some_model"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"_class_name": "UNet2DModel", "in_channels": 3}))
+    save_file({"conv.weight": torch.zeros(2, 2)}, str(d / "model.safetensors"))
+    with pytest.raises(SAEFormatError, match="unrecognised layout|config but the weights are missing"):
+        detect_format(d)

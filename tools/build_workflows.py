@@ -59,8 +59,7 @@ KREA_NOTE = (
     "`single_transformer_blocks.9` (3072 -> 12288 latents), checkpoint `cc3m-single_transformer_blocks.9` "
     "(a folder with config.json + model.safetensors) from github.com/RE-N-Y/finebooru. Convert it to one native "
     "file:\n\n"
-    "`python custom_nodes/sae-concept-eraser convert <that folder> models/sae/krea_flux_single_9.safetensors "
-    "--family flux`\n\n"
+    "`python custom_nodes/sae-concept-eraser convert <that folder> models/sae/krea_flux_single_9.safetensors`\n\n"
     "(run in the ComfyUI folder with the Python that runs ComfyUI; or skip converting: Load SAE also reads the "
     "folder itself when you put it in models/sae, keeping its name, which carries the hook point).\n"
 )

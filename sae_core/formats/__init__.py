@@ -26,6 +26,8 @@ logger = logging.getLogger(__name__)
 def _layout_of(directory: Path) -> str | None:
     for name, (markers, _) in LAYOUTS.items():
         if all((directory / m).is_file() for m in markers):
+            if name == "finebooru" and not finebooru.looks_like(directory):
+                continue  # config.json + model.safetensors is also a diffusers / transformers model folder
             return name
     return None
 

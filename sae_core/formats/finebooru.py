@@ -12,6 +12,7 @@ and ``-0`` its text stream, which this pack never hooks.
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -22,6 +23,17 @@ from ._io import cfg_int, check_width, read_json, read_safetensors, take
 CONFIG, WEIGHTS = "config.json", "model.safetensors"
 _HOOK_RE = re.compile(r"(?:^|[-_.])(?P<name>(?:single_)?transformer_blocks\.\d+)(?:-(?P<stream>\d+))?$")
 KEYS = ("encoder.weight", "encoder.bias", "decoder.weight", "bias")
+
+
+def looks_like(directory: Path) -> bool:
+    """True when config.json is this layout's (features and pages), not a diffusers / transformers model's."""
+    try:
+        if (directory / CONFIG).stat().st_size > 65536:
+            return False
+        raw = json.loads((directory / CONFIG).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(raw, dict) and "features" in raw and "pages" in raw
 
 
 def hook_from_name(name: str, where: Path) -> str | None:
