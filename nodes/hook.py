@@ -123,8 +123,8 @@ class RunState(SharedOnCopy):
         text = (
             f"{self.label}: the sampling run never called the SAE patch on {where}, so nothing was detected or "
             "edited and nothing was recorded. A node applied after this one replaced that block's forward "
-            "without chaining it (an object patch on the same block), or the model sampled is not the one this "
-            "node patched. Put this node after the other patch node, or remove the other patch"
+            "without chaining it (an object patch, or for FLUX / SD3 a DiT replace patch, on the same block), or the "
+            "model sampled is not the one this node patched. Put this node after the other patch node, or remove the other patch"
         )
         self.warnings.append(text)
         logger.warning("%s", text)
