@@ -336,3 +336,38 @@ def test_look_ahead_runs_two_passes_on_flux(pack, flux):
     torch.testing.assert_close(rec.calls[0][0], rec.calls[2][0], rtol=0, atol=0)  # same first-step input
     assert not torch.equal(out, base) and dets.recorder.keys() == [0, 1]
     assert not flux.model.model_options.get("transformer_options", {}).get("patches_replace")
+
+
+def test_registry_matches_comfyui_models_at_published_sizes(pack):
+    """ComfyUI's own FLUX and MMDiT classes at the published sizes (on the meta device: no memory): the registry's
+    ComfyUI names exist, their width is the registry's, and nothing hookable is missing."""
+    import importlib
+
+    import comfy.ldm.flux.model
+    import comfy.ldm.modules.diffusionmodules.mmdit
+    import comfy.ops
+
+    blocks = pack.sae_core.blocks
+    dit_hook = importlib.import_module(pack.__name__ + ".nodes.dit_hook")
+    ops = comfy.ops.disable_weight_init
+    with torch.device("meta"):
+        flux = comfy.ldm.flux.model.Flux(
+            operations=ops, in_channels=16, out_channels=16, vec_in_dim=768, context_in_dim=4096, hidden_size=3072,
+            mlp_ratio=4.0, num_heads=24, depth=19, depth_single_blocks=38, axes_dim=[16, 56, 56], theta=10000,
+            patch_size=2, qkv_bias=True, guidance_embed=True)
+        sd3 = {depth: comfy.ldm.modules.diffusionmodules.mmdit.MMDiT(
+            operations=ops, in_channels=16, out_channels=16, patch_size=2, depth=depth, adm_in_channels=2048,
+            pos_embed_max_size=192, num_patches=192 * 192,
+            context_embedder_config={"target": "torch.nn.Linear", "params": {"in_features": 4096,
+                                                                             "out_features": 64 * depth}})
+            for depth in (24, 38)}
+    models = {"flux": flux, "sd3": sd3[24], "sd35large": sd3[38]}
+    for family, model in models.items():
+        mods = dict(model.named_modules())
+        names = [s.comfy for s in blocks.blocks(family)]
+        hookable = [n for n in mods if n.count(".") == 1 and n.split(".")[0] in ("double_blocks", "single_blocks",
+                                                                               "joint_blocks")]
+        assert names == hookable
+        for s in blocks.blocks(family):
+            assert dit_hook.dit_block_width(mods[s.comfy]) == s.channels
+            assert dit_hook.is_dit_key(s.comfy_key)
