@@ -371,3 +371,31 @@ def test_registry_matches_comfyui_models_at_published_sizes(pack):
         for s in blocks.blocks(family):
             assert dit_hook.dit_block_width(mods[s.comfy]) == s.channels
             assert dit_hook.is_dit_key(s.comfy_key)
+
+
+def test_bf16_flux_with_an_fp32_sae(pack, comfy_threads):
+    """FLUX runs in bf16: the fp32 SAE is cast to the tokens' dtype, edited tokens go back as bf16, the text tokens
+    and undetected tokens stay bit-identical."""
+    tiny = build_flux(seed=31, dtype=torch.bfloat16)
+    ext = pack.nodes.extension
+    txt, gh, gw = 5, 4, 5
+    sae = make_sae(pack, WIDTH, hook="single_transformer_blocks.0", family="flux")
+    probe, rec0 = add_recorder(tiny.model, "single_block", 0)
+    run(probe, width=80, height=64, steps=1)
+    assert rec0.calls[0][0].dtype == torch.bfloat16
+    ids = busy_ids(sae, image_grid(rec0.calls[0][0], txt, gh, gw).float())
+    inner, rec_in = add_recorder(tiny.model, "single_block", 0)
+    m, dets = ext.PatchReplacer.execute(inner, typed_detector(pack, sae, ids), mode="random", target="output",
+                                        seed=0, look_ahead=False).args
+    outer, rec_out = add_recorder(m, "single_block", 0)
+    out = run(outer, width=80, height=64, steps=2)
+    assert torch.isfinite(out).all()
+    edited = False
+    for (seq_in, _, _), (seq_out, _, _) in zip(rec_in.calls, rec_out.calls, strict=True):
+        assert seq_out.dtype == torch.bfloat16 and torch.equal(seq_out[:, :txt], seq_in[:, :txt])
+        g_in, g_out = image_grid(seq_in, txt, gh, gw), image_grid(seq_out, txt, gh, gw)
+        recorded = dets.recorder.masks("cond", 0)[1]
+        keep = ~recorded.any(0)
+        assert torch.equal(g_out[0][:, keep], g_in[0][:, keep])
+        edited = edited or not torch.equal(g_out, g_in)
+    assert edited

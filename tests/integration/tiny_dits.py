@@ -16,7 +16,7 @@ POOLED = 24
 WIDTH = 64
 
 
-def build_flux(seed: int = 11, guidance: bool = False) -> Tiny:
+def build_flux(seed: int = 11, guidance: bool = False, dtype: torch.dtype = torch.float32) -> Tiny:
     import comfy.supported_models as sm
 
     cfg = {"image_model": "flux", "in_channels": 16, "out_channels": 16, "patch_size": 2, "vec_in_dim": POOLED,
@@ -24,7 +24,7 @@ def build_flux(seed: int = 11, guidance: bool = False) -> Tiny:
            "depth_single_blocks": 2, "axes_dim": [8, 12, 12], "theta": 10000, "qkv_bias": True,
            "guidance_embed": guidance}
     mc = (sm.Flux if guidance else sm.FluxSchnell)(cfg)
-    mc.set_inference_dtype(torch.float32, None)
+    mc.set_inference_dtype(dtype, None)
     m = mc.get_model({})
     _fill(m, seed)
     widths = {**{f"double_blocks.{i}": WIDTH for i in range(2)}, **{f"single_blocks.{i}": WIDTH for i in range(2)}}
