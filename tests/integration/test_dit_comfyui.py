@@ -399,3 +399,41 @@ def test_bf16_flux_with_an_fp32_sae(pack, comfy_threads):
         assert torch.equal(g_out[0][:, keep], g_in[0][:, keep])
         edited = edited or not torch.equal(g_out, g_in)
     assert edited
+
+
+@pytest.mark.parametrize("kind,index,txt", [("double_block", 1, 0), ("single_block", 0, 5)])
+def test_kontext_reference_tokens_are_left_alone(pack, flux, kind, index, txt):
+    """With reference latents (FLUX Kontext) the sequence holds the sampled image's tokens, then the reference's:
+    only the former are detected and edited, on the sampled latent's grid."""
+    ext = pack.nodes.extension
+    gh, gw = 4, 5
+    ref = torch.randn(1, 16, 6, 6, generator=torch.Generator().manual_seed(5))  # 3 x 3 reference tokens
+
+    def conds():
+        pos, neg = dit_conds()
+        return [[c, {**e, "reference_latents": [ref]}] for c, e in pos], neg
+
+    def go(model, steps):
+        pos, neg = conds()
+        return sample(model, "dit", width=80, height=64, cfg=1.0, steps=steps, positive=pos, negative=neg)
+
+    name = "transformer_blocks.1" if kind == "double_block" else "single_transformer_blocks.0"
+    sae = make_sae(pack, WIDTH, hook=name, family="flux")
+    probe, rec0 = add_recorder(flux.model, kind, index)
+    go(probe, 1)
+    assert rec0.calls[0][0].shape[1] == txt + gh * gw + 9
+    ids = busy_ids(sae, image_grid(rec0.calls[0][0], txt, gh, gw))
+    inner, rec_in = add_recorder(flux.model, kind, index)
+    m, dets = ext.PatchReplacer.execute(inner, typed_detector(pack, sae, ids), mode="random", target="output",
+                                        seed=0, look_ahead=False).args
+    outer, rec_out = add_recorder(m, kind, index)
+    go(outer, 2)
+    edited = False
+    for s, ((seq_in, _, _), (seq_out, _, _)) in enumerate(zip(rec_in.calls, rec_out.calls, strict=True)):
+        n = txt + gh * gw
+        assert torch.equal(seq_out[:, :txt], seq_in[:, :txt]) and torch.equal(seq_out[:, n:], seq_in[:, n:])
+        mask = ref_mask(sae, image_grid(seq_in, txt, gh, gw), ids, [0.0] * len(ids), 1.0, 0)
+        keys, masks = dets.recorder.masks("cond", 0)
+        torch.testing.assert_close(masks[keys.index(s)], mask[0])
+        edited = edited or not torch.equal(seq_out, seq_in)
+    assert edited
