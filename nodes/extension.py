@@ -193,19 +193,16 @@ class LoadSAE(io.ComfyNode):
             node_id="SAELoad",
             display_name="Load SAE",
             category=CATEGORY,
-            description="Load a sparse autoencoder trained on one UNet or DiT (FLUX, SD3) block: a native "
-                        ".safetensors file or a sparsify / SAELens / sdxl-unbox / Krea FLUX checkpoint directory "
-                        "from models/sae.",
+            description="Load a sparse autoencoder trained on one UNet block: a native .safetensors file or a "
+                        "sparsify / SAELens / sdxl-unbox checkpoint directory from models/sae.",
             inputs=[
                 io.Combo.Input("sae_name", options=folders.list_sae_entries(folder_paths),
                                tooltip="SAE file or checkpoint directory (ending in /) in models/sae."),
                 io.Combo.Input("block", options=[FROM_FILE, *_block_names()], default=FROM_FILE,
-                               tooltip="UNet or DiT block the SAE was trained on (diffusers name; FLUX / SD3: "
-                                       "transformer_blocks.N, single_transformer_blocks.N). 'from file' uses the "
+                               tooltip="UNet block the SAE was trained on (diffusers name). 'from file' uses the "
                                        "hook point recorded in the checkpoint."),
                 io.Combo.Input("model_family", options=[FROM_FILE, *FAMILIES], default=FROM_FILE,
-                               tooltip="Model family the SAE was trained on (sd1 = SD 1.x, sdxl = SDXL/Turbo, flux "
-                                       "= FLUX.1, sd3 = SD3 / SD3.5 Medium, sd35large = SD3.5 Large). "
+                               tooltip="Model family the SAE was trained on (sd1 = SD 1.x, sdxl = SDXL/Turbo). "
                                        "'from file' uses the checkpoint's record (or none: not checked)."),
                 io.Combo.Input("input_space", options=[FROM_FILE, *INPUT_SPACES], default=FROM_FILE,
                                tooltip="What the SAE reads: 'output' = block output (SAeUron), 'residual' = "
