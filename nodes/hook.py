@@ -25,6 +25,7 @@ import torch
 
 try:  # inside ComfyUI the pack is a package and sae_core its sibling
     from ..sae_core.blocks import BlockError, BlockMismatchError, resolve_block
+    from ..sae_core.blocks_dit import DIT_FAMILIES, family_from_comfy
     from ..sae_core.errors import SAEInputError
     from ..sae_core.intervention import StepInfo, StepWindow
     from ..sae_core.lookahead import guide_from_recorder
@@ -32,6 +33,7 @@ try:  # inside ComfyUI the pack is a package and sae_core its sibling
     from ..sae_core.steer import SteerSettings
 except ImportError:  # imported as top-level `nodes` (tests, scripts) with sae_core on sys.path
     from sae_core.blocks import BlockError, BlockMismatchError, resolve_block
+    from sae_core.blocks_dit import DIT_FAMILIES, family_from_comfy
     from sae_core.errors import SAEInputError
     from sae_core.intervention import StepInfo, StepWindow
     from sae_core.lookahead import guide_from_recorder
@@ -121,8 +123,8 @@ class RunState(SharedOnCopy):
         text = (
             f"{self.label}: the sampling run never called the SAE patch on {where}, so nothing was detected or "
             "edited and nothing was recorded. A node applied after this one replaced that block's forward "
-            "without chaining it (an object patch on the same block), or the model sampled is not the one this "
-            "node patched. Put this node after the other patch node, or remove the other patch"
+            "without chaining it (an object patch, or for FLUX / SD3 a DiT replace patch, on the same block), or the "
+            "model sampled is not the one this node patched. Put this node after the other patch node, or remove the other patch"
         )
         self.warnings.append(text)
         logger.warning("%s", text)
@@ -362,7 +364,12 @@ ON_CLONE = "on_clone"  # comfy.patcher_extension.CallbacksMP.ON_CLONE (same stri
 
 def install_patch(model, key: str, intervention: Intervention, state: RunState, wrapper_type: str,
                   window_of: Callable | None = None):
-    """Clone ``model`` and patch ``key``'s forward (chaining any earlier patch). Returns the clone."""
+    """Clone ``model`` and patch ``key``'s forward (chaining any earlier patch). Returns the clone.
+    DiT blocks (FLUX, SD3) get a ``patches_replace["dit"]`` patch instead: nodes/dit_hook.py."""
+    from . import dit_hook
+
+    if dit_hook.is_dit_key(key):
+        return dit_hook.install_dit_patch(model, key, intervention, state, wrapper_type, window_of)
     m = model.clone()
     if state.key is None:
         state.key = key
@@ -381,11 +388,12 @@ def install_patch(model, key: str, intervention: Intervention, state: RunState, 
 
 
 def family_of_config(model_config: Any) -> str | None:
-    """sae_core family of a ComfyUI supported_models config (SD15 and subclasses -> sd1, SDXL -> sdxl)."""
+    """sae_core family of a ComfyUI supported_models config (SD15 and subclasses -> sd1, SDXL -> sdxl, Flux ->
+    flux, SD3 -> sd3 or sd35large)."""
     for cls in type(model_config).__mro__:
         if cls.__name__ in _FAMILY_OF_CONFIG:
             return _FAMILY_OF_CONFIG[cls.__name__]
-    return None
+    return family_from_comfy([c.__name__ for c in type(model_config).__mro__], getattr(model_config, "unet_config", None))
 
 
 def resolve_hook(sae, model, block: str | None = None) -> tuple[str, str]:
@@ -400,8 +408,8 @@ def resolve_hook(sae, model, block: str | None = None) -> tuple[str, str]:
     family = family_of_config(config)
     if family is None:
         raise SAEInputError(
-            f"{source}: the model is {type(config).__name__}, expected an SD 1.x or SDXL UNet (sd1, sdxl); "
-            "SAE hooks exist only for those families"
+            f"{source}: the model is {type(config).__name__}, expected an SD 1.x or SDXL UNet (sd1, sdxl), FLUX.1 "
+            "(flux) or SD3 / SD3.5 (sd3, sd35large); SAE hooks exist only for those families"
         )
     sae_family = getattr(cfg, "model_family", None)
     if sae_family is not None and sae_family != family:
@@ -423,7 +431,12 @@ def resolve_hook(sae, model, block: str | None = None) -> tuple[str, str]:
         module = model.get_model_object(key)
     except AttributeError:
         raise SAEInputError(f"{source}: block {spec.diffusers} ({key}) does not exist in this {family} model") from None
-    found = getattr(module, "in_channels", None)
+    if spec.family in DIT_FAMILIES:
+        from .dit_hook import dit_block_width
+
+        found = dit_block_width(module)
+    else:
+        found = getattr(module, "in_channels", None)
     if found is None:
         raise SAEInputError(f"{source}: {key} is a {type(module).__name__}, expected a SpatialTransformer block")
     if int(found) != int(cfg.d_in):

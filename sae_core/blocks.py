@@ -36,6 +36,7 @@ import re
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from .blocks_dit import DIT_FAMILIES, DIT_LAYOUTS, DIT_NAME_RE, dit_rows
 from .errors import (
     AmbiguousBlockError,
     BlockError,
@@ -72,7 +73,7 @@ class BlockSpec(NamedTuple):
     """One hookable SpatialTransformer of one UNet family."""
 
     family: str
-    """Model family: "sd1" (SD 1.x) or "sdxl" (SDXL, SDXL-Turbo)."""
+    """Model family: "sd1" (SD 1.x), "sdxl" (SDXL, SDXL-Turbo), or a DiT family (see blocks_dit)."""
     diffusers: str
     """Canonical diffusers module path inside the UNet, e.g. "up_blocks.1.attentions.1"."""
     comfy: str
@@ -82,7 +83,7 @@ class BlockSpec(NamedTuple):
     channels: int
     """Channel width of the block's input and output (the SAE's d_in)."""
     level: int
-    """Resolution level: 0 is the latent resolution, each level halves it."""
+    """Resolution level: 0 is the latent resolution, each level halves it (DiT blocks: 1, the 2x2 patch grid)."""
 
     @property
     def stride(self) -> int:
@@ -122,7 +123,10 @@ _LAYOUTS: dict[str, _FamilyLayout] = {
     "sdxl": _FamilyLayout((320, 640, 1280), (1, 2), ("sdxl", "sdxlturbo", "sdxlbase")),
 }
 
-FAMILIES: tuple[str, ...] = tuple(_LAYOUTS)
+FAMILIES: tuple[str, ...] = tuple(_LAYOUTS) + DIT_FAMILIES
+_ALIASES: dict[str, tuple[str, ...]] = {
+    **{f: lay.aliases for f, lay in _LAYOUTS.items()}, **{f: lay.aliases for f, lay in DIT_LAYOUTS.items()}
+}
 
 _RES_PER_LEVEL = 2  # res blocks per level in down_blocks; up_blocks have one more
 
@@ -167,7 +171,10 @@ def _build(family: str) -> tuple[BlockSpec, ...]:
     return tuple(specs)
 
 
-_BLOCKS: dict[str, tuple[BlockSpec, ...]] = {f: _build(f) for f in FAMILIES}
+_BLOCKS: dict[str, tuple[BlockSpec, ...]] = {
+    **{f: _build(f) for f in _LAYOUTS},
+    **{f: tuple(BlockSpec(f, *row) for row in dit_rows(f)) for f in DIT_FAMILIES},  # DiTs: blocks_dit
+}
 # name (diffusers, ComfyUI or short) -> spec, per family
 _INDEX: dict[str, dict[str, BlockSpec]] = {
     f: {n: s for s in specs for n in (s.diffusers, s.comfy, s.short)} for f, specs in _BLOCKS.items()
@@ -189,12 +196,14 @@ def normalize_family(family: str | None) -> str | None:
     if family is None:
         return None
     key = re.sub(r"[\s._-]", "", str(family).lower())
-    for name, layout in _LAYOUTS.items():
-        if key in layout.aliases:
+    for name, aliases in _ALIASES.items():
+        if key in aliases:
             return name
     raise UnknownFamilyError(
         f"unknown model family {family!r}: expected one of {', '.join(FAMILIES)} "
-        "(sd1 = Stable Diffusion 1.x, sdxl = SDXL and SDXL-Turbo)"
+        "(sd1 = Stable Diffusion 1.x, sdxl = SDXL and SDXL-Turbo, "
+        + ", ".join(f"{f} = {lay.description}" for f, lay in DIT_LAYOUTS.items())
+        + ")"
     )
 
 
@@ -214,9 +223,18 @@ def _bare_name(name: str) -> str:
     """The registry name embedded in a hook name, with prefixes and folder suffixes removed."""
     m = _NAME_RE.search(name.strip())
     if m is None:
+        m = DIT_NAME_RE.search(name.strip())
+        if m is not None and m.group("rest").startswith("."):
+            raise UnknownBlockError(
+                f"hook point {name!r} names a sub-module ({m.group('rest')[1:]!r}) inside the transformer block "
+                f"{m.group('name')!r}; this pack hooks the block's output image stream (the hidden states the "
+                f"block returns). Use an SAE trained on the whole block ({m.group('name')!r})."
+            )
+    if m is None:
         raise UnknownBlockError(
-            f"unknown block {name!r}: no diffusers (up_blocks.X.attentions.I), ComfyUI "
-            "(output_blocks.N.1) or short (up.X.I) block name in it. Known blocks: "
+            f"unknown block {name!r}: no diffusers (up_blocks.X.attentions.I, transformer_blocks.N, "
+            "single_transformer_blocks.N), ComfyUI (output_blocks.N.1, double_blocks.N, single_blocks.N, "
+            "joint_blocks.N) or short (up.X.I, double.N, single.N, joint.N) block name in it. Known blocks: "
             + "; ".join(f"{f}: {_known_names(f)}" for f in FAMILIES)
         )
     rest = m.group("rest")

@@ -77,7 +77,7 @@ def add_parsers(sub) -> None:
     t.add_argument("--max-minutes", type=float, help="stop after this long (checkpoint kept; --resume continues)")
     t.add_argument("--device", default="auto", help="cpu, cuda or auto")
     t.add_argument("--amp", choices=("auto", "off"), default="auto", help="bfloat16 autocast on CUDA (auto) or fp32")
-    t.add_argument("--family", help="model family to record in the SAE: sd1 or sdxl")
+    t.add_argument("--family", help="model family to record in the SAE: sd1, sdxl, flux, sd3 or sd35large")
     t.add_argument("--threads", type=int, help="CPU threads per process (torch.set_num_threads)")
     t.add_argument("--force", action="store_true", help="overwrite --out if it exists")
 

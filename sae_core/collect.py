@@ -180,6 +180,8 @@ def collect_pipeline(pipe, prompts: Sequence[str], block: str, out: str | Path, 
 
     ``progress(done_batches, total_batches)`` is called after every batch.
     """
+    from .dit_hooks import attach_dit_interventions, dit_family
+    from .errors import SAELookupError
     from .torch_hooks import StepHolder, attach_interventions, track_timestep
 
     denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
@@ -188,8 +190,12 @@ def collect_pipeline(pipe, prompts: Sequence[str], block: str, out: str | Path, 
     name = _block_name(denoiser, block)
     pipe.scheduler.set_timesteps(steps)
     schedule = pipe.scheduler.timesteps.clone()
-    # diffusers runs CFG as one batch [uncond; cond] when guidance_scale > 1
-    chunks = (1, 0) if guidance > 1 else (0,)
+    try:  # FLUX / SD3 transformers: image tokens of the block's (text, image) output, see dit_hooks
+        dit = dit_family(denoiser)
+    except SAELookupError:
+        dit = None
+    # diffusers runs CFG as one batch [uncond; cond] when guidance_scale > 1 (FLUX's guidance is distilled: no CFG)
+    chunks = (1, 0) if guidance > 1 and dit != "flux" else (0,)
     sampler = {"host": "diffusers", "pipeline": type(pipe).__name__, "scheduler": type(pipe.scheduler).__name__,
                "steps": steps, "guidance": guidance, "height": height, "width": width, "seed": seed, "batch": batch,
                "negative_prompt": negative_prompt}
@@ -198,7 +204,7 @@ def collect_pipeline(pipe, prompts: Sequence[str], block: str, out: str | Path, 
 
         family = family_from_unet_config(dict(denoiser.config))
     except Exception:  # noqa: BLE001 - transformers and unknown configs: no family
-        family = None
+        family = dit
     meta = {"model": {"id": model_id, "fingerprint": model_fingerprint(denoiser), "class": type(denoiser).__name__,
                       "family": family},
             "block": name, "input_space": settings.input_space, "branches": settings.branches,
@@ -208,7 +214,8 @@ def collect_pipeline(pipe, prompts: Sequence[str], block: str, out: str | Path, 
     holder = StepHolder()
     batches = _prompt_batches(prompts, batch)
     device = getattr(pipe, "device", torch.device("cpu"))
-    with track_timestep(denoiser, holder, chunks, schedule), attach_interventions(denoiser, {name: rec}, holder):
+    attach = attach_dit_interventions if dit else attach_interventions
+    with track_timestep(denoiser, holder, chunks, schedule), attach(denoiser, {name: rec}, holder):
         for bi, ps in enumerate(batches):
             gen = torch.Generator(device=device).manual_seed(seed + bi)
             kwargs = {"prompt": ps, "num_inference_steps": steps, "guidance_scale": guidance, "generator": gen,
@@ -217,7 +224,7 @@ def collect_pipeline(pipe, prompts: Sequence[str], block: str, out: str | Path, 
                 kwargs["height"] = height
             if width is not None:
                 kwargs["width"] = width
-            if negative_prompt is not None and guidance > 1:
+            if negative_prompt is not None and guidance > 1 and dit != "flux":
                 kwargs["negative_prompt"] = [negative_prompt] * len(ps)
             pipe(**kwargs)
             if progress is not None:

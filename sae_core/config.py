@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from .blocks_dit import DIT_FAMILIES
 from .errors import SAEConfigError
 from .mixins import DictRoundTrip
 
@@ -20,7 +21,7 @@ ACTIVATIONS = {
     "jumprelu": False,  # SAELens jumprelu: ReLU(pre) * (pre > threshold)
 }
 INPUT_SPACES = ("output", "residual")
-MODEL_FAMILIES = ("sd1", "sdxl")
+MODEL_FAMILIES = ("sd1", "sdxl") + DIT_FAMILIES  # DiT families: blocks_dit
 NORMALIZATIONS = ("none", "layer_norm", "constant_norm_rescale")
 
 

@@ -63,10 +63,10 @@ ALL_ROWS = _rows("sd1") + _rows("sdxl")
 
 
 def test_registry_lists_exactly_the_reference_blocks_in_unet_order():
-    for family in FAMILIES:
+    for family in TABLES:
         got = [(s.diffusers, s.comfy, s.channels, 64 // s.stride) for s in blocks(family)]
         assert got == TABLES[family]
-    assert set(FAMILIES) == {"sd1", "sdxl"}
+    assert set(FAMILIES) == {"sd1", "sdxl", "flux", "sd3", "sd35large"}  # DiT tables: tests/test_blocks_dit.py
 
 
 @pytest.mark.parametrize("family, diffusers, comfy, channels, grid512", ALL_ROWS)
@@ -204,8 +204,8 @@ def test_family_spellings(spelling, family):
 
 
 def test_unknown_family_lists_the_known_ones():
-    with pytest.raises(UnknownFamilyError, match="'flux'.*sd1, sdxl"):
-        resolve_block("mid.0", "flux")
+    with pytest.raises(UnknownFamilyError, match="'sd2'.*sd1, sdxl"):
+        resolve_block("mid.0", "sd2")
 
 
 @pytest.mark.parametrize(

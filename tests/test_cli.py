@@ -203,9 +203,9 @@ def test_inspect_shape_disagreement_is_an_error(tmp_path):
     [
         (lambda p: ["inspect", p / "missing"], "no such file or directory"),
         (lambda p: ["inspect", p / "empty"], "unrecognised layout"),
-        (lambda p: ["inspect", p / "empty", "--family", "flux"], "unrecognised layout"),
+        (lambda p: ["inspect", p / "empty", "--family", "sd2"], "unrecognised layout"),
         (lambda p: ["convert", p / "missing", p / "out.safetensors"], "no such file or directory"),
-        (lambda p: ["blocks", "--family", "flux"], "unknown model family 'flux'"),
+        (lambda p: ["blocks", "--family", "sd2"], "unknown model family 'sd2'"),
     ],
 )
 def test_errors_are_one_line_with_exit_code_1(tmp_path, argv_fn, needle):
@@ -351,7 +351,7 @@ def test_convert_refuses_a_hook_the_width_does_not_fit_and_writes_nothing(tmp_pa
     [
         (["--hook", "up_blocks.1.attentions.1.transformer_blocks.0"], "sub-module"),
         (["--hook", "output_blocks.4.0"], "not a hookable block"),
-        (["--family", "sd3"], "unknown model family 'sd3'"),
+        (["--family", "sd2"], "unknown model family 'sd2'"),
         (["--k", "0"], "--k 0: expected a positive integer"),
         # a wrong value is bad input like a bad file: one line, exit 1 (argparse's usage and exit 2 are for a
         # malformed command line only)

@@ -181,7 +181,8 @@ def test_family_of_config_by_class_hierarchy():
     SDXL = type("SDXL", (), {})
     assert hook.family_of_config(type("SD15_instructpix2pix", (SD15,), {})()) == "sd1"
     assert hook.family_of_config(SDXL()) == "sdxl"
-    assert hook.family_of_config(type("Flux", (), {})()) is None
+    assert hook.family_of_config(type("Flux", (), {})()) == "flux"  # DiT families: tests/test_blocks_dit.py
+    assert hook.family_of_config(type("HunyuanDiT", (), {})()) is None
 
 
 # ------------------------------------------------------------------------------------------------ masks

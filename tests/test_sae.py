@@ -91,7 +91,7 @@ def test_config_dict_round_trip_and_validation():
         (dict(k=65), r"found 65"),
         (dict(activation="relu"), r"keeps no top k, so k must be None"),
         (dict(input_space="latent"), r"input_space"),
-        (dict(model_family="flux"), r"model_family"),
+        (dict(model_family="sd2"), r"model_family"),
         (dict(normalization="batch"), r"normalization"),
     ]
     for change, msg in bad:

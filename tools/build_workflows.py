@@ -27,6 +27,9 @@ SD15 = {"name": "v1-5-pruned-emaonly-fp16.safetensors",
         "url": "https://huggingface.co/Comfy-Org/stable-diffusion-v1-5-archive/resolve/main/"
                "v1-5-pruned-emaonly-fp16.safetensors",
         "directory": "checkpoints"}
+FLUX_SCHNELL = {"name": "flux1-schnell-fp8.safetensors",
+                "url": "https://huggingface.co/Comfy-Org/flux1-schnell/resolve/main/flux1-schnell-fp8.safetensors",
+                "directory": "checkpoints"}
 # SAE sources are checkpoint directories, not single files: the name is the native file `python -m sae_core
 # convert` writes from them (the Note in each workflow says how).
 UNBOX = {"name": "sdxl_unbox_down.2.1.safetensors", "url": "https://github.com/surkovv/sdxl-unbox",
@@ -45,6 +48,20 @@ UNBOX_NOTE = (
     "`python custom_nodes/sae-concept-eraser convert <that folder> models/sae/sdxl_unbox_down.2.1.safetensors`\n\n"
     "(run in the ComfyUI folder with the Python that runs ComfyUI; or skip converting: Load SAE also reads the "
     "folder itself when you put it in models/sae).\n"
+)
+KREA_FLUX = {"name": "krea_flux_single_9.safetensors", "url": "https://github.com/RE-N-Y/finebooru",
+             "directory": "sae"}
+KREA_NOTE = (
+    "## Files\n"
+    "* **checkpoints/** `flux1-schnell-fp8.safetensors` (Comfy-Org/flux1-schnell: FLUX.1 schnell with its CLIP-L, "
+    "T5-XXL fp8 and VAE in one file).\n"
+    "* **sae/** `krea_flux_single_9.safetensors`: Krea's TopK SAE of FLUX schnell's "
+    "`single_transformer_blocks.9` (3072 -> 12288 latents), checkpoint `cc3m-single_transformer_blocks.9` "
+    "(a folder with config.json + model.safetensors) from github.com/RE-N-Y/finebooru. Convert it to one native "
+    "file:\n\n"
+    "`python custom_nodes/sae-concept-eraser convert <that folder> models/sae/krea_flux_single_9.safetensors`\n\n"
+    "(run in the ComfyUI folder with the Python that runs ComfyUI; or skip converting: Load SAE also reads the "
+    "folder itself when you put it in models/sae, keeping its name, which carries the hook point).\n"
 )
 SAEURON_NOTE = (
     "## Files\n"
@@ -226,6 +243,35 @@ def wf_object_erasure(schemas) -> dict:
     return g.workflow("sdxl_turbo_object_erasure", [TURBO, UNBOX])
 
 
+FLUX_SAMPLING = {"seed": 42, "steps": 4, "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0}
+FLUX_LEARN = {"width": 512, "height": 512, "steps": 4, "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple",
+              "seed": 188, "selection": "top_n", "top_n": 3}
+
+
+def wf_flux_object_erasure(schemas) -> dict:
+    g = Graph(schemas)
+    ids = base(g, FLUX_SCHNELL["name"], "a photo of a dog sitting on a park bench, golden hour light")
+    sae = g.node("SAELoad", (0, 200), {"sae_name": KREA_FLUX["name"]})
+    con = learn(g, ids, sae, (0, 460), "dog", DOG, FLUX_LEARN)
+    det = detector(g, sae, [con], (760, 0), {"padding": 1})
+    per = edit(g, "SAEPatchReplacer", ids, det, (760, 380), {"mode": "background", "seed": 0, "look_ahead": True})
+    k0 = sampler(g, ids, (ids["ckpt"], "MODEL"), (1120, 0), FLUX_SAMPLING, title="KSampler (original)")
+    k1 = sampler(g, ids, (per, "MODEL"), (1120, 360), FLUX_SAMPLING, title="KSampler (Patch Replacer)")
+    d0, d1 = decode(g, ids, k0, (1480, 0)), decode(g, ids, k1, (1480, 360))
+    cmp_ = g.node("SAECompare", (1760, 0), {"label_a": "original", "label_b": "dog erased", "label_c": ""},
+                  size=[520, 460])
+    g.link(d0, "IMAGE", cmp_, "image_a")
+    g.link(d1, "IMAGE", cmp_, "image_b")
+    mask_preview(g, per, d1, (1760, 520))
+    g.note((760, 600), "# FLUX.1 schnell object erasure (PER)\nThe same nodes as on SD: the SAE sits on a FLUX "
+           "block's image tokens (a 2x2-patch grid, 32x32 at 512 px; the text tokens are never touched). Learn "
+           "Concept records the SAE latents that fire for 'dog' over 4-step schnell runs (cfg 1: schnell is "
+           "guidance-distilled, there is no negative branch), Concept Detector turns them into a patch mask, Patch "
+           "Replacer copies undetected patch embeddings of the same feature map into the detected ones. Mask "
+           "Preview shows where.\n\n" + KREA_NOTE, size=[340, 620])
+    return g.workflow("flux_schnell_object_erasure", [FLUX_SCHNELL, KREA_FLUX])
+
+
 def wf_compare(schemas) -> dict:
     g = Graph(schemas)
     ids = base(g, TURBO["name"], "a photo of a dog sitting on a park bench, golden hour light")
@@ -351,7 +397,8 @@ def wf_train(schemas) -> dict:
 
 BUILDERS = {"sdxl_turbo_object_erasure": wf_object_erasure, "compare_steer_vs_replace": wf_compare,
             "sd15_style_erasure_saeuron": wf_style, "learn_and_save_concept": wf_learn,
-            "two_concepts_at_once": wf_two, "train_your_own_sae": wf_train}
+            "two_concepts_at_once": wf_two, "train_your_own_sae": wf_train,
+            "flux_schnell_object_erasure": wf_flux_object_erasure}
 
 
 def main() -> int:

@@ -10,13 +10,14 @@ from .. import blocks
 from ..config import ACTIVATIONS, INPUT_SPACES, MODEL_FAMILIES
 from ..errors import SAEConfigError, SAEError, SAEFormatError
 from ..sae import SparseAutoencoder
-from . import native, saelens, sparsify, unbox
+from . import finebooru, native, saelens, sparsify, unbox
 
 #: format name -> (marker files that identify it, reader)
 LAYOUTS = {
     "sparsify": ((sparsify.CONFIG, sparsify.WEIGHTS), sparsify.read),
     "saelens": ((saelens.CONFIG, saelens.WEIGHTS), saelens.read),
     "unbox": ((unbox.CONFIG, unbox.WEIGHTS), unbox.read),
+    "finebooru": ((finebooru.CONFIG, finebooru.WEIGHTS), finebooru.read),  # Krea's FLUX SAEs
 }
 OVERRIDES = ("activation", "input_space", "hook_point", "model_family", "k")
 logger = logging.getLogger(__name__)
@@ -25,6 +26,8 @@ logger = logging.getLogger(__name__)
 def _layout_of(directory: Path) -> str | None:
     for name, (markers, _) in LAYOUTS.items():
         if all((directory / m).is_file() for m in markers):
+            if name == "finebooru" and not finebooru.looks_like(directory):
+                continue  # config.json + model.safetensors is also a diffusers / transformers model folder
             return name
     return None
 
@@ -61,7 +64,8 @@ def _detect_format(path: Path) -> tuple[str, Path]:
         raise SAEFormatError(f"{path}: neither a regular file nor a directory (a device, pipe or socket); expected an "
                              "SAE file or checkpoint directory")
     if path.is_file():
-        if path.suffix == ".safetensors" and _layout_of(path.parent) and path.name in (sparsify.WEIGHTS, saelens.WEIGHTS):
+        if path.suffix == ".safetensors" and _layout_of(path.parent) and path.name in (sparsify.WEIGHTS, saelens.WEIGHTS,
+                                                                                        finebooru.WEIGHTS):
             return _layout_of(path.parent), path.parent
         if path.name == unbox.WEIGHTS and _layout_of(path.parent) == "unbox":
             return "unbox", path.parent

@@ -39,7 +39,9 @@ def read(directory: Path) -> tuple[SAEConfig, dict]:
         raise SAEFormatError(
             f"{cfg_path}: transcode is true: this is a transcoder (input and output differ), expected an SAE"
         )
-    hook = directory.name if directory.name.startswith(("unet.", "up_", "down_", "mid_")) else None
+    # folders named after the hook: UNet blocks, and FLUX / SD3 blocks (transformer.transformer_blocks.N, ...)
+    hook = directory.name if directory.name.startswith(
+        ("unet.", "up_", "down_", "mid_", "transformer.", "transformer_blocks.", "single_transformer_blocks.")) else None
     cfg = SAEConfig(
         d_in=d_in,
         n_latents=num_latents,
