@@ -34,9 +34,9 @@ import logging
 import math
 import re
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, Mapping, NamedTuple
 
-from .blocks_dit import DIT_FAMILIES, DIT_LAYOUTS, DIT_NAME_RE, dit_rows
+from .blocks_dit import DIT_FAMILIES, DIT_LAYOUTS, DIT_NAME_RE, dit_rows, family_from_diffusers_config
 from .errors import (
     AmbiguousBlockError,
     BlockError,
@@ -61,6 +61,7 @@ __all__ = [
     "canonical_name",
     "check_sae_fits",
     "comfy_key",
+    "family_from_diffusers",
     "grid_size",
     "normalize_family",
     "resolve_block",
@@ -205,6 +206,27 @@ def normalize_family(family: str | None) -> str | None:
         + ", ".join(f"{f} = {lay.description}" for f, lay in DIT_LAYOUTS.items())
         + ")"
     )
+
+
+def family_from_diffusers(config: Mapping[str, Any]) -> str | None:
+    """Model family of a diffusers denoiser config (``unet.config`` / ``transformer.config`` or its config.json),
+    or None when the pack has no block table for it.
+
+    UNet2DConditionModel: SD 1.x has block_out_channels (320, 640, 1280, 1280) and 768-wide text; SDXL (and
+    SDXL-Turbo) (320, 640, 1280) and 2048-wide text. Transformers: see blocks_dit.family_from_diffusers_config."""
+    dit = family_from_diffusers_config(config)
+    if dit is not None:
+        return dit
+    if str(config.get("_class_name", "UNet2DConditionModel")) != "UNet2DConditionModel":
+        return None
+    channels = tuple(int(c) for c in config.get("block_out_channels", ()) or ())
+    ctx = config.get("cross_attention_dim")
+    ctx = int(ctx[0] if isinstance(ctx, (list, tuple)) else ctx) if ctx is not None else None
+    if channels == _LAYOUTS["sd1"].channels and ctx == 768:
+        return "sd1"
+    if channels == _LAYOUTS["sdxl"].channels and ctx == 2048:
+        return "sdxl"
+    return None
 
 
 def blocks(family: str) -> tuple[BlockSpec, ...]:

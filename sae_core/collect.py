@@ -17,6 +17,7 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
+from .blocks import family_from_diffusers
 from .dataset import DTYPES, ShardWriter
 from .errors import SAEConfigError, SAEFormatError
 from .mixins import SharedOnCopy
@@ -199,12 +200,7 @@ def collect_pipeline(pipe, prompts: Sequence[str], block: str, out: str | Path, 
     sampler = {"host": "diffusers", "pipeline": type(pipe).__name__, "scheduler": type(pipe.scheduler).__name__,
                "steps": steps, "guidance": guidance, "height": height, "width": width, "seed": seed, "batch": batch,
                "negative_prompt": negative_prompt}
-    try:
-        from .blocks import family_from_unet_config
-
-        family = family_from_unet_config(dict(denoiser.config))
-    except Exception:  # noqa: BLE001 - transformers and unknown configs: no family
-        family = dit
+    family = family_from_diffusers(dict(denoiser.config))  # None for denoisers without a block table
     meta = {"model": {"id": model_id, "fingerprint": model_fingerprint(denoiser), "class": type(denoiser).__name__,
                       "family": family},
             "block": name, "input_space": settings.input_space, "branches": settings.branches,

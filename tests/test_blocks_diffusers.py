@@ -72,3 +72,20 @@ def test_registry_matches_diffusers_unet(family, config, latent_hw):
         assert spec.channels == channels, name
         assert grid_size(spec, *latent_hw) == (h, w), name
 
+
+
+@pytest.mark.parametrize("config,family", [(SD1_CONFIG, "sd1"), (SDXL_CONFIG, "sdxl")])
+def test_family_from_a_diffusers_unet_config(config, family):
+    """The family is read from the config diffusers itself builds (defaults filled in, tuples as lists after a
+    config.json round trip); a UNet of another layout has none."""
+    from diffusers import UNet2DConditionModel
+
+    from sae_core.blocks import family_from_diffusers
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**config)
+    cfg = dict(unet.config)
+    assert family_from_diffusers(cfg) == family
+    assert family_from_diffusers({k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()}) == family
+    assert family_from_diffusers({**cfg, "cross_attention_dim": 1024}) is None  # SD 2.x text width: no table
+    assert family_from_diffusers({**cfg, "block_out_channels": [32, 64]}) is None

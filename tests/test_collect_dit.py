@@ -6,7 +6,8 @@ import io
 import pytest
 import torch
 
-from sae_core.collect import ActivationDataset, CollectSettings, collect_pipeline
+from sae_core.collect import CollectSettings, collect_pipeline
+from sae_core.dataset import ActivationDataset
 
 diffusers = pytest.importorskip("diffusers")
 from test_dit_hooks import TXT, tiny_flux  # noqa: E402
