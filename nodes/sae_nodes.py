@@ -15,6 +15,7 @@ from ..sae_core.detect import TEMPORAL_MODES, ConceptDetector, DetectionSettings
 from ..sae_core.errors import SAEInputError
 from ..sae_core.formats import load_sae
 from . import folders
+from .comfy_steps import check_window
 from .common import (
     BRANCH_OPTIONS,
     CATEGORY,
@@ -25,7 +26,6 @@ from .common import (
     SAEType,
     block_names,
 )
-from .hook import check_window
 from .learn import parse_latent_ids
 
 logger = logging.getLogger(__name__)
@@ -44,10 +44,12 @@ class LoadSAE(io.ComfyNode):
                 io.Combo.Input("sae_name", options=folders.list_sae_entries(folder_paths),
                                tooltip="SAE file or checkpoint directory (ending in /) in models/sae."),
                 io.Combo.Input("block", options=[FROM_FILE, *block_names()], default=FROM_FILE,
-                               tooltip="UNet block the SAE was trained on (diffusers name). 'from file' uses the "
+                               tooltip="UNet or DiT block the SAE was trained on (diffusers name; FLUX / SD3: "
+                                       "transformer_blocks.N, single_transformer_blocks.N). 'from file' uses the "
                                        "hook point recorded in the checkpoint."),
                 io.Combo.Input("model_family", options=[FROM_FILE, *FAMILIES], default=FROM_FILE,
-                               tooltip="Model family the SAE was trained on (sd1 = SD 1.x, sdxl = SDXL/Turbo). "
+                               tooltip="Model family the SAE was trained on (sd1 = SD 1.x, sdxl = SDXL/Turbo, flux = FLUX.1, "
+                                       "sd3 = SD3 / SD3.5 Medium, sd35large = SD3.5 Large). "
                                        "'from file' uses the checkpoint's record (or none: not checked)."),
                 io.Combo.Input("input_space", options=[FROM_FILE, *INPUT_SPACES], default=FROM_FILE,
                                tooltip="What the SAE reads: 'output' = block output (SAeUron), 'residual' = "

@@ -27,8 +27,9 @@ from ..sae_core.formats import save_native
 from ..sae_core.trainer import StreamConfig, train_stream
 from . import folders
 from .common import block_names
-from .hook import RunState, family_of_config, install_patch
+from .hook import RunState, install_patch
 from .learn import parse_prompts
+from .resolve import family_of_config
 from .sampling import sample_prompts, sampling_inputs
 
 logger = logging.getLogger(__name__)
@@ -61,7 +62,7 @@ def _block_key(model, block: str) -> tuple[str, str]:
     family = family_of_config(model.model.model_config)
     if family is None:
         raise ValueError(f"Collect Activations: the model is {type(model.model.model_config).__name__}, expected an SD 1.x "
-                         "or SDXL UNet (sd1, sdxl)")
+                         "or SDXL UNet (sd1, sdxl), FLUX.1 (flux) or SD3 / SD3.5 (sd3, sd35large)")
     try:
         spec = resolve_block(block, family)
     except BlockError as e:

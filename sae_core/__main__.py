@@ -17,6 +17,9 @@ from .formats import detect_format, load_sae, save_native
 from .inspection import format_report, inspect_checkpoint
 from .sae import SparseAutoencoder
 
+FAMILY_HELP = (", ".join(B.FAMILIES)
+               + " (sd1 = SD 1.x, sdxl = SDXL / Turbo, flux = FLUX.1, sd3 = SD3 / SD3.5 Medium, sd35large = SD3.5 Large)")
+
 
 def cmd_inspect(args: argparse.Namespace, out: TextIO) -> int:
     report = inspect_checkpoint(args.path, family=args.family, hook=args.hook)
@@ -139,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument(
         "path", help="native .safetensors file, or a checkpoint directory (sparsify, SAELens, sdxl-unbox)"
     )
-    i.add_argument("--family", help="model family to check the hook point against: sd1 or sdxl (sdxl-turbo)")
+    i.add_argument("--family", help="model family to check the hook point against: " + FAMILY_HELP)
     i.add_argument("--hook", help="check against this block instead of the recorded hook point")
     i.add_argument("--json", action="store_true", help="print the report as JSON")
     i.add_argument("--strict", action="store_true", help="exit 1 on warnings too (for scripts and CI)")
@@ -151,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--hook",
         help="hook point to record, any spelling (up_blocks.1.attentions.1, output_blocks.4.1, up.1.1)",
     )
-    c.add_argument("--family", help="model family to record: sd1 or sdxl (sdxl-turbo)")
+    c.add_argument("--family", help="model family to record: " + FAMILY_HELP)
     # values are checked by convert itself, so a wrong one gets the same one-line error and exit 1 as a bad file
     c.add_argument(
         "--input-space", metavar="{" + ",".join(INPUT_SPACES) + "}",
@@ -167,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser(
         "blocks", help="list the hookable blocks: diffusers and ComfyUI names, channels, grids"
     )
-    b.add_argument("--family", help="only this family: sd1 or sdxl")
+    b.add_argument("--family", help="only this family: " + FAMILY_HELP)
 
     d = sub.add_parser(
         "demo", help="learn, detect and erase a planted concept; compare PER with steering (seconds, any CPU)"

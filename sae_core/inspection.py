@@ -78,7 +78,7 @@ def _block_report(cfg, hook: str | None, family: str | None, report: dict) -> No
         report["block"] = {"diffusers": name, "family": None}
         warnings.append(
             f"hook point {hook!r} exists in several model families with {cfg.d_in} channels; "
-            f"the family is unknown: pass --family (sd1 or sdxl), or write it with `convert --family`"
+            f"the family is unknown: pass --family (one of {', '.join(B.FAMILIES)}), or write it with `convert --family`"
         )
         return
     except B.BlockMismatchError as e:
