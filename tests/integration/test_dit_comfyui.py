@@ -437,3 +437,31 @@ def test_kontext_reference_tokens_are_left_alone(pack, flux, kind, index, txt):
         torch.testing.assert_close(masks[keys.index(s)], mask[0])
         edited = edited or not torch.equal(seq_out, seq_in)
     assert edited
+
+
+@pytest.mark.parametrize("kind,index,name,txt", [("double_block", 1, "transformer_blocks.1", 0),
+                                                  ("single_block", 0, "single_transformer_blocks.0", 5)])
+def test_collect_activations_on_flux_records_the_image_tokens(pack, flux, tmp_path, kind, index, name, txt):
+    """Collect Activations on a FLUX block stores the image tokens the block returned (never text tokens), row-major
+    per image and step, as float16, and records the family."""
+    import folder_paths
+
+    tn = pack.nodes.train_nodes
+    inner, rec = add_recorder(flux.model, kind, index)
+    old = folder_paths.get_output_directory()
+    folder_paths.set_output_directory(str(tmp_path))
+    try:
+        out = tn.CollectActivations.execute(
+            inner, DitClip(), block=name, prompts="a cat\na dog", negative_prompt="", dataset_name="flux_tiny",
+            width=64, height=48, steps=2, cfg=1.0, sampler_name="euler", scheduler="simple", seed=3,
+            input_space="output", branches="cond", patches_per_map=0, shard_rows=1024, overwrite=False)
+    finally:
+        folder_paths.set_output_directory(old)
+    ds = pack.sae_core.dataset.ActivationDataset.open(out.args[0])
+    got = torch.cat([ds.load(i) for i in range(len(ds.shards))]).float()
+    # reference: the image tokens (after the text tokens of single blocks) of every recorded call, 3 x 4 grid
+    ref = torch.cat([image_grid(seq, txt, 3, 4).permute(0, 2, 3, 1).reshape(-1, WIDTH) for seq, _, _ in rec.calls])
+    assert len(rec.calls) == 2 * 2 and ds.d_in == WIDTH and got.shape == ref.shape
+    torch.testing.assert_close(got, ref.half().float(), rtol=0, atol=0)
+    assert ds.manifest["model"]["family"] == "flux" and ds.manifest["block"] == name
+    assert not flux.model.model_options.get("transformer_options", {}).get("patches_replace")
