@@ -17,8 +17,9 @@ from ..sae_core.gate import learn_presence_gate
 from ..sae_core.selection import SelectionRule, build_concept_dictionary
 from . import folders
 from .common import CATEGORY, CONTRAST_LABEL, ConceptType, SAEType, tell
-from .hook import RunState, family_of_config, install_patch, resolve_hook
+from .hook import RunState, install_patch
 from .learn import DEFAULT_CONTRAST, concept_words, default_contrast, parse_prompts, prompts_naming
+from .resolve import family_of_config, resolve_hook
 from .sampling import sample_prompts, sampling_inputs
 
 

@@ -124,7 +124,8 @@ def make_dit_patch(kind: str, prev: Callable | None, intervention, state, window
                    patch_size: int):
     """A ``patches_replace["dit"]`` function: run ``prev`` (an earlier replace patch) or the original block, then
     the intervention on the image tokens of its ``img`` output. Identity outside a run of this patch's sampler."""
-    from .hook import _UNSET, step_info  # nodes.hook imports this module lazily: no import cycle
+    from .comfy_steps import step_info
+    from .hook import _UNSET  # nodes.hook imports this module lazily: no import cycle
 
     def patch(args: dict, extra: dict):
         to = args.get("transformer_options") or extra.get("transformer_options") or {}

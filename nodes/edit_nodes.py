@@ -9,8 +9,8 @@ from ..sae_core.lookahead import LookAheadSettings
 from ..sae_core.replace import MODES
 from ..sae_core.steer import CFG_SIGNS, ERROR_MODES, METHODS
 from .common import CATEGORY, DetectionsType, DetectorSpec, DetectorType, node_id_of
-from .hook import steer_settings
 from .patching import patch_model
+from .resolve import steer_settings
 
 
 def _patch_inputs() -> list:

@@ -1,4 +1,5 @@
-"""The block hook: an object patch on one SpatialTransformer forward, step identity, per-run state, checks.
+"""The block hook: an object patch on one SpatialTransformer forward and its per-run state (step identity:
+nodes/comfy_steps.py; which block of which model: nodes/resolve.py).
 
 Nothing here imports ComfyUI: the ModelPatcher, model_sampling and wrapper executor are used through
 the few attributes ComfyUI gives them, so the logic is tested with small fakes as well as with the real
@@ -19,34 +20,26 @@ import copy
 import logging
 import threading
 import uuid
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 
 try:  # inside ComfyUI the pack is a package and sae_core its sibling
-    from ..sae_core.blocks import BlockError, BlockMismatchError, resolve_block
-    from ..sae_core.blocks_dit import DIT_FAMILIES, family_from_comfy
-    from ..sae_core.errors import SAEInputError
-    from ..sae_core.intervention import StepInfo, StepWindow
     from ..sae_core.lookahead import guide_from_recorder
     from ..sae_core.mixins import SharedOnCopy
-    from ..sae_core.steer import SteerSettings
+    from ..sae_core.steps import StepInfo
 except ImportError:  # imported as top-level `nodes` (tests, scripts) with sae_core on sys.path
-    from sae_core.blocks import BlockError, BlockMismatchError, resolve_block
-    from sae_core.blocks_dit import DIT_FAMILIES, family_from_comfy
-    from sae_core.errors import SAEInputError
-    from sae_core.intervention import StepInfo, StepWindow
     from sae_core.lookahead import guide_from_recorder
     from sae_core.mixins import SharedOnCopy
-    from sae_core.steer import SteerSettings
+    from sae_core.steps import StepInfo
+
+from .comfy_steps import step_info  # noqa: E402 - after the sae_core imports
 
 logger = logging.getLogger(__name__)
 
 OPTIONS_KEY = "sae_concept_eraser"  # model_options["transformer_options"][OPTIONS_KEY] = {patch id: RunState}
 WRAPPER_PREFIX = "sae_concept_eraser."
 
-# supported_models class names (any class in the config's MRO) -> sae_core family
-_FAMILY_OF_CONFIG = {"SD15": "sd1", "SDXL": "sdxl", "SDXLRefiner": None}
 
 
 class RunState(SharedOnCopy):
@@ -154,73 +147,6 @@ def host_sampling(model_sampling):
     except Exception as e:  # an unusual sampling object: the device one is correct, only slower
         logger.debug("model_sampling stays on its device (%s)", e)
         return model_sampling
-
-
-# ------------------------------------------------------------------------------------------------
-# step identity
-
-
-def step_index(sigma: float, sample_sigmas) -> int | None:
-    """Index of the schedule step a model call at ``sigma`` belongs to.
-
-    The largest j with sample_sigmas[j] >= sigma (relative tolerance 1e-5): exact schedule sigmas map to
-    their own index, the extra evaluations of 2nd-order samplers (between s_j and s_j+1) to j.
-    """
-    if sample_sigmas is None:
-        return None
-    s = torch.as_tensor(sample_sigmas, dtype=torch.float64).flatten().cpu()
-    if s.numel() == 0:
-        return None
-    hit = torch.nonzero(s >= float(sigma) * (1.0 - 1e-5)).flatten()
-    return int(hit[-1]) if hit.numel() else None
-
-
-def step_info(transformer_options: dict, model_sampling, state: RunState | None = None) -> StepInfo:
-    """StepInfo of one UNet call from ComfyUI's transformer_options (sigmas, cond_or_uncond, sample_sigmas).
-
-    One device -> host read (the sigma) when ``model_sampling`` is on the CPU (see host_sampling) and ``state``
-    caches the run's schedule."""
-    sigmas = transformer_options.get("sigmas")
-    if sigmas is None:
-        raise SAEInputError(
-            "SAE hook: transformer_options has no 'sigmas'; the model was called outside ComfyUI's sampler. "
-            "Sample with a KSampler / SamplerCustom node"
-        )
-    sig = torch.as_tensor(sigmas).flatten()[:1]
-    if isinstance(model_sampling, torch.nn.Module) and all(
-            t.device.type == "cpu" for t in model_sampling.buffers()):
-        sig = sig.cpu()
-    chunks = tuple(int(c) for c in transformer_options.get("cond_or_uncond") or (0,))
-    t = model_sampling.timestep(sig.float())
-    sample_sigmas = transformer_options.get("sample_sigmas")
-    if state is not None and sample_sigmas is not None:
-        sample_sigmas = state.host_schedule(sample_sigmas, transformer_options.get("multigpu_thread_device"))
-    s = float(sig[0])
-    return StepInfo(
-        timestep=float(torch.as_tensor(t).flatten()[0]),
-        sigma=s,
-        chunks=chunks,
-        step_index=step_index(s, sample_sigmas),
-    )
-
-
-def check_window(start_percent: float, end_percent: float) -> None:
-    if not 0.0 <= start_percent <= end_percent <= 1.0:
-        raise SAEInputError(
-            f"start_percent {start_percent} and end_percent {end_percent}: expected 0 <= start <= end <= 1 "
-            "(0 = first step, 1 = last step)"
-        )
-
-
-def sigma_window(model_sampling, start_percent: float, end_percent: float) -> StepWindow | None:
-    """Sampling window in sigma as core nodes compute it (percent_to_sigma); None = every step."""
-    check_window(start_percent, end_percent)
-    if start_percent <= 0.0 and end_percent >= 1.0:
-        return None
-    return StepWindow(
-        sigma_min=float(model_sampling.percent_to_sigma(end_percent)),
-        sigma_max=float(model_sampling.percent_to_sigma(start_percent)),
-    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -381,79 +307,3 @@ def install_patch(model, key: str, intervention: Intervention, state: RunState, 
     m.add_wrapper_with_key(wrapper_type, patch_id, make_outer_sample_wrapper(state))
     m.model_options.setdefault("transformer_options", {}).setdefault(OPTIONS_KEY, {})[patch_id] = state
     return m
-
-
-# ------------------------------------------------------------------------------------------------
-# checks before sampling
-
-
-def family_of_config(model_config: Any) -> str | None:
-    """sae_core family of a ComfyUI supported_models config (SD15 and subclasses -> sd1, SDXL -> sdxl, Flux ->
-    flux, SD3 -> sd3 or sd35large)."""
-    for cls in type(model_config).__mro__:
-        if cls.__name__ in _FAMILY_OF_CONFIG:
-            return _FAMILY_OF_CONFIG[cls.__name__]
-    return family_from_comfy([c.__name__ for c in type(model_config).__mro__], getattr(model_config, "unet_config", None))
-
-
-def resolve_hook(sae, model, block: str | None = None) -> tuple[str, str]:
-    """(ComfyUI key, diffusers name) of the block to hook, after checking family and width.
-
-    ``block`` overrides the SAE's own hook point. Raises ValueError naming the SAE file, the block, what
-    was expected and what was found.
-    """
-    source = getattr(sae, "source", "SAE")
-    cfg = sae.cfg
-    config = model.model.model_config
-    family = family_of_config(config)
-    if family is None:
-        raise SAEInputError(
-            f"{source}: the model is {type(config).__name__}, expected an SD 1.x or SDXL UNet (sd1, sdxl), FLUX.1 "
-            "(flux) or SD3 / SD3.5 (sd3, sd35large); SAE hooks exist only for those families"
-        )
-    sae_family = getattr(cfg, "model_family", None)
-    if sae_family is not None and sae_family != family:
-        raise SAEInputError(
-            f"{source}: the SAE was trained on {sae_family} (hook point {cfg.hook_point}), but the model is "
-            f"{family} ({type(config).__name__}); use an SAE trained on {family} or the {sae_family} model"
-        )
-    name = block or cfg.hook_point
-    if not name:
-        raise SAEInputError(
-            f"{source}: the SAE file records no hook point; pick the block it was trained on in Load SAE (block)"
-        )
-    try:
-        spec = resolve_block(name, family)
-    except BlockError as e:
-        raise type(e)(f"{source}: {e}") from None
-    key = spec.comfy_key
-    try:
-        module = model.get_model_object(key)
-    except AttributeError:
-        raise SAEInputError(f"{source}: block {spec.diffusers} ({key}) does not exist in this {family} model") from None
-    if spec.family in DIT_FAMILIES:
-        from .dit_hook import dit_block_width
-
-        found = dit_block_width(module)
-    else:
-        found = getattr(module, "in_channels", None)
-    if found is None:
-        raise SAEInputError(f"{source}: {key} is a {type(module).__name__}, expected a SpatialTransformer block")
-    if int(found) != int(cfg.d_in):
-        raise BlockMismatchError(
-            f"{source}: block {spec.diffusers} ({key}) has {found} channels in this model, the SAE expects "
-            f"d_in={cfg.d_in}; load the SAE trained for this block, or pick the block it was trained on"
-        )
-    return key, spec.diffusers
-
-
-def steer_settings(method: str, strength: float, error: str, detected_only: bool, use_beta: bool = False,
-                   cfg_sign: str = "same") -> SteerSettings:
-    """SAE Steer's inputs as SteerSettings. The legacy error mode reproduces the published SAeUron / SAEmnesia hook,
-    which moves every patch, so it ignores detected_only (the node's tooltip says so) rather than silently limiting
-    the published numbers to the detected patches."""
-    if error == "legacy_saeuron" and detected_only:
-        logger.info("SAE Steer: error legacy_saeuron edits every patch as published; detected_only is ignored")
-        detected_only = False
-    return SteerSettings(method=method, strength=strength, error=error, detected_only=detected_only,
-                         use_beta=use_beta, cfg_sign=cfg_sign)

@@ -13,8 +13,10 @@ import torch
 from ..sae_core.intervention import BlockIntervention
 from ..sae_core.lookahead import LookAheadSettings
 from ..sae_core.recorder import Recorder
+from .comfy_steps import check_window, sigma_window
 from .common import WARNING_EVENT, DetectorSpec, prompt_server, tell
-from .hook import RunState, check_window, install_patch, resolve_hook, sigma_window
+from .hook import RunState, install_patch
+from .resolve import resolve_hook
 
 logger = logging.getLogger(__name__)
 

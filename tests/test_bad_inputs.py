@@ -17,7 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import sae_core
-from nodes import folders, hook, learn, masks
+from nodes import comfy_steps, folders, learn, masks, resolve
 from sae_core.__main__ import main
 from sae_core.concepts import ConceptDictionary, load_concepts
 from sae_core.config import SAEConfig
@@ -626,8 +626,8 @@ NODE_CASES = [
     ("load-sae-nul", lambda t: folders.resolve_sae_entry(_folders(t), "a\x00"), SAEPathError, ["as listed by Load SAE"]),
     ("latent-ids", lambda t: learn.parse_latent_ids("3, 1.5, x"), SAEInputError, ["['1.5', 'x'] are not non-negative integers"]),
     ("color", lambda t: masks.parse_color("red"), SAEInputError, ["color is 'red'", "#ff3300"]),
-    ("window", lambda t: hook.check_window(0.8, 0.2), SAEInputError, ["start_percent 0.8 and end_percent 0.2", "start <= end"]),
-    ("steer-node-sign", lambda t: hook.steer_settings("unbox_add", 1.0, "preserve", True, cfg_sign="both"), SAEInputError,
+    ("window", lambda t: comfy_steps.check_window(0.8, 0.2), SAEInputError, ["start_percent 0.8 and end_percent 0.2", "start <= end"]),
+    ("steer-node-sign", lambda t: resolve.steer_settings("unbox_add", 1.0, "preserve", True, cfg_sign="both"), SAEInputError,
      ["cfg_sign is 'both'"]),
     ("mask-preview-uncond-cfg1", lambda t: masks.recorded_maps(_cond_only(), "mask", "uncond", 0), SAEInputError,
      ["branch 'uncond' recorded nothing", "['cond']", "At cfg 1", "Choose branch 'cond'"]),

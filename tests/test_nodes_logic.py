@@ -7,7 +7,7 @@ import types
 import pytest
 import torch
 
-from nodes import folders, grid, hook, learn, masks
+from nodes import comfy_steps, folders, grid, hook, learn, masks, resolve
 from sae_core.errors import SAEInputError
 from sae_core.intervention import Recorder, StepInfo
 
@@ -99,10 +99,10 @@ class Block(torch.nn.Module):
 
 def test_step_index_maps_intermediate_sigmas_to_their_step():
     sched = torch.tensor([10.0, 5.0, 2.0, 0.5, 0.0])
-    assert [hook.step_index(s, sched) for s in (10.0, 5.0, 2.0, 0.5)] == [0, 1, 2, 3]
-    assert hook.step_index(3.3, sched) == 1  # a 2nd-order evaluation between s1 and s2
-    assert hook.step_index(5.0 * (1 + 1e-7), sched) == 1
-    assert hook.step_index(11.0, sched) is None and hook.step_index(1.0, None) is None
+    assert [comfy_steps.step_index(s, sched) for s in (10.0, 5.0, 2.0, 0.5)] == [0, 1, 2, 3]
+    assert comfy_steps.step_index(3.3, sched) == 1  # a 2nd-order evaluation between s1 and s2
+    assert comfy_steps.step_index(5.0 * (1 + 1e-7), sched) == 1
+    assert comfy_steps.step_index(11.0, sched) is None and comfy_steps.step_index(1.0, None) is None
 
 
 @pytest.mark.parametrize("chunks", [(1, 0), (0,), (0, 1, 0)])
@@ -110,20 +110,20 @@ def test_step_info_from_transformer_options(chunks):
     ms = FakeSampling()
     sched = ms.sig[[900, 600, 300]].float()
     to = {"sigmas": sched[1:2].repeat(2), "cond_or_uncond": list(chunks), "sample_sigmas": torch.cat([sched, torch.zeros(1)])}
-    st = hook.step_info(to, ms)
+    st = comfy_steps.step_info(to, ms)
     assert st.chunks == chunks and st.step_index == 1
     assert st.timestep == 600.0 and st.sigma == pytest.approx(float(ms.sig[600]), rel=1e-6)
     with pytest.raises(ValueError, match="has no 'sigmas'"):
-        hook.step_info({"cond_or_uncond": [0]}, ms)
+        comfy_steps.step_info({"cond_or_uncond": [0]}, ms)
 
 
 def test_sigma_window_uses_percent_to_sigma_and_validates():
     ms = FakeSampling()
-    w = hook.sigma_window(ms, 0.25, 0.75)
+    w = comfy_steps.sigma_window(ms, 0.25, 0.75)
     assert w.sigma_max == ms.percent_to_sigma(0.25) and w.sigma_min == ms.percent_to_sigma(0.75)
-    assert hook.sigma_window(ms, 0.0, 1.0) is None
+    assert comfy_steps.sigma_window(ms, 0.0, 1.0) is None
     with pytest.raises(ValueError, match=r"start_percent 0.8 and end_percent 0.2: expected 0 <= start <= end <= 1"):
-        hook.sigma_window(ms, 0.8, 0.2)
+        comfy_steps.sigma_window(ms, 0.8, 0.2)
 
 
 def test_install_patch_chains_and_resets_per_run():
@@ -179,10 +179,10 @@ def test_wrapper_releases_state_when_the_run_fails():
 def test_family_of_config_by_class_hierarchy():
     SD15 = type("SD15", (), {})
     SDXL = type("SDXL", (), {})
-    assert hook.family_of_config(type("SD15_instructpix2pix", (SD15,), {})()) == "sd1"
-    assert hook.family_of_config(SDXL()) == "sdxl"
-    assert hook.family_of_config(type("Flux", (), {})()) == "flux"  # DiT families: tests/test_blocks_dit.py
-    assert hook.family_of_config(type("HunyuanDiT", (), {})()) is None
+    assert resolve.family_of_config(type("SD15_instructpix2pix", (SD15,), {})()) == "sd1"
+    assert resolve.family_of_config(SDXL()) == "sdxl"
+    assert resolve.family_of_config(type("Flux", (), {})()) == "flux"  # DiT families: tests/test_blocks_dit.py
+    assert resolve.family_of_config(type("HunyuanDiT", (), {})()) is None
 
 
 # ------------------------------------------------------------------------------------------------ masks

@@ -10,7 +10,7 @@ import torch
 from einops import rearrange
 from sae_builders import random_weights
 
-from nodes import hook
+from nodes import resolve
 from sae_core.concept_stats import ConceptStatsAccumulator
 from sae_core.concepts import ConceptDictionary
 from sae_core.config import SAEConfig
@@ -265,9 +265,9 @@ def test_non_finite_block_warns_once(caplog):
 
 def test_legacy_ignores_detected_only_in_the_node():
     """SAE Steer's default detected_only=True must not cut the published hook down to the detected patches."""
-    s = hook.steer_settings("saeuron_scale", -1.0, "legacy_saeuron", True)
+    s = resolve.steer_settings("saeuron_scale", -1.0, "legacy_saeuron", True)
     assert s.detected_only is False and s.error == "legacy_saeuron"
-    assert hook.steer_settings("saeuron_scale", -1.0, "preserve", True).detected_only is True
+    assert resolve.steer_settings("saeuron_scale", -1.0, "preserve", True).detected_only is True
     sae, w = make_sae()
     x = tokens()
     codes, norm = sae.encode_with_norm(x)

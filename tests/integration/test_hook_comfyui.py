@@ -70,10 +70,9 @@ def test_step_info_from_transformer_options(pack, sd1, cfg, expect_chunks):
 
 
 def test_window_by_percent_to_sigma(pack, sd1):
-    hook = _hook(pack)
     log = Log()
     ms = sd1.model.get_model_object("model_sampling")
-    m, _ = _install(pack, sd1, "output_blocks.4.1", log, window_of=lambda ms_: hook.sigma_window(ms_, 0.3, 0.8))
+    m, _ = _install(pack, sd1, "output_blocks.4.1", log, window_of=lambda ms_: pack.nodes.comfy_steps.sigma_window(ms_, 0.3, 0.8))
     sample(m, "sd1", steps=6, cfg=1.0)
     lo, hi = ms.percent_to_sigma(0.8), ms.percent_to_sigma(0.3)
     seen = [c[2].sigma for c in log.calls]
@@ -144,8 +143,6 @@ def test_recorder_reset_per_run(pack, sd1):
 
 
 def test_validation_names_file_block_expected_found(pack, sd1, sdxl):
-    hook = _hook(pack)
-
     class Cfg:
         def __init__(self, d, fam, hp):
             self.d_in, self.model_family, self.hook_point = d, fam, hp
@@ -154,13 +151,13 @@ def test_validation_names_file_block_expected_found(pack, sd1, sdxl):
         def __init__(self, d, fam="sd1", hp="up_blocks.1.attentions.1"):
             self.cfg, self.source = Cfg(d, fam, hp), "/models/sae/obj.safetensors"
 
-    assert hook.resolve_hook(S(128), sd1.model) == ("diffusion_model.output_blocks.4.1", "up_blocks.1.attentions.1")
+    assert pack.nodes.resolve.resolve_hook(S(128), sd1.model) == ("diffusion_model.output_blocks.4.1", "up_blocks.1.attentions.1")
     with pytest.raises(ValueError) as e:
-        hook.resolve_hook(S(1280), sd1.model)
+        pack.nodes.resolve.resolve_hook(S(1280), sd1.model)
     msg = str(e.value)
     for part in ("/models/sae/obj.safetensors", "up_blocks.1.attentions.1", "output_blocks.4.1", "128 channels", "d_in=1280"):
         assert part in msg
     with pytest.raises(ValueError, match=r"obj.safetensors: the SAE was trained on sd1 .* the model is sdxl"):
-        hook.resolve_hook(S(128), sdxl.model)
+        pack.nodes.resolve.resolve_hook(S(128), sdxl.model)
     with pytest.raises(ValueError, match="records no hook point"):
-        hook.resolve_hook(S(128, hp=None), sd1.model)
+        pack.nodes.resolve.resolve_hook(S(128, hp=None), sd1.model)
