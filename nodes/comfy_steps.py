@@ -16,7 +16,8 @@ except ImportError:  # imported as top-level `nodes` (tests, scripts) with sae_c
     from sae_core.steps import StepInfo, StepWindow
 
 if TYPE_CHECKING:
-    from .hook import RunState
+    from .run_state import RunState
+
 
 def step_index(sigma: float, sample_sigmas) -> int | None:
     """Index of the schedule step a model call at ``sigma`` belongs to.

@@ -17,9 +17,10 @@ from ..sae_core.gate import learn_presence_gate
 from ..sae_core.selection import SelectionRule, build_concept_dictionary
 from . import folders
 from .common import CATEGORY, CONTRAST_LABEL, ConceptType, SAEType, tell
-from .hook import RunState, install_patch
+from .hook import install_patch
 from .learn import DEFAULT_CONTRAST, concept_words, default_contrast, parse_prompts, prompts_naming
 from .resolve import family_of_config, resolve_hook
+from .run_state import RunState
 from .sampling import sample_prompts, sampling_inputs
 
 

@@ -34,6 +34,9 @@ except ImportError:  # imported as top-level `nodes` (tests, scripts)
     from sae_core.blocks_dit import dit_patch_key
     from sae_core.errors import SAEInputError
 
+from .comfy_steps import step_info  # noqa: E402 - after the sae_core imports
+from .run_state import OPTIONS_KEY, UNSET, WRAPPER_PREFIX, make_outer_sample_wrapper  # noqa: E402
+
 logger = logging.getLogger(__name__)
 
 APPLY_MODEL = "apply_model"  # comfy.patcher_extension.WrappersMP.APPLY_MODEL
@@ -124,8 +127,6 @@ def make_dit_patch(kind: str, prev: Callable | None, intervention, state, window
                    patch_size: int):
     """A ``patches_replace["dit"]`` function: run ``prev`` (an earlier replace patch) or the original block, then
     the intervention on the image tokens of its ``img`` output. Identity outside a run of this patch's sampler."""
-    from .comfy_steps import step_info
-    from .hook import _UNSET  # nodes.hook imports this module lazily: no import cycle
 
     def patch(args: dict, extra: dict):
         to = args.get("transformer_options") or extra.get("transformer_options") or {}
@@ -144,7 +145,7 @@ def make_dit_patch(kind: str, prev: Callable | None, intervention, state, window
         step = step_info(to, state.model_sampling, state)
         if window_of is not None:
             window = state.window
-            if window is _UNSET:
+            if window is UNSET:
                 window = state.window = window_of(state.model_sampling)
             if window is not None and not window.contains(step):
                 state.count(device if device is not None else img.device, False)
@@ -174,7 +175,6 @@ def make_dit_patch(kind: str, prev: Callable | None, intervention, state, window
 def install_dit_patch(model, key: str, intervention, state, wrapper_type: str, window_of: Callable | None = None):
     """Clone ``model`` and put our replace patch on the DiT block ``key`` (chaining the one already there).
     Returns the clone."""
-    from .hook import OPTIONS_KEY, WRAPPER_PREFIX, make_outer_sample_wrapper
 
     m = model.clone()
     if state.key is None:

@@ -15,8 +15,9 @@ from ..sae_core.lookahead import LookAheadSettings
 from ..sae_core.recorder import Recorder
 from .comfy_steps import check_window, sigma_window
 from .common import WARNING_EVENT, DetectorSpec, prompt_server, tell
-from .hook import RunState, install_patch
+from .hook import install_patch
 from .resolve import resolve_hook
+from .run_state import RunState
 
 logger = logging.getLogger(__name__)
 

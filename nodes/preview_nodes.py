@@ -9,8 +9,8 @@ from comfy_api.latest import io, ui
 from ..sae_core.errors import SAEInputError
 from .common import CATEGORY, DetectionsType
 from .grid import compare_grid
-from .hook import RunState
 from .masks import AGGREGATES, SHOW, normalise, overlay, parse_color, pick_step, recorded_maps, upscale
+from .run_state import RunState
 from .ui_payload import compare_payload, mask_step_payload
 
 

@@ -17,6 +17,8 @@ except ImportError:  # imported as top-level `nodes` (tests, scripts) with sae_c
     from sae_core.errors import SAEInputError
     from sae_core.steer import SteerSettings
 
+from .dit_hook import dit_block_width  # noqa: E402 - after the sae_core imports
+
 logger = logging.getLogger(__name__)
 
 # supported_models class names (any class in the config's MRO) -> sae_core family
@@ -68,8 +70,6 @@ def resolve_hook(sae, model, block: str | None = None) -> tuple[str, str]:
     except AttributeError:
         raise SAEInputError(f"{source}: block {spec.diffusers} ({key}) does not exist in this {family} model") from None
     if spec.family in DIT_FAMILIES:
-        from .dit_hook import dit_block_width
-
         found = dit_block_width(module)
     else:
         found = getattr(module, "in_channels", None)

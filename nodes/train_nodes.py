@@ -27,9 +27,10 @@ from ..sae_core.formats import save_native
 from ..sae_core.trainer import StreamConfig, train_stream
 from . import folders
 from .common import block_names
-from .hook import RunState, install_patch
+from .hook import install_patch
 from .learn import parse_prompts
 from .resolve import family_of_config
+from .run_state import RunState
 from .sampling import sample_prompts, sampling_inputs
 
 logger = logging.getLogger(__name__)
