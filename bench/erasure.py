@@ -37,6 +37,7 @@ from sae_core.intervention import StepWindow  # noqa: E402
 from shapes_world.erasure import (  # noqa: E402
     DETECTION,
     PER_DEFAULT_NAME,
+    PROMPT_SEED,
     PSNR_CAP,
     WEIGHTS,
     artifact_threshold,
@@ -74,11 +75,11 @@ def average(per_concept: dict, method: str) -> dict:
 
 
 def one_concept(c, weights, targets, others, seed, steps, cfg, scale, add, artifact_pixels, detection, window, threads,
-                world=None) -> dict:
+                prompt_seed=PROMPT_SEED, world=None) -> dict:
     """Every method's metrics for concept ``c`` (also in a worker process of --jobs, which loads its own world)."""
     torch.set_num_threads(threads)
     world = world or load_world(weights, [c])
-    tc, oc = prompt_sets(c, targets, others)
+    tc, oc = prompt_sets(c, targets, others, seed=prompt_seed)
     res, _ = evaluate_concept(world, c, tc, oc, methods_for(scale, add), seed=seed, steps=steps, cfg=cfg,
                               artifact_pixels=artifact_pixels, detection=detection, window=window)
     return {"detection_iou": res.detection_iou, "methods": res.methods}
@@ -93,7 +94,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--others", type=int, default=8, help="prompts without the target, per concept")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--cfg", type=float, default=3.0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="noise seed of the first prompt (prompt i: seed + i)")
+    p.add_argument("--prompt-seed", type=int, default=PROMPT_SEED,
+                   help="seed of the scene generator drawing the prompt sets; another value = held-out prompts")
     p.add_argument("--scale", type=float, nargs="*", default=[-1.0, -4.0, -16.0, -64.0],
                    help="SAeUron gamma sweep (saeuron_scale)")
     p.add_argument("--add", type=float, nargs="*", default=[-32.0, -128.0, -512.0],
@@ -120,7 +123,7 @@ def main(argv: list[str] | None = None) -> dict:
     detection = DetectionSettings(DETECTION.threshold_scale, a.padding, a.min_region)
     window = None if a.window is None else StepWindow(timestep_min=a.window[0], timestep_max=a.window[1])
     job = (a.weights, a.targets, a.others, a.seed, a.steps, a.cfg, a.scale, a.add, artifact_pixels, detection, window,
-           a.threads)
+           a.threads, a.prompt_seed)
     per_concept = {}
     if a.jobs > 1 and len(a.concepts) > 1:
         ctx = multiprocessing.get_context("spawn")  # fresh interpreters: no torch state shared with the parent
@@ -159,6 +162,15 @@ def main(argv: list[str] | None = None) -> dict:
               f"{r['unchanged_identical']:8.3f} "
               f"{r['detection_iou']:8.3f} {r['artifact_rate']:8.3f} {r['ood_distance']:8.4f} {r['artifact_rate_judge']:8.3f}{tag}")
     print("per concept detection IoU: " + ", ".join(f"{c} {per_concept[c]['detection_iou']:.3f}" for c in a.concepts))
+    shown = [PER_DEFAULT_NAME] + ([matched] if matched else [])
+    print(f"\nper concept: erasure / preservation / identical / artifact / judge of {' | '.join(shown)}")
+    for c in a.concepts:
+        cells = []
+        for m in shown:
+            r = per_concept[c]["methods"][m]
+            cells.append(f"{r['erasure_rate']:.2f} {r['preservation']:.2f} {r['unchanged_identical']:.2f} "
+                         f"{r['artifact_rate']:.2f} {r['artifact_rate_judge']:.2f}")
+        print(f"  {c:9s} " + " | ".join(cells))
     print(f"[{time.time() - t0:.0f} s]")
 
     out = {

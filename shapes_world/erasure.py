@@ -60,6 +60,8 @@ logger = logging.getLogger(__name__)
 WEIGHTS = Path(__file__).parent / "weights"
 MIN_PIXELS = 8
 PSNR_CAP = 99.0
+# the benchmark's prompt sets (prompt_sets); Learn Concept drew its prompts from the scene generator with other seeds
+PROMPT_SEED = 50_000_017
 CONFIDENT = 0.6
 # How the edits see the concept. Detection IoU is measured on the detector's own mask (no padding, no region
 # filter): the localisation of the SAE; the edits may widen it (padding) or drop specks (min_region).
@@ -331,7 +333,7 @@ def artifact_threshold(counts: Tensor, quantile: float = 0.95) -> int:
     return max(MIN_PIXELS, int(math.floor(float(q))) + 1)
 
 
-def prompt_sets(concept: str, n_target: int, n_other: int, seed: int = 50_000_017) -> tuple[list[str], list[str]]:
+def prompt_sets(concept: str, n_target: int, n_other: int, seed: int = PROMPT_SEED) -> tuple[list[str], list[str]]:
     """Deterministic prompts from the scene generator that name ``concept`` and that do not."""
     target, other = [], []
     s = seed
