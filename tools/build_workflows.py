@@ -258,10 +258,7 @@ def wf_flux_object_erasure(schemas) -> dict:
     k0 = sampler(g, ids, (ids["ckpt"], "MODEL"), (1120, 0), FLUX_SAMPLING, title="KSampler (original)")
     k1 = sampler(g, ids, (per, "MODEL"), (1120, 360), FLUX_SAMPLING, title="KSampler (Patch Replacer)")
     d0, d1 = decode(g, ids, k0, (1480, 0)), decode(g, ids, k1, (1480, 360))
-    cmp_ = g.node("SAECompare", (1760, 0), {"label_a": "original", "label_b": "dog erased", "label_c": ""},
-                  size=[520, 460])
-    g.link(d0, "IMAGE", cmp_, "image_a")
-    g.link(d1, "IMAGE", cmp_, "image_b")
+    compare(g, [d0, d1], ["original", "dog erased"], [520, 460])
     mask_preview(g, per, d1, (1760, 520))
     g.note((760, 600), "# FLUX.1 schnell object erasure (PER)\nThe same nodes as on SD: the SAE sits on a FLUX "
            "block's image tokens (a 2x2-patch grid, 32x32 at 512 px; the text tokens are never touched). Learn "
