@@ -34,8 +34,7 @@ except ImportError:  # imported as top-level `nodes` (tests, scripts)
     from sae_core.blocks_dit import dit_patch_key
     from sae_core.errors import SAEInputError
 
-from .comfy_steps import step_info  # noqa: E402 - after the sae_core imports
-from .run_state import OPTIONS_KEY, UNSET, WRAPPER_PREFIX, make_outer_sample_wrapper  # noqa: E402
+from .run_state import OPTIONS_KEY, WRAPPER_PREFIX, make_outer_sample_wrapper  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -129,28 +128,24 @@ def make_dit_patch(kind: str, prev: Callable | None, intervention, state, window
     the intervention on the image tokens of its ``img`` output. Identity outside a run of this patch's sampler."""
 
     def patch(args: dict, extra: dict):
+        def block():
+            return prev(args, extra) if prev is not None else extra["original_block"](args)
+
+        if not state.active:
+            return block()
         to = args.get("transformer_options") or extra.get("transformer_options") or {}
-        saved_in = None
         x_in = args.get("img")
-        if state.active and getattr(intervention, "needs_block_in", True) and isinstance(x_in, torch.Tensor):
+        step = state.step_in_window(to, window_of, x_in.device if isinstance(x_in, torch.Tensor) else "cpu")
+        if step is None:
+            return block()
+        saved_in = None
+        if getattr(intervention, "needs_block_in", True) and isinstance(x_in, torch.Tensor):
             # ComfyUI's FLUX single block adds its update to its input in place (x += ...): keep the image tokens
             # of the input now, or a residual SAE would see output - output = 0
             s0, h0, w0 = image_span(kind, x_in, to, patch_size, state.label)
             saved_in = x_in[:, s0:s0 + h0 * w0].clone()
-        out = prev(args, extra) if prev is not None else extra["original_block"](args)
-        if not state.active:
-            return out
+        out = block()
         img = out["img"]
-        device = to.get("multigpu_thread_device")
-        step = step_info(to, state.model_sampling, state)
-        if window_of is not None:
-            window = state.window
-            if window is UNSET:
-                window = state.window = window_of(state.model_sampling)
-            if window is not None and not window.contains(step):
-                state.count(device if device is not None else img.device, False)
-                return out
-        state.count(device if device is not None else img.device, True)
         start, gh, gw = image_span(kind, img, to, patch_size, state.label)
         n = gh * gw
         block_out = rearrange(img[:, start:start + n], "b (h w) c -> b c h w", h=gh, w=gw)

@@ -29,8 +29,7 @@ except ImportError:  # imported as top-level `nodes` (tests, scripts) with sae_c
     from sae_core.steps import StepInfo
 
 from . import dit_hook  # noqa: E402 - after the sae_core imports
-from .comfy_steps import step_info  # noqa: E402
-from .run_state import OPTIONS_KEY, UNSET, WRAPPER_PREFIX, RunState, make_outer_sample_wrapper  # noqa: E402
+from .run_state import OPTIONS_KEY, WRAPPER_PREFIX, RunState, make_outer_sample_wrapper  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -66,17 +65,8 @@ def make_forward(prev: Callable, intervention: Intervention, state: RunState, wi
         if not state.active:
             return out
         x, to = _split_call(args, kwargs)
-        device = to.get("multigpu_thread_device") if isinstance(to, dict) else None
-        step = step_info(to, state.model_sampling, state)
-        if window_of is not None:
-            window = state.window
-            if window is UNSET:  # once per run (two device threads may both compute it: same value)
-                window = state.window = window_of(state.model_sampling)
-            if window is not None and not window.contains(step):
-                state.count(device if device is not None else x.device, False)
-                return out
-        state.count(device if device is not None else x.device, True)
-        return intervention(x, out, step)
+        step = state.step_in_window(to, window_of, x.device)
+        return out if step is None else intervention(x, out, step)
 
     forward.sae_state = state  # lets tests and chained patches see what is installed
     forward.sae_prev = prev

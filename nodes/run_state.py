@@ -16,9 +16,13 @@ import torch
 try:  # inside ComfyUI the pack is a package and sae_core its sibling
     from ..sae_core.lookahead import guide_from_recorder
     from ..sae_core.mixins import SharedOnCopy
+    from ..sae_core.steps import StepInfo
 except ImportError:  # imported as top-level `nodes` (tests, scripts) with sae_core on sys.path
     from sae_core.lookahead import guide_from_recorder
     from sae_core.mixins import SharedOnCopy
+    from sae_core.steps import StepInfo
+
+from .comfy_steps import step_info  # noqa: E402 - after the sae_core imports
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +48,6 @@ class RunState(SharedOnCopy):
         self.window = UNSET
         self.active = 0
         self.runs = 0
-        self.calls = 0  # block calls inside the step window in the current run (diagnostics, never step identity)
         self.hits: dict[str, int] = {}  # device -> block calls seen by the patch in the current run
         self.warnings: list[str] = []  # what the last run found wrong (shown by Mask Preview, logged)
         self.notify = None  # callable(text) that shows a warning in the UI; set by the node, optional
@@ -60,7 +63,6 @@ class RunState(SharedOnCopy):
             self.model_sampling = sampling
             self.schedule = {}
             self.window = UNSET
-            self.calls = 0
             self.hits = {}
             self.warnings = []
             self.active += 1
@@ -74,12 +76,20 @@ class RunState(SharedOnCopy):
         if ok:
             self._check_hooked()
 
-    def count(self, device, in_window: bool) -> None:
+    def step_in_window(self, transformer_options, window_of, default_device) -> StepInfo | None:
+        """StepInfo of one block call of this run, or None outside the run's step window (``window_of(model_sampling)``
+        gives it, computed once per run; None = every step). Counts the call per device for ``_check_hooked``."""
+        step = step_info(transformer_options, self.model_sampling, self)
+        device = transformer_options.get("multigpu_thread_device") if isinstance(transformer_options, dict) else None
+        name = str(device if device is not None else default_device)
         with self.lock:
-            name = str(device)
             self.hits[name] = self.hits.get(name, 0) + 1
-            if in_window:
-                self.calls += 1
+        if window_of is None:
+            return step
+        window = self.window
+        if window is UNSET:  # once per run (two device threads may both compute it: same value)
+            window = self.window = window_of(self.model_sampling)
+        return step if window is None or window.contains(step) else None
 
     def host_schedule(self, sample_sigmas, device):
         """The run's sample_sigmas on the host, cached per device (multi-GPU threads get a copy per call)."""
