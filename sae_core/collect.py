@@ -89,6 +89,11 @@ class ActivationRecorder(SharedOnCopy):
         self.grid: tuple[int, ...] | None = None
         self.timesteps: set[float] = set()
 
+    @property
+    def needs_block_in(self) -> bool:
+        """Hosts keep a copy of the block input only when it is read (DiT blocks modify theirs in place)."""
+        return self.settings.input_space == "residual"
+
     def __call__(self, block_in: Tensor | None, block_out: Tensor, step: StepInfo) -> Tensor:
         s = self.settings
         if s.step_indices is not None:

@@ -36,6 +36,11 @@ class ConceptCollector(SharedOnCopy):
         self.sample = None  # id of the sampling run (e.g. prompt index): per-image codes for the presence gate
         self._lock = threading.Lock()  # multi-GPU device threads add to one accumulator
 
+    @property
+    def needs_block_in(self) -> bool:
+        """Hosts keep a copy of the block input only when it is read (DiT blocks modify theirs in place)."""
+        return self.input_space == "residual"
+
     def __call__(self, block_in: Tensor | None, block_out: Tensor, step: StepInfo) -> Tensor:
         if self.concept is None:
             raise SAEStateError(f"ConceptCollector({self.label}): set .concept to the name of the prompts being sampled")

@@ -50,6 +50,8 @@ def _rows_of(maps):  # independent of einops: channels last, row-major positions
 def test_recorder_keeps_the_cond_rows_of_a_cfg_batch_and_changes_nothing(tmp_path):
     w = ShardWriter(tmp_path, 1000, dtype="float32")
     rec = ActivationRecorder(w, CollectSettings(branches="cond", dtype="float32"))
+    assert not rec.needs_block_in  # output recording: hosts need not copy the block input
+    assert ActivationRecorder(w, CollectSettings(input_space="residual")).needs_block_in
     out = _maps()
     # diffusers layout [uncond; cond]: rows 2,3 are the cond branch
     assert rec(None, out, StepInfo(500.0, chunks=(1, 0), step_index=0)) is out

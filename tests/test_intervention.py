@@ -268,6 +268,7 @@ def test_concept_collector_feeds_cond_rows_only(chunks, residual):
         col.concept = name
         for t in (999.0, 1.0):
             assert col(pm.block_in, pm.block_out, StepInfo(t, chunks=chunks)) is pm.block_out
+    assert col.needs_block_in is residual  # hosts copy the block input (DiT blocks change it in place) only then
     a = pm.block_out - pm.block_in if residual else pm.block_out
     rows = edited_rows(chunks, "cond")
     ref = sae.encode(channels_last(a[rows])).reshape(-1, sae.cfg.n_latents).double().mean(0)
