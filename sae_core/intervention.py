@@ -50,11 +50,14 @@ REGION_MODES = ("intersect", "replace")
 class ReplaceSettings(DictRoundTrip):
     """PER options. mode: random | nearest | mean; seed: for random (stateless: mixed with the step key
     and the branch, so a step gives the same draw whatever ran before or beside it); target: "output" copies
-    whole block-output vectors, "residual" copies only the residual update (out' = in + r[src])."""
+    whole block-output vectors, "residual" copies only the residual update (out' = in + r[src]); denoised: also
+    copy the look-ahead guide's cells of the sampler's denoised prediction from background cells at every step
+    (``sae_core.denoised``; needs look-ahead and a host that passes the prediction)."""
 
     mode: str = "random"
     seed: int = 0
     target: str = "output"
+    denoised: bool = False
 
     def __post_init__(self):
         if not isinstance(self.mode, str):
@@ -63,6 +66,8 @@ class ReplaceSettings(DictRoundTrip):
         require_int("ReplaceSettings.seed", self.seed)
         if not isinstance(self.target, str) or self.target not in ("output", "residual"):
             raise SAEInputError(f"ReplaceSettings.target is {self.target!r}, expected 'output' or 'residual'")
+        if not isinstance(self.denoised, bool):
+            raise SAEInputError(f"ReplaceSettings.denoised is {self.denoised!r}, expected true or false")
 
 
 
@@ -183,9 +188,14 @@ class BlockIntervention(SharedOnCopy):
             raise TypeError(f"BlockIntervention({label}): lookahead is {type(lookahead).__name__}, expected "
                             "LookAheadSettings or None")
         self.lookahead = lookahead
+        if isinstance(edit, ReplaceSettings) and edit.denoised and lookahead is None:
+            raise SAEInputError(
+                f"BlockIntervention({label}): ReplaceSettings.denoised fills the look-ahead guide's cells, but "
+                "lookahead is None; pass LookAheadSettings() or set denoised=False")
         self.phase = "single"  # "detect": look-ahead pass 1 (record only); "edit": pass 2 with self.guide
         self.guide: GuideMasks | None = None
         self.pass_recorder: Recorder | None = None
+        self.fill_memory: dict = {}  # sae_core.denoised: pass 1's last prediction and the sources drawn from it
         self._memory: dict = {}
         self._warned_nonfinite = False
 
@@ -198,7 +208,7 @@ class BlockIntervention(SharedOnCopy):
     def begin_detect_pass(self) -> Recorder:
         """Pass 1: detect and record on every step, edit nothing, no gate; returns the pass's recorder."""
         self.reset()
-        self.phase, self.guide = "detect", None
+        self.phase, self.guide, self.fill_memory = "detect", None, {}
         self.pass_recorder = Recorder(record_scores=True)
         return self.pass_recorder
 
@@ -209,7 +219,7 @@ class BlockIntervention(SharedOnCopy):
 
     def end_lookahead(self) -> None:
         self.reset()
-        self.phase, self.guide, self.pass_recorder = "single", None, None
+        self.phase, self.guide, self.pass_recorder, self.fill_memory = "single", None, None, {}
 
     @property
     def needs_block_in(self) -> bool:

@@ -150,6 +150,16 @@ def background_sources(values: Tensor, src: Tensor, salience: Tensor | None) -> 
     return typical_sources(values, src)
 
 
+def texture_sources(dst: Tensor, grid: Tensor, usable: Tensor) -> Tensor:
+    """For each flat index in dst the source of mode "background" among ``usable`` [H, W] patches of grid
+    [H, W, C]: the nearest usable patch along the texture's direction (a stripe continues through the hole),
+    else the nearest usable patch. ``usable`` must have at least one patch."""
+    H, W = usable.shape
+    src = torch.nonzero(usable.reshape(-1).cpu()).flatten()
+    direction = texture_direction(grid, usable)
+    return _along(dst, usable.cpu(), direction, _nearest(dst, src, W), W)
+
+
 def finite_patches(values: Tensor) -> Tensor:
     """[B, H, W] bool on the CPU: patches of values [B, H, W, C] whose every channel is finite (may be sources)."""
     return torch.isfinite(values).all(-1).cpu()
@@ -192,9 +202,7 @@ def source_indices(mask: Tensor, mode: str, generator: torch.Generator | None = 
                 continue
             usable = torch.zeros(H * W, dtype=torch.bool)
             usable[typical] = True
-            usable = usable.view(H, W)
-            direction = texture_direction(values[b], usable)
-            out.append((dst, _along(dst, usable, direction, _nearest(dst, typical, W), W)))
+            out.append((dst, texture_sources(dst, values[b], usable.view(H, W))))
         else:
             out.append((dst, src_all))
     return out

@@ -1,0 +1,193 @@
+"""PER on the sampler's denoised prediction: the look-ahead guide's cells of the predicted clean image (latent or
+pixels) are copied from background cells at every step of pass 2, so the hole stays background to the end.
+
+Why: replacing patch embeddings at one block tells the model "background here", but the sampler's own state keeps
+the object's outline: the skip connections after the block and the next steps' input carry it, and the model
+redraws a colourless object (the grey or muddy "ghost" blobs of Shapes world). Filling the block's features with
+the features of a run whose prompt lacks the object does erase cleanly, so the fill's content is what matters, not
+the place. The denoised prediction is where the sampler reads the picture from: a DDIM/Euler step moves the
+sample towards it, and a prediction whose hole shows background leaves x_t's noise in the hole consistent with it
+(``eps`` is recomputed from the actual sample). Stopping the fill before the last steps brings the ghost back, so
+it runs to the end.
+
+The sources are fixed once per image from pass 1's last denoised prediction (the picture as it would have come
+out): cells outside the guide's mask, the nearest along the picture's texture direction (stripes run on through
+the hole), the same for every step of pass 2, so the fill does not flicker between steps. A cell is the block's
+patch in the denoised tensor's resolution (a 16x16 block over a 32x32 picture: 2x2 pixels; SD's 64x64 latent under
+a 16x16 block: 4x4 latent pixels); sizes that do not divide are mapped to the nearest cell.
+
+Hosts: ComfyUI passes the CFG-combined denoised tensor (``sampler_post_cfg_function``); diffusers-style loops call
+``fill_model_output`` (epsilon, v or sample prediction with the scheduler's alphas_cumprod) or ``patch_scheduler``.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+from typing import Iterable, Iterator
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor
+
+from .errors import SAEInputError
+from .replace import texture_sources
+
+logger = logging.getLogger(__name__)
+
+PREDICTIONS = ("epsilon", "v_prediction", "sample")
+
+
+def cell_sources(final: Tensor, mask: Tensor) -> Tensor | None:
+    """Flat source index per pixel of final [C, H, W] (identity outside the hole) for the hole ``mask`` [h, w]
+    bool (the block's grid), or None when nothing is masked or no cell outside the hole is finite.
+
+    Each masked cell takes the cell ``texture_sources`` picks among the unmasked finite cells of ``final``; its
+    pixels come from the same offsets inside the source cell."""
+    C, H, W = final.shape
+    h, w = mask.shape
+    m = mask.to("cpu", torch.bool)
+    if not bool(m.any()):
+        return None
+    fy, fx = max(1, round(H / h)), max(1, round(W / w))
+    grid = F.interpolate(final[None].float().cpu(), size=(h * fy, w * fx), mode="nearest")[0]
+    cells = rearrange(grid, "c (h i) (w j) -> h w (c i j)", i=fy, j=fx)
+    usable = ~m & torch.isfinite(cells).all(-1)
+    if not bool(usable.any()):
+        return None
+    dst = torch.nonzero(m.reshape(-1)).flatten()
+    src = texture_sources(dst, cells, usable)
+    # cell offsets (dy, dx) per masked cell, applied to each of its pixels
+    off = torch.zeros(h * w, 2, dtype=torch.long)
+    off[dst, 0] = src // w - dst // w
+    off[dst, 1] = src % w - dst % w
+    ys = torch.arange(H)
+    xs = torch.arange(W)
+    cy = torch.clamp((ys * h) // H, max=h - 1)
+    cx = torch.clamp((xs * w) // W, max=w - 1)
+    cell = cy[:, None] * w + cx[None, :]  # [H, W] cell of each pixel
+    hole = m.reshape(-1)[cell]
+    sy = ys[:, None] + torch.round(off[cell, 0].float() * H / h).long()
+    sx = xs[None, :] + torch.round(off[cell, 1].float() * W / w).long()
+    sy, sx = sy.clamp(0, H - 1), sx.clamp(0, W - 1)
+    ident = ys[:, None] * W + xs[None, :]
+    return torch.where(hole, sy * W + sx, ident).reshape(-1)
+
+
+class DenoisedFill:
+    """The denoised-prediction fill of the look-ahead interventions whose ReplaceSettings ask for it.
+
+    Call it with every denoised prediction of both passes (images [B, C, H, W], the batch in the order of the
+    interventions' image indices): pass 1 keeps the latest (the picture as it would come out), pass 2 returns the
+    prediction with the guides' cells copied from background cells; otherwise it returns its input."""
+
+    def __init__(self, interventions: Iterable):
+        self.interventions = [iv for iv in interventions if _wants_fill(iv)]
+
+    def __bool__(self) -> bool:
+        return bool(self.interventions)
+
+    def __call__(self, denoised: Tensor) -> Tensor:
+        out = denoised
+        if denoised.ndim != 4:
+            return out
+        for iv in self.interventions:
+            memory = iv.fill_memory  # lives on the intervention: the two passes may be two host calls
+            if iv.phase == "detect":
+                memory.clear()
+                memory["final"] = denoised.detach().clone()
+                continue
+            if iv.phase != "edit" or iv.guide is None or not iv.guide.masks:
+                continue
+            idx = _sources(iv, memory, denoised)
+            if idx is None:
+                continue
+            flat = out.flatten(2)
+            out = torch.stack([flat[b].index_select(-1, i.to(out.device)) if i is not None else flat[b]
+                               for b, i in enumerate(idx)]).view_as(out)
+        return out
+
+    def fill_model_output(self, model_output: Tensor, sample: Tensor, alpha_bar: float | Tensor,
+                          prediction_type: str = "epsilon") -> Tensor:
+        """The model output of a diffusers-style step (epsilon, v or sample prediction at cumulative alpha
+        ``alpha_bar``) whose denoised prediction has been filled; unchanged outside pass 2."""
+        if prediction_type not in PREDICTIONS:
+            raise SAEInputError(f"DenoisedFill: prediction_type is {prediction_type!r}, expected one of "
+                                f"{list(PREDICTIONS)}")
+        if not self.interventions:
+            return model_output
+        a = torch.as_tensor(alpha_bar, dtype=torch.float32).to(sample.device)
+        sa, sb = a.sqrt(), (1 - a).sqrt()
+        x, o = sample.float(), model_output.float()
+        if prediction_type == "epsilon":
+            x0 = (x - sb * o) / sa
+        elif prediction_type == "v_prediction":
+            x0 = sa * x - sb * o
+        else:
+            x0 = o
+        new = self(x0)
+        if new is x0:
+            return model_output
+        if prediction_type == "epsilon":
+            res = (x - sa * new) / sb
+        elif prediction_type == "v_prediction":
+            eps = (x - sa * new) / sb
+            res = sa * eps - sb * new
+        else:
+            res = new
+        # only the filled values change: elsewhere the output stays bit-identical (no round trip through x0)
+        return torch.where(new != x0, res.to(model_output.dtype), model_output)
+
+    @contextmanager
+    def patch_scheduler(self, scheduler) -> Iterator[None]:
+        """Within the block, ``scheduler.step(model_output, timestep, sample, ...)`` fills the denoised prediction
+        first (schedulers with ``alphas_cumprod``: DDIM, DDPM, PNDM, ...); restored on exit, also on errors."""
+        if not self.interventions:
+            yield
+            return
+        ac = getattr(scheduler, "alphas_cumprod", None)
+        if ac is None:
+            raise SAEInputError(
+                f"DenoisedFill: scheduler {type(scheduler).__name__} has no alphas_cumprod; the denoised fill needs "
+                "an alpha-schedule scheduler (DDIM, DDPM, ...) here; or call fill_model_output / the fill on the "
+                "denoised prediction from your own loop")
+        pred = getattr(getattr(scheduler, "config", None), "prediction_type", "epsilon")
+        original = scheduler.step
+
+        def step(model_output, timestep, sample, *args, **kwargs):
+            a = ac[int(timestep)]
+            return original(self.fill_model_output(model_output, sample, a, pred), timestep, sample, *args, **kwargs)
+
+        scheduler.step = step
+        try:
+            yield
+        finally:
+            try:
+                del scheduler.step
+            except AttributeError:
+                scheduler.step = original
+
+
+def _sources(iv, memory: dict, denoised: Tensor) -> list[Tensor | None] | None:
+    """Per image the flat source index of every pixel (None: left alone), drawn once per pass 2 and shape."""
+    B = denoised.shape[0]
+    key = ("sources", B, tuple(denoised.shape[-2:]))
+    if key in memory:
+        return memory[key]
+    final = memory.get("final")
+    if final is None or final.shape != denoised.shape:
+        logger.warning("%s: pass 1 left no denoised prediction of shape %s (found %s); the denoised fill is off for "
+                       "this run", iv.label, tuple(denoised.shape), None if final is None else tuple(final.shape))
+        memory[key] = None
+        return None
+    hw = tuple(next(iter(iv.guide.masks.values())).shape)
+    masks, present = iv.guide.rows(list(range(B)), hw, "cpu")
+    idx = [cell_sources(final[b], masks[b]) if bool(present[b]) else None for b in range(B)]
+    memory[key] = None if all(i is None for i in idx) else idx
+    return memory[key]
+
+
+def _wants_fill(iv) -> bool:
+    edit = getattr(iv, "edit", None)
+    return bool(getattr(edit, "denoised", False)) and getattr(iv, "lookahead", None) is not None

@@ -1,0 +1,174 @@
+"""The denoised-prediction fill (sae_core.denoised): sources, the two passes, model-output conversions, the
+scheduler patch, and the settings' checks."""
+
+import pytest
+import torch
+from planted import planted_sae
+
+from sae_core.concepts import ConceptDictionary
+from sae_core.denoised import DenoisedFill, cell_sources
+from sae_core.detect import ConceptDetector
+from sae_core.errors import SAEInputError
+from sae_core.intervention import BlockIntervention, ReplaceSettings
+from sae_core.lookahead import GuideMasks, LookAheadSettings
+
+
+def _scene(stripes: str | None, obj: bool, S: int = 16) -> torch.Tensor:
+    """[3, S, S]: a grey background (plain, or stripes of period 4 px: rows, columns or diagonals), and with
+    ``obj`` a red square on pixels 4..7 x 4..7 (cells (2, 2) .. (3, 3) of an 8x8 grid)."""
+    img = torch.full((3, S, S), 0.5)
+    y, x = torch.meshgrid(torch.arange(S), torch.arange(S), indexing="ij")
+    if stripes is not None:
+        phase = ({"rows": y, "cols": x, "diag": x + y}[stripes] // 2) % 2 == 0
+        img[:, phase] = 0.9
+    if obj:
+        img[:, 4:8, 4:8] = torch.tensor([1.0, 0.0, 0.0])[:, None, None]
+    return img
+
+
+HOLE = torch.zeros(8, 8, dtype=torch.bool)
+HOLE[2:4, 2:4] = True
+
+
+@pytest.mark.parametrize("stripes", [None, "rows", "cols", "diag"])
+def test_cell_sources_fill_the_hole_with_the_background_the_object_hid(stripes):
+    # cells of 2x2 px, stripes of 4 px: only a copy along the stripe continues it (the nearest cell across does not)
+    final = _scene(stripes, obj=True)
+    idx = cell_sources(final, HOLE)
+    filled = final.flatten(1)[:, idx].view_as(final)
+    torch.testing.assert_close(filled, _scene(stripes, obj=False), rtol=0, atol=0)
+
+
+def test_cell_sources_never_copy_masked_or_non_finite_cells():
+    final = _scene(None, obj=True)
+    final[:, 0:2, :] = float("nan")  # the top row of cells is non-finite
+    idx = cell_sources(final, HOLE).view(16, 16)
+    src_cells = {(int(i) // 16 // 2, int(i) % 16 // 2) for i in idx[4:8, 4:8].flatten()}
+    assert all(not HOLE[c] and c[0] != 0 for c in src_cells)
+    # every pixel outside the hole maps to itself
+    ident = torch.arange(256).view(16, 16)
+    outside = ~HOLE.repeat_interleave(2, 0).repeat_interleave(2, 1)
+    assert torch.equal(idx[outside], ident[outside])
+
+
+def test_cell_sources_nothing_to_do_or_nothing_to_copy_from():
+    final = _scene(None, obj=False)
+    assert cell_sources(final, torch.zeros(8, 8, dtype=torch.bool)) is None
+    assert cell_sources(final, torch.ones(8, 8, dtype=torch.bool)) is None
+
+
+def test_cell_sources_on_sizes_that_do_not_divide_keep_cell_offsets():
+    # a 15x15 picture under an 8x8 grid: pixels map to cells by floor(y * 8 / 15); each copy is a shift by whole cells
+    final = torch.rand(2, 15, 15, generator=torch.Generator().manual_seed(0))
+    idx = cell_sources(final, HOLE).view(15, 15)
+    ys, xs = torch.meshgrid(torch.arange(15), torch.arange(15), indexing="ij")
+    hole_px = HOLE[(ys * 8) // 15, (xs * 8) // 15]
+    sy, sx = idx // 15, idx % 15
+    assert not HOLE[(sy * 8) // 15, (sx * 8) // 15][hole_px].any()
+    assert torch.equal(idx[~hole_px], (ys * 15 + xs)[~hole_px])
+
+
+LOOK_AHEAD = LookAheadSettings()
+
+
+def _iv(lookahead=LOOK_AHEAD, denoised=True):
+    sae, _ = planted_sae(d=8)
+    concept = ConceptDictionary.from_latents([0], sae.cfg.n_latents, threshold=1.0, means=[0.5])
+    det = ConceptDetector(concept, sae=sae)
+    return BlockIntervention(sae, det, ReplaceSettings("background", denoised=denoised), lookahead=lookahead)
+
+
+def _guide(masks: dict, present: dict) -> GuideMasks:
+    return GuideMasks(masks=masks, present=present)
+
+
+def test_fill_keeps_pass_one_and_fills_only_present_images_in_pass_two():
+    iv = _iv()
+    fill = DenoisedFill([iv])
+    assert fill
+    final = torch.stack([_scene("rows", True), _scene(None, True)])
+    iv.phase = "detect"
+    assert fill(final) is final  # pass 1 is never changed
+    iv.phase, iv.guide = "edit", _guide({0: HOLE, 1: HOLE}, {0: True, 1: False})
+    now = final + 0.01  # pass 2's prediction differs from pass 1's picture; sources come from pass 1
+    out = fill(now)
+    torch.testing.assert_close(out[1], now[1], rtol=0, atol=0)  # not present: untouched
+    idx = cell_sources(final[0], HOLE)
+    torch.testing.assert_close(out[0], now[0].flatten(1)[:, idx].view_as(now[0]), rtol=0, atol=0)
+    iv.end_lookahead()
+    assert iv.fill_memory == {} and fill(now) is now
+
+
+def test_fill_is_off_without_look_ahead_or_the_option():
+    assert not DenoisedFill([_iv(denoised=False)])
+    with pytest.raises(SAEInputError, match="lookahead is None"):
+        _iv(lookahead=None)
+    with pytest.raises(SAEInputError, match="denoised"):
+        ReplaceSettings("background", denoised="yes")
+    assert ReplaceSettings.from_dict({"mode": "mean"}).denoised is False  # settings saved before keep loading
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction", "sample"])
+def test_fill_model_output_converts_through_the_denoised_prediction(prediction):
+    iv = _iv()
+    fill = DenoisedFill([iv])
+    g = torch.Generator().manual_seed(1)
+    x0 = torch.stack([_scene("cols", True), _scene(None, True)])
+    eps = torch.randn(x0.shape, generator=g)
+    a = torch.tensor(0.3)
+    x = a.sqrt() * x0 + (1 - a).sqrt() * eps
+    out = {"epsilon": eps, "v_prediction": a.sqrt() * eps - (1 - a).sqrt() * x0, "sample": x0}[prediction]
+    iv.phase = "detect"
+    assert fill.fill_model_output(out, x, a, prediction) is out
+    iv.phase, iv.guide = "edit", _guide({0: HOLE}, {0: True})
+    new = fill.fill_model_output(out, x, a, prediction)
+    torch.testing.assert_close(new[1], out[1], rtol=0, atol=0)  # image 1: no guide mask, bit-identical
+    # the prediction the new output implies: image 0's hole shows the background the object hid
+    if prediction == "epsilon":
+        x0_new = (x - (1 - a).sqrt() * new) / a.sqrt()
+    elif prediction == "v_prediction":
+        x0_new = a.sqrt() * x - (1 - a).sqrt() * new
+    else:
+        x0_new = new
+    torch.testing.assert_close(x0_new[0], _scene("cols", False), rtol=0, atol=1e-5)
+    with pytest.raises(SAEInputError, match="prediction_type"):
+        fill.fill_model_output(out, x, a, "flow")
+
+
+class _Sched:
+    def __init__(self):
+        self.alphas_cumprod = torch.linspace(0.99, 0.01, 1000)
+        self.seen = []
+
+    def step(self, model_output, timestep, sample, **kw):
+        self.seen.append(model_output)
+        if kw.get("boom"):
+            raise RuntimeError("boom")
+        return model_output
+
+
+def test_patch_scheduler_fills_and_restores_the_step_also_after_an_error():
+    iv = _iv()
+    fill = DenoisedFill([iv])
+    sched = _Sched()
+    x0 = _scene(None, True)[None]
+    eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(2))
+    a = sched.alphas_cumprod[500]
+    x = a.sqrt() * x0 + (1 - a).sqrt() * eps
+    iv.phase, iv.guide = "edit", _guide({0: HOLE}, {0: True})
+    iv.fill_memory["final"] = x0.clone()
+    with pytest.raises(RuntimeError):
+        with fill.patch_scheduler(sched):
+            sched.step(eps, 500, x)
+            sched.step(eps, 500, x, boom=True)
+    assert "step" not in vars(sched)  # the class's own step again
+    x0_new = (x - (1 - a).sqrt() * sched.seen[0]) / a.sqrt()
+    torch.testing.assert_close(x0_new[0], _scene(None, False), rtol=0, atol=1e-5)
+
+    class NoAlphas:
+        def step(self, *a, **k):
+            return None
+
+    with pytest.raises(SAEInputError, match="alphas_cumprod"):
+        with fill.patch_scheduler(NoAlphas()):
+            pass
