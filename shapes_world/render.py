@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from sae_core.collector import ConceptCollector
+from sae_core.denoised import DenoisedFill
 from sae_core.intervention import BlockIntervention
 from sae_core.torch_hooks import StepHolder, attach_interventions, track_timestep
 
@@ -48,8 +49,10 @@ def render(
     """
     holder = StepHolder()
     chunks = CHUNKS if cfg != 1.0 else (0,)
+    flat = [iv for ivs in (interventions or {}).values() for iv in (ivs if isinstance(ivs, (list, tuple)) else [ivs])]
+    fill = DenoisedFill(flat)
     with ExitStack() as stack:
         if interventions:
             stack.enter_context(track_timestep(model.unet, holder, chunks, scheduler_timesteps(model, steps)))
             stack.enter_context(attach_interventions(model.unet, dict(interventions), holder))
-        return sample(model, list(captions), seed=seed, steps=steps, cfg=cfg)
+        return sample(model, list(captions), seed=seed, steps=steps, cfg=cfg, denoised_fill=fill if fill else None)

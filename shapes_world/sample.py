@@ -21,12 +21,13 @@ logger = logging.getLogger(__name__)
 @torch.no_grad()
 def sample(
     model: ShapesModel, captions: list[str], seed: int = 0, steps: int = 20, cfg: float = 3.0,
-    noise: torch.Tensor | None = None,
+    noise: torch.Tensor | None = None, denoised_fill=None,
 ) -> torch.Tensor:
     """Images [B, 3, S, S] in [0, 1] for B captions; deterministic in (weights, captions, seed, steps, cfg).
 
     Each model call runs the batch as [cond rows; uncond rows]; cfg = 1 skips the unconditional rows.
     The starting noise is drawn from a CPU generator seeded with `seed` unless `noise` is given.
+    `denoised_fill` (sae_core.denoised.DenoisedFill) sees the CFG-combined prediction of every step.
     """
     if steps < 1:
         raise ValueError(f"sample: steps={steps}, expected at least 1 DDIM step")
@@ -49,6 +50,8 @@ def sample(
         if use_cfg:
             cond, uncond = eps.chunk(2)
             eps = uncond + cfg * (cond - uncond)
+        if denoised_fill is not None:
+            eps = denoised_fill.fill_model_output(eps, x, sched.alphas_cumprod[int(t)])
         x = sched.step(eps, t, x, eta=0.0).prev_sample
     return ((x + 1) / 2).clamp(0, 1).cpu()
 
