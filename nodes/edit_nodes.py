@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import logging
+
 from comfy_api.latest import io
 
 from ..sae_core.intervention import REGION_MODES, ReplaceSettings
 from ..sae_core.lookahead import LookAheadSettings
 from ..sae_core.replace import MODES
 from ..sae_core.steer import CFG_SIGNS, ERROR_MODES, METHODS
-from .common import CATEGORY, DetectionsType, DetectorSpec, DetectorType, node_id_of
+from .common import CATEGORY, DetectionsType, DetectorSpec, DetectorType, node_id_of, tell
 from .patching import patch_model
 from .resolve import steer_settings
 
@@ -53,15 +55,26 @@ class PatchReplacer(io.ComfyNode):
                                          "masks form later) and only in images where the concept's presence gate "
                                          "opened on most steps (the others stay bit-identical). About twice the "
                                          "sampling time; no gain for one-step models (off = one pass, the paper's)."),
+                io.Boolean.Input("denoised_fill", default=True,
+                                 tooltip="With look_ahead: also fill the detected cells of the sampler's denoised "
+                                         "prediction (the picture each step aims at) from background cells, at every "
+                                         "step, with sources fixed from the first pass's picture. Stops the model "
+                                         "redrawing the erased object as a grey or muddy ghost. Ignored without "
+                                         "look_ahead (the node says so)."),
             ],
             outputs=_patch_outputs(),
         )
 
     @classmethod
     def execute(cls, model, detector: DetectorSpec, mode: str, target: str, seed: int,
-                look_ahead: bool = True) -> io.NodeOutput:
-        patched, state = patch_model(model, detector, ReplaceSettings(mode=mode, seed=seed, target=target), "Patch Replacer",
-                                node_id_of(cls), lookahead=LookAheadSettings() if look_ahead else None)
+                look_ahead: bool = True, denoised_fill: bool = True) -> io.NodeOutput:
+        node_id = node_id_of(cls)
+        if denoised_fill and not look_ahead:
+            tell(node_id, "denoised_fill is off: it fills the look-ahead pass's masks, and look_ahead is off",
+                 level=logging.INFO)
+        edit = ReplaceSettings(mode=mode, seed=seed, target=target, denoised=bool(denoised_fill and look_ahead))
+        patched, state = patch_model(model, detector, edit, "Patch Replacer", node_id,
+                                     lookahead=LookAheadSettings() if look_ahead else None)
         return io.NodeOutput(patched, state)
 
 

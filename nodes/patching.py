@@ -10,6 +10,7 @@ import comfy.model_patcher
 import comfy.patcher_extension
 import torch
 
+from ..sae_core.denoised import DenoisedFill
 from ..sae_core.intervention import BlockIntervention
 from ..sae_core.lookahead import LookAheadSettings
 from ..sae_core.recorder import Recorder
@@ -87,7 +88,18 @@ def patch_model(model, spec: DetectorSpec, edit, kind: str, node_id=None, region
 
     patched = install_patch(model, key, intervention, state, comfy.patcher_extension.WrappersMP.OUTER_SAMPLE,
                             window_of)
+    fill = DenoisedFill([intervention])
+    if fill:  # look-ahead PER that also fills the sampler's denoised prediction (after CFG, every sampler)
+        patched.set_model_sampler_post_cfg_function(_post_cfg(fill))
     managed = manage_sae_weights(patched, spec.sae)
     logger.info("%s: patched %s (%s) with %s; SAE weights %s", kind, key, getattr(spec.sae, "source", "SAE"), edit,
                 "managed by ComfyUI with the model" if managed else "cast lazily per device")
     return patched, state
+
+
+def _post_cfg(fill: DenoisedFill):
+    """sampler_post_cfg_function: the CFG-combined denoised prediction through the fill (unchanged outside pass 2)."""
+    def post_cfg(args):
+        return fill(args["denoised"])
+
+    return post_cfg

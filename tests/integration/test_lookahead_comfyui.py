@@ -103,3 +103,71 @@ def test_error_in_either_pass_leaves_nothing_patched(pack, sd1, fail_call):
     assert iv.phase == "single" and iv.guide is None and det.active == 0
     assert not sd1.model.object_patches
     torch.testing.assert_close(sample(sd1.model, "sd1"), base, rtol=0, atol=0)
+
+
+def steady_latents(pack, sae, model, key, batch):
+    """A latent active on some but not all patches of the cond rows at every step of a 3-step run (so look-ahead's
+    votes keep a guide mask that leaves cells to copy from)."""
+    m, cap = with_capture(pack, model, key)
+    sample(m, "sd1", batch=batch)
+    shares = torch.stack([(sae.encode(out.movedim(1, -1)) > 0).float().flatten(1, 2).mean(1) for _, out, _ in cap.calls])
+    lo, hi = shares.amin((0, 1)), shares.amax((0, 1))  # over steps and rows: [M]
+    margin = torch.minimum(lo, 1 - hi)
+    assert float(margin.max()) > 0, "no latent of the tiny model is active on part of every map"
+    return [int(margin.argmax())]
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_denoised_fill_copies_background_cells_of_the_prediction_in_pass_two(pack, sd1, batch):
+    """Patch Replacer's denoised_fill through ComfyUI's sampler: pass 1's predictions pass unchanged; in pass 2
+    every step's CFG-combined prediction has the guide's cells copied from the cells ``cell_sources`` picks on
+    pass 1's last prediction; the unpatched model never carries the post-CFG function."""
+    ext = pack.nodes.extension
+    cell_sources = pack.sae_core.denoised.cell_sources
+    name, key, d = SD1_BLOCK
+    sae = make_sae(pack, d)
+    ids = steady_latents(pack, sae, sd1.model, key, batch)
+    det = typed_detector(pack, sae, ids, padding=0)
+    m, dets = ext.PatchReplacer.execute(sd1.model, det, mode="background", target="output", seed=0,
+                                        look_ahead=True, denoised_fill=True).args
+    assert "sampler_post_cfg_function" not in sd1.model.model_options
+    before, after, guides = [], [], []
+    fns = m.model_options["sampler_post_cfg_function"]
+    assert len(fns) == 1
+    fns.insert(0, lambda args: before.append(args["denoised"].clone()) or args["denoised"])
+    fns.append(lambda args: after.append(args["denoised"].clone()) or args["denoised"])
+    iv = dets.intervention
+    begin = iv.begin_edit_pass
+    iv.begin_edit_pass = lambda guide: (guides.append(guide), begin(guide))[1]
+    out = sample(m, "sd1", batch=batch)
+    steps = len(before) // 2
+    assert steps == 3 and len(guides) == 1
+    for a, b in zip(before[:steps], after[:steps], strict=True):
+        torch.testing.assert_close(b, a, rtol=0, atol=0)  # pass 1: untouched
+    final, guide = after[steps - 1], guides[0]
+    hw = tuple(next(iter(guide.masks.values())).shape)
+    masks, present = guide.rows(list(range(batch)), hw, "cpu")
+    assert present.all() and masks.any()
+    for a, b in zip(before[steps:], after[steps:], strict=True):
+        for i in range(batch):
+            idx = cell_sources(final[i], masks[i])
+            want = a[i].flatten(1)[:, idx].view_as(a[i])
+            torch.testing.assert_close(b[i], want, rtol=0, atol=0)
+            assert not torch.equal(b[i], a[i])
+    m2, _ = ext.PatchReplacer.execute(sd1.model, det, mode="background", target="output", seed=0,
+                                      look_ahead=True, denoised_fill=False).args
+    assert "sampler_post_cfg_function" not in m2.model_options
+    assert not torch.equal(out, sample(m2, "sd1", batch=batch))
+
+
+def test_denoised_fill_without_look_ahead_is_off_and_says_so(pack, sd1, caplog):
+    ext = pack.nodes.extension
+    name, key, d = SD1_BLOCK
+    sae = make_sae(pack, d)
+    ids = busy_latents(pack, sae, sd1.model, key, "sd1")
+    with caplog.at_level("INFO"):
+        m, dets = ext.PatchReplacer.execute(sd1.model, typed_detector(pack, sae, ids), mode="random", target="output",
+                                            seed=0, look_ahead=False, denoised_fill=True).args
+    assert "denoised_fill is off" in caplog.text
+    assert "sampler_post_cfg_function" not in m.model_options
+    assert dets.intervention.edit.denoised is False
