@@ -11,8 +11,9 @@ sample towards it, and a prediction whose hole shows background leaves x_t's noi
 it runs to the end.
 
 The sources are fixed once per image from pass 1's last denoised prediction (the picture as it would have come
-out): cells outside the guide's mask, the nearest along the picture's texture direction (stripes run on through
-the hole), the same for every step of pass 2, so the fill does not flicker between steps. A cell is the block's
+out): cells outside the guide's mask whose block patch was not salient at pass 1's last step (no other object is
+copied in), the nearest along the picture's texture direction (stripes run on through the hole), the same for
+every step of pass 2, so the fill does not flicker between steps. A cell is the block's
 patch in the denoised tensor's resolution (a 16x16 block over a 32x32 picture: 2x2 pixels; SD's 64x64 latent under
 a 16x16 block: 4x4 latent pixels); sizes that do not divide are mapped to the nearest cell.
 
@@ -32,19 +33,21 @@ from einops import rearrange
 from torch import Tensor
 
 from .errors import SAEInputError
-from .replace import texture_sources
+from .replace import SALIENT, texture_sources
 
 logger = logging.getLogger(__name__)
 
 PREDICTIONS = ("epsilon", "v_prediction", "sample")
 
 
-def cell_sources(final: Tensor, mask: Tensor) -> Tensor | None:
+def cell_sources(final: Tensor, mask: Tensor, salience: Tensor | None = None) -> Tensor | None:
     """Flat source index per pixel of final [C, H, W] (identity outside the hole) for the hole ``mask`` [h, w]
     bool (the block's grid), or None when nothing is masked or no cell outside the hole is finite.
 
-    Each masked cell takes the cell ``texture_sources`` picks among the unmasked finite cells of ``final``; its
-    pixels come from the same offsets inside the source cell."""
+    Each masked cell takes the cell ``texture_sources`` picks among the unmasked finite cells of ``final`` that are
+    not salient (``salience`` [h, w], the block's ``patch_salience``: below SALIENT; all unmasked finite cells when
+    none is given or every one is salient), so no other object is copied in; its pixels come from the same offsets
+    inside the source cell."""
     C, H, W = final.shape
     h, w = mask.shape
     m = mask.to("cpu", torch.bool)
@@ -54,6 +57,9 @@ def cell_sources(final: Tensor, mask: Tensor) -> Tensor | None:
     grid = F.interpolate(final[None].float().cpu(), size=(h * fy, w * fx), mode="nearest")[0]
     cells = rearrange(grid, "c (h i) (w j) -> h w (c i j)", i=fy, j=fx)
     usable = ~m & torch.isfinite(cells).all(-1)
+    if salience is not None and tuple(salience.shape) == (h, w):
+        calm = usable & (salience.to("cpu", torch.float32) < SALIENT)
+        usable = calm if bool(calm.any()) else usable
     if not bool(usable.any()):
         return None
     dst = torch.nonzero(m.reshape(-1)).flatten()
@@ -94,8 +100,7 @@ class DenoisedFill:
             return out
         for iv in self.interventions:
             memory = iv.fill_memory  # lives on the intervention: the two passes may be two host calls
-            if iv.phase == "detect":
-                memory.clear()
+            if iv.phase == "detect":  # (begin_detect_pass emptied the memory; the block adds salience to it)
                 memory["final"] = denoised.detach().clone()
                 continue
             if iv.phase != "edit" or iv.guide is None or not iv.guide.masks:
@@ -170,7 +175,8 @@ class DenoisedFill:
 
 
 def _sources(iv, memory: dict, denoised: Tensor) -> list[Tensor | None] | None:
-    """Per image the flat source index of every pixel (None: left alone), drawn once per pass 2 and shape."""
+    """Per image the flat source index of every pixel (None: left alone), drawn once per pass 2 and shape from
+    pass 1's picture and salience: the same sources at every step (a fill that moves between steps blurs)."""
     B = denoised.shape[0]
     key = ("sources", B, tuple(denoised.shape[-2:]))
     if key in memory:
@@ -183,7 +189,8 @@ def _sources(iv, memory: dict, denoised: Tensor) -> list[Tensor | None] | None:
         return None
     hw = tuple(next(iter(iv.guide.masks.values())).shape)
     masks, present = iv.guide.rows(list(range(B)), hw, "cpu")
-    idx = [cell_sources(final[b], masks[b]) if bool(present[b]) else None for b in range(B)]
+    sal = memory.get("salience", {})
+    idx = [cell_sources(final[b], masks[b], sal.get(b)) if bool(present[b]) else None for b in range(B)]
     memory[key] = None if all(i is None for i in idx) else idx
     return memory[key]
 

@@ -286,6 +286,8 @@ class BlockIntervention(SharedOnCopy):
             )
         new_rows = None
 
+        if self.phase == "detect" and isinstance(self.edit, ReplaceSettings) and self.edit.denoised:
+            self._keep_salience(enc.kept, parts)
         if isinstance(edit, ReplaceSettings) and bool(mask_h.any()):
             new_rows = self._replace(in_rows, out_rows, a, mask, mask_h, parts, step, enc.kept)
         elif res is not None and bool(changed_h):
@@ -406,6 +408,20 @@ class BlockIntervention(SharedOnCopy):
             return Encoded(tk, tk.norm, int(sae.cfg.n_latents))
         codes, norm = sae.encode_with_norm(tokens)
         return Encoded(codes, norm, int(sae.cfg.n_latents))
+
+    def _keep_salience(self, kept, parts: Sequence[ChunkRows]) -> None:
+        """Look-ahead pass 1 with the denoised fill: each image's patch salience at this step (the last step's
+        stays), read on the cond row where there is one, so the fill's sources avoid every object
+        (``sae_core.denoised``)."""
+        kv, ki = kept()
+        sal = patch_salience(kv, ki, int(self.sae.cfg.n_latents)).cpu()
+        store = self.fill_memory.setdefault("salience", {})
+        cond_seen = self.fill_memory.setdefault("salience_cond", set())
+        for r, (flag, _, j) in enumerate(row_keys(parts)):
+            if flag == 0 or j not in cond_seen:
+                store[j] = sal[r]
+                if flag == 0:
+                    cond_seen.add(j)
 
     def _replace(self, in_rows, out_rows, a, mask, mask_h, parts, step, kept):
         e = self.edit

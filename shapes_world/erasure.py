@@ -200,9 +200,11 @@ def as_method(m) -> Method:
 
 # The Patch Replacer configuration the pack recommends (node defaults, make demo, the benchmark's "per" entry),
 # chosen by measurement on this world (README "Shapes world"): sources from background patches, the presence
-# gate, masks looked ahead from a detect-only first pass.
-PER_DEFAULT_NAME = "PER background + gate + look-ahead"
-PER_DEFAULT = Method(ReplaceSettings("background"), lookahead=LookAheadSettings(), gate=True)
+# gate, masks looked ahead from a detect-only first pass, the denoised prediction filled at those masks.
+PER_DEFAULT_NAME = "PER background + gate + look-ahead + denoised fill"
+PER_DEFAULT = Method(ReplaceSettings("background", denoised=True), lookahead=LookAheadSettings(), gate=True)
+PER_BLOCK_ONLY_NAME = "PER background + gate + look-ahead"  # the same without the denoised fill (previous default)
+PER_BLOCK_ONLY = Method(ReplaceSettings("background"), lookahead=LookAheadSettings(), gate=True)
 
 
 def methods_for(steer_scale: Sequence[float], steer_add: Sequence[float]) -> dict[str, Method]:
@@ -213,6 +215,7 @@ def methods_for(steer_scale: Sequence[float], steer_add: Sequence[float]) -> dic
         "PER nearest": ReplaceSettings("nearest"),
         "PER mean": ReplaceSettings("mean"),
         "PER background": ReplaceSettings("background"),
+        PER_BLOCK_ONLY_NAME: PER_BLOCK_ONLY,
         PER_DEFAULT_NAME: PER_DEFAULT,
     }
     for g in steer_scale:

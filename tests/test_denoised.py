@@ -172,3 +172,39 @@ def test_patch_scheduler_fills_and_restores_the_step_also_after_an_error():
     with pytest.raises(SAEInputError, match="alphas_cumprod"):
         with fill.patch_scheduler(NoAlphas()):
             pass
+
+
+def test_cell_sources_skip_salient_cells_unless_every_candidate_is():
+    final = _scene(None, obj=True)
+    final[:, 4:8, 8:16] = torch.tensor([0.0, 0.0, 1.0])[:, None, None]  # a blue bar right of the hole: cells (2..3, 4..7)
+    sal = torch.zeros(8, 8)
+    sal[2:4, 4:8] = 0.9  # the block calls the bar's patches an object
+    idx = cell_sources(final, HOLE, sal)
+    filled = final.flatten(1)[:, idx].view_as(final)
+    assert torch.equal(filled[:, 4:8, 4:8], torch.full((3, 4, 4), 0.5))  # grey, never the bar
+    everything = torch.ones(8, 8)  # every candidate salient: fall back to every unmasked cell
+    assert cell_sources(final, HOLE, everything) is not None
+
+
+def test_detect_pass_keeps_the_cond_rows_salience_for_the_fill():
+    from sae_core.intervention import KEPT_DENSE, StepInfo
+    from sae_core.replace import patch_salience
+
+    iv = _iv()
+    g = torch.Generator().manual_seed(3)
+    maps = torch.randn(2, 8, 6, 8, generator=g)  # [cond; uncond] rows of one image
+    iv.begin_detect_pass()
+    iv(None, maps, StepInfo(500.0, step_index=0, chunks=(0, 1)))
+    sal = iv.fill_memory["salience"]
+    assert set(sal) == {0}
+    codes = iv.sae.encode(maps[:1].movedim(1, -1))
+    top = codes.topk(min(codes.shape[-1], KEPT_DENSE), dim=-1)
+    want = patch_salience(top.values, top.indices, codes.shape[-1])[0]
+    torch.testing.assert_close(sal[0], want)
+    iv.begin_edit_pass(GuideMasks())
+    iv(None, maps * 2, StepInfo(400.0, step_index=1, chunks=(0, 1)))
+    assert torch.equal(iv.fill_memory["salience"][0], want)  # pass 2 reads pass 1's, never overwrites it
+    iv.end_lookahead()
+    assert iv.fill_memory == {}
+    assert not DenoisedFill([_iv(denoised=False)])
+
