@@ -153,12 +153,13 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"\nshapes world erasure, concepts {a.concepts}, {a.targets}+{a.others} prompts each, {a.steps} DDIM steps, "
           f"CFG {a.cfg:g}; edits on the mask with padding {a.padding}, min_region {a.min_region}, window {a.window or 'all steps'}; artifact threshold {artifact_pixels} unrecognised pixels (unedited images over it: "
           f"{baseline_artifacts:.3f}); judge = shapes_world.artifacts (unedited images flagged: {baseline_judge:.3f})")
-    print(f"{'method':36s} {'erasure':>8s} {'preserv.':>8s} {'PSNR dB':>8s} {'ident.':>8s} {'det IoU':>8s} {'artifact':>8s} "
+    w = max(36, *(len(m) for m in methods))
+    print(f"{'method':{w}s} {'erasure':>8s} {'preserv.':>8s} {'PSNR dB':>8s} {'ident.':>8s} {'det IoU':>8s} {'artifact':>8s} "
           f"{'OOD W1':>8s} {'judge':>8s}")
     for m in methods:
         r = rows[m]
         tag = " *best" if m == best else (" *matched" if m == matched else "")
-        print(f"{m:36s} {r['erasure_rate']:8.3f} {r['preservation']:8.3f} {r['unchanged_psnr_db']:8.2f} "
+        print(f"{m:{w}s} {r['erasure_rate']:8.3f} {r['preservation']:8.3f} {r['unchanged_psnr_db']:8.2f} "
               f"{r['unchanged_identical']:8.3f} "
               f"{r['detection_iou']:8.3f} {r['artifact_rate']:8.3f} {r['ood_distance']:8.4f} {r['artifact_rate_judge']:8.3f}{tag}")
     print("per concept detection IoU: " + ", ".join(f"{c} {per_concept[c]['detection_iou']:.3f}" for c in a.concepts))
