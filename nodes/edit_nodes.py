@@ -55,7 +55,7 @@ class PatchReplacer(io.ComfyNode):
                                          "masks form later) and only in images where the concept's presence gate "
                                          "opened on most steps (the others stay bit-identical). About twice the "
                                          "sampling time; no gain for one-step models (off = one pass, the paper's)."),
-                io.Boolean.Input("denoised_fill", default=True,
+                io.Boolean.Input("denoised_fill", default=True, optional=True,  # API prompts saved before keep working
                                  tooltip="With look_ahead: also fill the detected cells of the sampler's denoised "
                                          "prediction (the picture each step aims at) from background cells, at every "
                                          "step, with sources fixed from the first pass's picture. Stops the model "
