@@ -49,10 +49,15 @@ def cell_sources(final: Tensor, mask: Tensor, salience: Tensor | None = None) ->
     none is given or every one is salient), so no other object is copied in; its pixels come from the same offsets
     inside the source cell."""
     C, H, W = final.shape
-    h, w = mask.shape
     m = mask.to("cpu", torch.bool)
     if not bool(m.any()):
         return None
+    if m.shape[0] > H or m.shape[1] > W:  # a grid finer than the prediction: its cells are whole pixels
+        size = (min(m.shape[0], H), min(m.shape[1], W))
+        m = F.adaptive_max_pool2d(m.float()[None, None], size)[0, 0] > 0
+        if salience is not None and salience.shape == mask.shape:
+            salience = F.adaptive_max_pool2d(salience.float().cpu()[None, None], size)[0, 0]
+    h, w = m.shape
     fy, fx = max(1, round(H / h)), max(1, round(W / w))
     grid = F.interpolate(final[None].float().cpu(), size=(h * fy, w * fx), mode="nearest")[0]
     cells = rearrange(grid, "c (h i) (w j) -> h w (c i j)", i=fy, j=fx)
@@ -65,20 +70,27 @@ def cell_sources(final: Tensor, mask: Tensor, salience: Tensor | None = None) ->
     dst = torch.nonzero(m.reshape(-1)).flatten()
     src = texture_sources(dst, cells, usable)
     # cell offsets (dy, dx) per masked cell, applied to each of its pixels
-    off = torch.zeros(h * w, 2, dtype=torch.long)
-    off[dst, 0] = src // w - dst // w
-    off[dst, 1] = src % w - dst % w
-    ys = torch.arange(H)
-    xs = torch.arange(W)
-    cy = torch.clamp((ys * h) // H, max=h - 1)
+    src_of = torch.arange(h * w)
+    src_of[dst] = src  # the source cell of every cell (itself outside the hole)
+    ys, xs = torch.arange(H), torch.arange(W)
+    cy = torch.clamp((ys * h) // H, max=h - 1)  # the cell of each pixel row / column
     cx = torch.clamp((xs * w) // W, max=w - 1)
-    cell = cy[:, None] * w + cx[None, :]  # [H, W] cell of each pixel
+    y0, x0 = _first_pixel(h, H), _first_pixel(w, W)  # [h + 1], [w + 1]: where each cell's pixels start
+    cell = cy[:, None] * w + cx[None, :]  # [H, W]
     hole = m.reshape(-1)[cell]
-    sy = ys[:, None] + torch.round(off[cell, 0].float() * H / h).long()
-    sx = xs[None, :] + torch.round(off[cell, 1].float() * W / w).long()
-    sy, sx = sy.clamp(0, H - 1), sx.clamp(0, W - 1)
+    s_cell = src_of[cell]
+    s_y, s_x = s_cell // w, s_cell % w
+    # the same place inside the source cell (cells of unequal size: the nearest pixel of the source cell)
+    sy = torch.minimum(y0[s_y] + (ys[:, None] - y0[cy][:, None]), y0[s_y + 1] - 1)
+    sx = torch.minimum(x0[s_x] + (xs[None, :] - x0[cx][None, :]), x0[s_x + 1] - 1)
     ident = ys[:, None] * W + xs[None, :]
     return torch.where(hole, sy * W + sx, ident).reshape(-1)
+
+
+def _first_pixel(cells: int, pixels: int) -> Tensor:
+    """[cells + 1]: the first pixel whose cell (pixel * cells // pixels) is c, for c = 0 .. cells (pixels at the end)."""
+    c = torch.arange(cells + 1)
+    return torch.clamp(-((-c * pixels) // cells), max=pixels)
 
 
 class DenoisedFill:

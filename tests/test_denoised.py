@@ -208,3 +208,36 @@ def test_detect_pass_keeps_the_cond_rows_salience_for_the_fill():
     assert iv.fill_memory == {}
     assert not DenoisedFill([_iv(denoised=False)])
 
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_cell_sources_on_random_sizes_never_copy_from_the_hole(seed):
+    g = torch.Generator().manual_seed(seed)
+    H, W = (int(v) for v in torch.randint(4, 41, (2,), generator=g))
+    h, w = (int(v) for v in torch.randint(2, 17, (2,), generator=g))
+    h, w = min(h, H), min(w, W)  # a block's grid is never finer than the prediction (see the next test)
+    final = torch.rand(3, H, W, generator=g)
+    mask = torch.rand(h, w, generator=g) < 0.4
+    idx = cell_sources(final, mask)
+    if not mask.any() or mask.all():
+        assert idx is None
+        return
+    idx = idx.view(H, W)
+    ys, xs = torch.meshgrid(torch.arange(H), torch.arange(W), indexing="ij")
+    cy, cx = torch.clamp((ys * h) // H, max=h - 1), torch.clamp((xs * w) // W, max=w - 1)
+    hole = mask[cy, cx]
+    assert torch.equal(idx[~hole], (ys * W + xs)[~hole])
+    sy, sx = idx // W, idx % W
+    src_cells = mask[torch.clamp((sy * h) // H, max=h - 1), torch.clamp((sx * w) // W, max=w - 1)]
+    assert not src_cells[hole].any()
+
+
+def test_cell_sources_on_a_grid_finer_than_the_prediction_pool_the_mask():
+    final = torch.rand(3, 6, 6, generator=torch.Generator().manual_seed(0))
+    mask = torch.zeros(12, 12, dtype=torch.bool)
+    mask[0:3, 0:3] = True  # pixels (0..1, 0..1) of the 6x6 prediction
+    idx = cell_sources(final, mask).view(6, 6)
+    hole = torch.zeros(6, 6, dtype=torch.bool)
+    hole[0:2, 0:2] = True
+    assert torch.equal(idx[~hole], torch.arange(36).view(6, 6)[~hole])
+    assert not hole.flatten()[idx[hole]].any()
