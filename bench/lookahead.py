@@ -3,7 +3,7 @@ of the same prompts and seeds, on the shapes model through sae_core.torch_hooks 
 
     python bench/lookahead.py [--rounds 5] [--batch 8] [--steps 20] [--threads 1] [--json out.json]
 
-Three configurations run once per round, the order rotating each round (interleaved, so drift on a shared
+Four configurations (plain, PER, PER with look-ahead, and with the denoised fill too) run once per round, the order rotating each round (interleaved, so drift on a shared
 machine hits all alike); after one warm-up round the median over rounds is taken. Printed: the medians, the
 ratios to the plain sampling of the same run, and the spread of the plain time ((max - min) / median): ratio
 differences below it are noise. Look-ahead samples twice (the first pass detects only), so its floor is
@@ -15,15 +15,18 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-from sae_core.intervention import ReplaceSettings
-from sae_core.lookahead import LookAheadSettings, sample_twice
-from shapes_world.erasure import DETECTION, intervention, load_world, prompt_sets
-from shapes_world.render import render
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/lookahead.py` from a checkout
+
+from sae_core.intervention import ReplaceSettings  # noqa: E402
+from sae_core.lookahead import LookAheadSettings, sample_twice  # noqa: E402
+from shapes_world.erasure import DETECTION, intervention, load_world, prompt_sets  # noqa: E402
+from shapes_world.render import render  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -52,7 +55,12 @@ def main(argv: list[str] | None = None) -> dict:
         iv = intervention(world, a.concept, edit, detection=DETECTION, lookahead=LookAheadSettings())
         return sample_twice([iv], lambda: render(world.model, caps, steps=a.steps, interventions={world.block: iv}))
 
-    configs = {"plain": plain, "PER": per, "PER look-ahead": lookahead}
+    def filled():
+        iv = intervention(world, a.concept, ReplaceSettings("background", denoised=True), detection=DETECTION,
+                          lookahead=LookAheadSettings())
+        return sample_twice([iv], lambda: render(world.model, caps, steps=a.steps, interventions={world.block: iv}))
+
+    configs = {"plain": plain, "PER": per, "PER look-ahead": lookahead, "+ denoised fill": filled}
     times: dict[str, list[float]] = {k: [] for k in configs}
     names = list(configs)
     for r in range(a.rounds + 1):
