@@ -260,7 +260,7 @@ def test_bench_erasure_quick_run_writes_json(tiny_world_dir, tmp_path, bench_scr
                            "--steps", "2", "--scale", "--add", "--calibration", "4", "--padding", "0", "--min-region", "0"])
     assert per_only["steer"] == {} and per_only["settings"]["padding"] == 0
     assert set(per_only["per"]["modes"]) == {"PER random", "PER nearest", "PER mean", "PER background",
-                                             erasure.PER_DEFAULT_NAME}
+                                             erasure.PER_BLOCK_ONLY_NAME, erasure.PER_DEFAULT_NAME}
     assert per_only["per"]["config"] == erasure.PER_DEFAULT_NAME
 
 
