@@ -75,12 +75,12 @@ def average(per_concept: dict, method: str) -> dict:
 
 
 def one_concept(c, weights, targets, others, seed, steps, cfg, scale, add, artifact_pixels, detection, window, threads,
-                prompt_seed=PROMPT_SEED, world=None) -> dict:
+                prompt_seed=PROMPT_SEED, block_only=False, world=None) -> dict:
     """Every method's metrics for concept ``c`` (also in a worker process of --jobs, which loads its own world)."""
     torch.set_num_threads(threads)
     world = world or load_world(weights, [c])
     tc, oc = prompt_sets(c, targets, others, seed=prompt_seed)
-    res, _ = evaluate_concept(world, c, tc, oc, methods_for(scale, add), seed=seed, steps=steps, cfg=cfg,
+    res, _ = evaluate_concept(world, c, tc, oc, methods_for(scale, add, block_only), seed=seed, steps=steps, cfg=cfg,
                               artifact_pixels=artifact_pixels, detection=detection, window=window)
     return {"detection_iou": res.detection_iou, "methods": res.methods}
 
@@ -110,6 +110,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--threads", type=int, default=1, help="torch threads per process")
     p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
                    help="concepts evaluated in parallel processes (each with --threads threads); same numbers")
+    p.add_argument("--block-only", action="store_true",
+                   help="also the recommended PER without the denoised fill (two more samplings per concept)")
     p.add_argument("--json", type=Path, default=None)
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -119,11 +121,11 @@ def main(argv: list[str] | None = None) -> dict:
     calib = generate_scenes(a.calibration, seed=60_000_011).captions
     calib_imgs = render(world.model, calib, seed=a.seed, steps=a.steps, cfg=a.cfg)
     artifact_pixels = artifact_threshold(unrecognised(world.evaluator, calib_imgs))
-    methods = methods_for(a.scale, a.add)
+    methods = methods_for(a.scale, a.add, a.block_only)
     detection = DetectionSettings(DETECTION.threshold_scale, a.padding, a.min_region)
     window = None if a.window is None else StepWindow(timestep_min=a.window[0], timestep_max=a.window[1])
     job = (a.weights, a.targets, a.others, a.seed, a.steps, a.cfg, a.scale, a.add, artifact_pixels, detection, window,
-           a.threads, a.prompt_seed)
+           a.threads, a.prompt_seed, a.block_only)
     per_concept = {}
     if a.jobs > 1 and len(a.concepts) > 1:
         ctx = multiprocessing.get_context("spawn")  # fresh interpreters: no torch state shared with the parent

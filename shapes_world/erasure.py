@@ -207,17 +207,18 @@ PER_BLOCK_ONLY_NAME = "PER background + gate + look-ahead"  # the same without t
 PER_BLOCK_ONLY = Method(ReplaceSettings("background"), lookahead=LookAheadSettings(), gate=True)
 
 
-def methods_for(steer_scale: Sequence[float], steer_add: Sequence[float]) -> dict[str, Method]:
-    """The paper's PER modes (no gate, one pass), background sources, the recommended configuration, then the
-    steering sweeps."""
+def methods_for(steer_scale: Sequence[float], steer_add: Sequence[float], block_only: bool = False) -> dict[str, Method]:
+    """The paper's PER modes (no gate, one pass), background sources, (with ``block_only``: the recommended
+    configuration without the denoised fill,) the recommended configuration, then the steering sweeps."""
     m: dict[str, ReplaceSettings | SteerSettings | Method] = {
         "PER random": ReplaceSettings("random", seed=0),
         "PER nearest": ReplaceSettings("nearest"),
         "PER mean": ReplaceSettings("mean"),
         "PER background": ReplaceSettings("background"),
-        PER_BLOCK_ONLY_NAME: PER_BLOCK_ONLY,
-        PER_DEFAULT_NAME: PER_DEFAULT,
     }
+    if block_only:
+        m[PER_BLOCK_ONLY_NAME] = PER_BLOCK_ONLY
+    m[PER_DEFAULT_NAME] = PER_DEFAULT
     for g in steer_scale:
         m[f"SAeUron scale {g:g}"] = SteerSettings("saeuron_scale", g)
     for s in steer_add:

@@ -257,11 +257,13 @@ def test_bench_erasure_quick_run_writes_json(tiny_world_dir, tmp_path, bench_scr
     assert out["per"]["detection_iou"] == data["per"]["detection_iou"]
     # PER alone, with other edit settings: no steering summary, the mask settings reach the edits
     per_only = bench.main(["--weights", str(tiny_world_dir[0]), "--concepts", "red", "--targets", "2", "--others", "1",
-                           "--steps", "2", "--scale", "--add", "--calibration", "4", "--padding", "0", "--min-region", "0"])
+                           "--steps", "2", "--scale", "--add", "--calibration", "4", "--padding", "0", "--min-region", "0",
+                           "--block-only"])
     assert per_only["steer"] == {} and per_only["settings"]["padding"] == 0
     assert set(per_only["per"]["modes"]) == {"PER random", "PER nearest", "PER mean", "PER background",
                                              erasure.PER_BLOCK_ONLY_NAME, erasure.PER_DEFAULT_NAME}
     assert per_only["per"]["config"] == erasure.PER_DEFAULT_NAME
+    assert erasure.PER_BLOCK_ONLY_NAME not in data["per"]["modes"]  # only with --block-only
 
 
 def test_window_outside_every_step_leaves_images_identical(tiny_world_dir):
