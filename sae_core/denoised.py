@@ -18,7 +18,8 @@ patch in the denoised tensor's resolution (a 16x16 block over a 32x32 picture: 2
 a 16x16 block: 4x4 latent pixels); sizes that do not divide are mapped to the nearest cell.
 
 Hosts: ComfyUI passes the CFG-combined denoised tensor (``sampler_post_cfg_function``); diffusers-style loops call
-``fill_model_output`` (epsilon, v or sample prediction with the scheduler's alphas_cumprod) or ``patch_scheduler``.
+``fill_model_output`` (epsilon, v or sample prediction with the scheduler's alphas_cumprod, or a flow-matching
+velocity with its sigma) or ``patch_scheduler``.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from .replace import SALIENT, texture_sources
 
 logger = logging.getLogger(__name__)
 
-PREDICTIONS = ("epsilon", "v_prediction", "sample")
+PREDICTIONS = ("epsilon", "v_prediction", "sample", "flow")
 
 
 def cell_sources(final: Tensor, mask: Tensor, salience: Tensor | None = None) -> Tensor | None:
@@ -107,8 +108,10 @@ class DenoisedFill:
         return bool(self.interventions)
 
     def __call__(self, denoised: Tensor) -> Tensor:
+        """denoised [B, C, H, W], or packed tokens [B, N, D] whose N is the guide's grid (diffusers' FLUX
+        latents: one token per cell), are left as they are where nothing is filled."""
         out = denoised
-        if denoised.ndim != 4:
+        if denoised.ndim not in (3, 4):
             return out
         for iv in self.interventions:
             memory = iv.fill_memory  # lives on the intervention: the two passes may be two host calls
@@ -117,36 +120,53 @@ class DenoisedFill:
                 continue
             if iv.phase != "edit" or iv.guide is None or not iv.guide.masks:
                 continue
-            idx = _sources(iv, memory, denoised)
+            grid = out
+            if out.ndim == 3:  # tokens: a map of the guide's grid, one token per cell
+                h, w = next(iter(iv.guide.masks.values())).shape
+                if out.shape[1] != h * w:
+                    continue
+                grid = out.transpose(1, 2).reshape(out.shape[0], out.shape[2], h, w)
+            idx = _sources(iv, memory, grid)
             if idx is None:
                 continue
-            flat = out.flatten(2)
-            out = torch.stack([flat[b].index_select(-1, i.to(out.device)) if i is not None else flat[b]
-                               for b, i in enumerate(idx)]).view_as(out)
+            flat = grid.flatten(2)
+            filled = torch.stack([flat[b].index_select(-1, i.to(out.device)) if i is not None else flat[b]
+                                  for b, i in enumerate(idx)])
+            out = filled.transpose(1, 2) if out.ndim == 3 else filled.view_as(out)
         return out
 
-    def fill_model_output(self, model_output: Tensor, sample: Tensor, alpha_bar: float | Tensor,
-                          prediction_type: str = "epsilon") -> Tensor:
-        """The model output of a diffusers-style step (epsilon, v or sample prediction at cumulative alpha
-        ``alpha_bar``) whose denoised prediction has been filled; unchanged outside pass 2."""
+    def fill_model_output(self, model_output: Tensor, sample: Tensor, alpha_bar: float | Tensor | None = None,
+                          prediction_type: str = "epsilon", sigma: float | Tensor | None = None) -> Tensor:
+        """The model output of a diffusers-style step whose denoised prediction has been filled; unchanged outside
+        pass 2. epsilon, v_prediction, sample: at cumulative alpha ``alpha_bar``; flow (rectified flow, FLUX /
+        SD3: x_t = (1 - sigma) x0 + sigma noise, output noise - x0): at ``sigma``."""
         if prediction_type not in PREDICTIONS:
             raise SAEInputError(f"DenoisedFill: prediction_type is {prediction_type!r}, expected one of "
                                 f"{list(PREDICTIONS)}")
+        need = "sigma" if prediction_type == "flow" else "alpha_bar"
+        if (sigma if prediction_type == "flow" else alpha_bar) is None:
+            raise SAEInputError(f"DenoisedFill: prediction_type {prediction_type!r} needs {need}")
         if not self.interventions:
             return model_output
-        a = torch.as_tensor(alpha_bar, dtype=torch.float32).to(sample.device)
-        sa, sb = a.sqrt(), (1 - a).sqrt()
         x, o = sample.float(), model_output.float()
-        if prediction_type == "epsilon":
-            x0 = (x - sb * o) / sa
-        elif prediction_type == "v_prediction":
-            x0 = sa * x - sb * o
+        if prediction_type == "flow":
+            sg = torch.as_tensor(sigma, dtype=torch.float32).to(sample.device)
+            x0 = x - sg * o
         else:
-            x0 = o
+            a = torch.as_tensor(alpha_bar, dtype=torch.float32).to(sample.device)
+            sa, sb = a.sqrt(), (1 - a).sqrt()
+            if prediction_type == "epsilon":
+                x0 = (x - sb * o) / sa
+            elif prediction_type == "v_prediction":
+                x0 = sa * x - sb * o
+            else:
+                x0 = o
         new = self(x0)
         if new is x0:
             return model_output
-        if prediction_type == "epsilon":
+        if prediction_type == "flow":
+            res = (x - new) / sg
+        elif prediction_type == "epsilon":
             res = (x - sa * new) / sb
         elif prediction_type == "v_prediction":
             eps = (x - sa * new) / sb
@@ -159,22 +179,31 @@ class DenoisedFill:
     @contextmanager
     def patch_scheduler(self, scheduler) -> Iterator[None]:
         """Within the block, ``scheduler.step(model_output, timestep, sample, ...)`` fills the denoised prediction
-        first (schedulers with ``alphas_cumprod``: DDIM, DDPM, PNDM, ...); restored on exit, also on errors."""
+        first; restored on exit, also on errors. Schedulers with ``alphas_cumprod`` (DDIM, DDPM, PNDM, ...; their
+        config's prediction_type) and flow-matching Euler (``FlowMatchEulerDiscreteScheduler``: FLUX, SD3; its
+        sigma at the step, packed FLUX latents included)."""
         if not self.interventions:
             yield
             return
         ac = getattr(scheduler, "alphas_cumprod", None)
-        if ac is None:
+        flow = ac is None and hasattr(scheduler, "sigmas") and hasattr(scheduler, "index_for_timestep")
+        if ac is None and not flow:
             raise SAEInputError(
-                f"DenoisedFill: scheduler {type(scheduler).__name__} has no alphas_cumprod; the denoised fill needs "
-                "an alpha-schedule scheduler (DDIM, DDPM, ...) here; or call fill_model_output / the fill on the "
-                "denoised prediction from your own loop")
+                f"DenoisedFill: scheduler {type(scheduler).__name__} has neither alphas_cumprod nor flow-matching "
+                "sigmas; the denoised fill wraps DDIM / DDPM / PNDM-like and FlowMatchEulerDiscrete schedulers; "
+                "call fill_model_output (or the fill on the denoised prediction) from your own loop")
         pred = getattr(getattr(scheduler, "config", None), "prediction_type", "epsilon")
         original = scheduler.step
 
         def step(model_output, timestep, sample, *args, **kwargs):
-            a = ac[int(timestep)]
-            return original(self.fill_model_output(model_output, sample, a, pred), timestep, sample, *args, **kwargs)
+            if flow:
+                i = scheduler.step_index
+                if i is None:
+                    i = scheduler.index_for_timestep(timestep)
+                filled = self.fill_model_output(model_output, sample, prediction_type="flow", sigma=scheduler.sigmas[i])
+            else:
+                filled = self.fill_model_output(model_output, sample, ac[int(timestep)], pred)
+            return original(filled, timestep, sample, *args, **kwargs)
 
         scheduler.step = step
         try:
@@ -194,6 +223,8 @@ def _sources(iv, memory: dict, denoised: Tensor) -> list[Tensor | None] | None:
     if key in memory:
         return memory[key]
     final = memory.get("final")
+    if final is not None and final.ndim == 3 and denoised.ndim == 4 and final.numel() == denoised.numel():
+        final = final.transpose(1, 2).reshape(denoised.shape)  # packed tokens of pass 1, as the grid of pass 2
     if final is None or final.shape != denoised.shape:
         logger.warning("%s: pass 1 left no denoised prediction of shape %s (found %s); the denoised fill is off for "
                        "this run", iv.label, tuple(denoised.shape), None if final is None else tuple(final.shape))

@@ -108,7 +108,7 @@ def test_fill_is_off_without_look_ahead_or_the_option():
     assert ReplaceSettings.from_dict({"mode": "mean"}).denoised is False  # settings saved before keep loading
 
 
-@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction", "sample"])
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction", "sample", "flow"])
 def test_fill_model_output_converts_through_the_denoised_prediction(prediction):
     iv = _iv()
     fill = DenoisedFill([iv])
@@ -116,22 +116,28 @@ def test_fill_model_output_converts_through_the_denoised_prediction(prediction):
     x0 = torch.stack([_scene("cols", True), _scene(None, True)])
     eps = torch.randn(x0.shape, generator=g)
     a = torch.tensor(0.3)
-    x = a.sqrt() * x0 + (1 - a).sqrt() * eps
-    out = {"epsilon": eps, "v_prediction": a.sqrt() * eps - (1 - a).sqrt() * x0, "sample": x0}[prediction]
+    sigma = torch.tensor(0.6)  # flow: x_t = (1 - sigma) x0 + sigma eps, output eps - x0
+    x = (1 - sigma) * x0 + sigma * eps if prediction == "flow" else a.sqrt() * x0 + (1 - a).sqrt() * eps
+    out = {"epsilon": eps, "v_prediction": a.sqrt() * eps - (1 - a).sqrt() * x0, "sample": x0,
+           "flow": eps - x0}[prediction]
     iv.phase = "detect"
-    assert fill.fill_model_output(out, x, a, prediction) is out
+    assert fill.fill_model_output(out, x, a, prediction, sigma=sigma) is out
     iv.phase, iv.guide = "edit", _guide({0: HOLE}, {0: True})
-    new = fill.fill_model_output(out, x, a, prediction)
+    new = fill.fill_model_output(out, x, a, prediction, sigma=sigma)
     torch.testing.assert_close(new[1], out[1], rtol=0, atol=0)  # image 1: no guide mask, bit-identical
     # the prediction the new output implies: image 0's hole shows the background the object hid
     if prediction == "epsilon":
         x0_new = (x - (1 - a).sqrt() * new) / a.sqrt()
     elif prediction == "v_prediction":
         x0_new = a.sqrt() * x - (1 - a).sqrt() * new
+    elif prediction == "flow":
+        x0_new = x - sigma * new
     else:
         x0_new = new
     torch.testing.assert_close(x0_new[0], _scene("cols", False), rtol=0, atol=1e-5)
     with pytest.raises(SAEInputError, match="prediction_type"):
+        fill.fill_model_output(out, x, a, "x0")
+    with pytest.raises(SAEInputError, match="needs sigma"):
         fill.fill_model_output(out, x, a, "flow")
 
 
@@ -169,7 +175,7 @@ def test_patch_scheduler_fills_and_restores_the_step_also_after_an_error():
         def step(self, *a, **k):
             return None
 
-    with pytest.raises(SAEInputError, match="alphas_cumprod"):
+    with pytest.raises(SAEInputError, match="neither alphas_cumprod nor flow-matching"):
         with fill.patch_scheduler(NoAlphas()):
             pass
 
@@ -241,3 +247,45 @@ def test_cell_sources_on_a_grid_finer_than_the_prediction_pool_the_mask():
     hole[0:2, 0:2] = True
     assert torch.equal(idx[~hole], torch.arange(36).view(6, 6)[~hole])
     assert not hole.flatten()[idx[hole]].any()
+
+
+def test_packed_tokens_are_filled_as_the_guide_grid():
+    """diffusers' FLUX latents: [B, N, D] tokens, one per cell of the guide's grid (here 8x8 cells of 12 values)."""
+    iv = _iv()
+    fill = DenoisedFill([iv])
+    grid = torch.rand(2, 12, 8, 8, generator=torch.Generator().manual_seed(4))
+    tokens = grid.flatten(2).transpose(1, 2)  # [2, 64, 12]
+    iv.phase = "detect"
+    fill(tokens)
+    iv.phase, iv.guide = "edit", _guide({0: HOLE, 1: HOLE}, {0: True, 1: True})
+    now = tokens + 0.5
+    out = fill(now)
+    grid_now = now.transpose(1, 2).reshape(2, 12, 8, 8)
+    for b in range(2):
+        idx = cell_sources(grid[b], HOLE)
+        want = grid_now[b].flatten(1)[:, idx]
+        torch.testing.assert_close(out[b].transpose(0, 1), want, rtol=0, atol=0)
+    torch.testing.assert_close(fill(now[:, :63]), now[:, :63], rtol=0, atol=0)  # another token count: left alone
+
+
+def test_patch_scheduler_on_diffusers_flow_matching_euler():
+    diffusers = pytest.importorskip("diffusers")
+    sched = diffusers.FlowMatchEulerDiscreteScheduler()
+    sched.set_timesteps(4)
+    iv = _iv()
+    fill = DenoisedFill([iv])
+    x0 = _scene("rows", True)[None]
+    eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(5))
+    t = sched.timesteps[1]
+    sigma = sched.sigmas[1]
+    x = (1 - sigma) * x0 + sigma * eps
+    iv.phase, iv.guide = "edit", _guide({0: HOLE}, {0: True})
+    iv.fill_memory["final"] = x0.clone()
+    sched._step_index = 1  # as after one step of a pipeline
+    with fill.patch_scheduler(sched):
+        prev = sched.step(eps - x0, t, x).prev_sample
+    assert "step" not in vars(sched)
+    # Euler: prev = x + (sigma_next - sigma) * v, with v the velocity whose x0 is the filled picture
+    v_new = (x - _scene("rows", False)[None]) / sigma
+    want = x + (sched.sigmas[2] - sigma) * v_new
+    torch.testing.assert_close(prev, want, rtol=0, atol=1e-5)
