@@ -115,7 +115,7 @@ class DenoisedFill:
             return out
         for iv in self.interventions:
             memory = iv.fill_memory  # lives on the intervention: the two passes may be two host calls
-            if iv.phase == "detect":  # (begin_detect_pass emptied the memory; the block adds salience to it)
+            if iv.phase == "detect":  # (begin_detect_pass emptied the memory; the block adds its codes to it)
                 memory["final"] = denoised.detach().clone()
                 continue
             if iv.phase != "edit" or iv.guide is None or not iv.guide.masks:
@@ -232,7 +232,7 @@ def _sources(iv, memory: dict, denoised: Tensor) -> list[Tensor | None] | None:
         return None
     hw = tuple(next(iter(iv.guide.masks.values())).shape)
     masks, present = iv.guide.rows(list(range(B)), hw, "cpu")
-    sal = memory.get("salience", {})
+    sal = iv.fill_salience() if hasattr(iv, "fill_salience") else {}
     idx = [cell_sources(final[b], masks[b], sal.get(b)) if bool(present[b]) else None for b in range(B)]
     memory[key] = None if all(i is None for i in idx) else idx
     return memory[key]

@@ -287,7 +287,7 @@ class BlockIntervention(SharedOnCopy):
         new_rows = None
 
         if self.phase == "detect" and isinstance(self.edit, ReplaceSettings) and self.edit.denoised:
-            self._keep_salience(enc.kept, parts)
+            self._keep_salience(enc, parts)
         if isinstance(edit, ReplaceSettings) and bool(mask_h.any()):
             new_rows = self._replace(in_rows, out_rows, a, mask, mask_h, parts, step, enc.kept)
         elif res is not None and bool(changed_h):
@@ -409,19 +409,29 @@ class BlockIntervention(SharedOnCopy):
         codes, norm = sae.encode_with_norm(tokens)
         return Encoded(codes, norm, int(sae.cfg.n_latents))
 
-    def _keep_salience(self, kept, parts: Sequence[ChunkRows]) -> None:
-        """Look-ahead pass 1 with the denoised fill: each image's patch salience at this step (the last step's
-        stays), read on the cond row where there is one, so the fill's sources avoid every object
-        (``sae_core.denoised``)."""
-        kv, ki = kept()
-        sal = patch_salience(kv, ki, int(self.sae.cfg.n_latents)).cpu()
-        store = self.fill_memory.setdefault("salience", {})
-        cond_seen = self.fill_memory.setdefault("salience_cond", set())
+    def _keep_salience(self, enc: Encoded, parts: Sequence[ChunkRows]) -> None:
+        """Look-ahead pass 1 with the denoised fill: which call's codes hold each image's latest step, the cond row
+        preferred (a reference only: the salience is computed once, by ``fill_salience``, when pass 2 needs it)."""
+        codes = self.fill_memory.setdefault("codes", {})
         for r, (flag, _, j) in enumerate(row_keys(parts)):
-            if flag == 0 or j not in cond_seen:
-                store[j] = sal[r]
-                if flag == 0:
-                    cond_seen.add(j)
+            if flag == 0 or codes.get(j, (None, None, 1))[2] != 0:
+                codes[j] = (enc, r, flag)
+        self.fill_memory.pop("salience", None)
+
+    def fill_salience(self) -> dict[int, Tensor]:
+        """{image: [H, W] patch salience on the host} at the last step pass 1 saw (``sae_core.denoised``'s sources
+        avoid every object); computed once per pass."""
+        memo = self.fill_memory.get("salience")
+        if memo is None:
+            memo, per_call = {}, {}
+            n = int(self.sae.cfg.n_latents)
+            for j, (enc, r, _) in self.fill_memory.get("codes", {}).items():
+                if id(enc) not in per_call:
+                    kv, ki = enc.kept()
+                    per_call[id(enc)] = patch_salience(kv, ki, n).cpu()
+                memo[j] = per_call[id(enc)][r]
+            self.fill_memory["salience"] = memo
+        return memo
 
     def _replace(self, in_rows, out_rows, a, mask, mask_h, parts, step, kept):
         e = self.edit

@@ -200,16 +200,18 @@ def test_detect_pass_keeps_the_cond_rows_salience_for_the_fill():
     g = torch.Generator().manual_seed(3)
     maps = torch.randn(2, 8, 6, 8, generator=g)  # [cond; uncond] rows of one image
     iv.begin_detect_pass()
-    iv(None, maps, StepInfo(500.0, step_index=0, chunks=(0, 1)))
-    sal = iv.fill_memory["salience"]
+    iv(None, maps * 3, StepInfo(900.0, step_index=0, chunks=(0, 1)))
+    iv(None, maps, StepInfo(500.0, step_index=1, chunks=(0, 1)))  # the last step of pass 1 is the one kept
+    sal = iv.fill_salience()
     assert set(sal) == {0}
     codes = iv.sae.encode(maps[:1].movedim(1, -1))
     top = codes.topk(min(codes.shape[-1], KEPT_DENSE), dim=-1)
     want = patch_salience(top.values, top.indices, codes.shape[-1])[0]
     torch.testing.assert_close(sal[0], want)
+    assert iv.fill_salience() is sal  # computed once
     iv.begin_edit_pass(GuideMasks())
-    iv(None, maps * 2, StepInfo(400.0, step_index=1, chunks=(0, 1)))
-    assert torch.equal(iv.fill_memory["salience"][0], want)  # pass 2 reads pass 1's, never overwrites it
+    iv(None, maps * 2, StepInfo(400.0, step_index=2, chunks=(0, 1)))
+    assert torch.equal(iv.fill_salience()[0], want)  # pass 2 reads pass 1's, never overwrites it
     iv.end_lookahead()
     assert iv.fill_memory == {}
     assert not DenoisedFill([_iv(denoised=False)])
