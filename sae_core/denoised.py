@@ -10,10 +10,16 @@ sample towards it, and a prediction whose hole shows background leaves x_t's noi
 (``eps`` is recomputed from the actual sample). Stopping the fill before the last steps brings the ghost back, so
 it runs to the end.
 
-The sources are fixed once per image from pass 1's last denoised prediction (the picture as it would have come
-out): cells outside the guide's mask whose block patch was not salient at pass 1's last step (no other object is
-copied in), the nearest along the picture's texture direction (stripes run on through the hole), the same for
-every step of pass 2, so the fill does not flicker between steps. A cell is the block's
+The cells filled are the guide's and, from the step the block edit first empties them, every cell pass 2 edits
+beyond it (the live detector's finds: the model redraws the object next to the guide's hole, or a part the guide
+missed), so the fill covers the block's whole hole; a hole at the block left unfilled in the prediction grows a
+ghost. Cells where pass 1's picture showed another object (salient at the block, outside the guide) are never added:
+a neighbour the target's colour or shape migrates onto is left to the block edit, not painted over.
+
+The sources come from pass 1's last denoised prediction (the picture as it would have come out): cells outside the
+cells to fill whose block patch was not salient at pass 1's last step (no other object is copied in), the nearest
+along the picture's texture direction (stripes run on through the hole). They are drawn again only when pass 2
+edits a new cell, so the fill does not flicker between steps. A cell is the block's
 patch in the denoised tensor's resolution (a 16x16 block over a 32x32 picture: 2x2 pixels; SD's 64x64 latent under
 a 16x16 block: 4x4 latent pixels); sizes that do not divide are mapped to the nearest cell.
 
@@ -215,27 +221,47 @@ class DenoisedFill:
                 scheduler.step = original
 
 
+def fill_masks(guide: Tensor, edited: Tensor | None, salience: Tensor | None) -> Tensor:
+    """The cells the fill empties, [h, w] bool: the guide's, and every cell pass 2 has edited since (the live
+    detector's finds: an object the model redraws next to the guide's hole), except those where pass 1's picture
+    showed another object (``salience`` at or above SALIENT outside the guide): a neighbour the target's colour
+    or shape migrates onto is left to the block edit, never painted over with background."""
+    if edited is None or edited.shape != guide.shape:
+        return guide
+    extra = edited.to(guide.device) & ~guide
+    if salience is not None and salience.shape == guide.shape:
+        extra = extra & (salience.to(guide.device) < SALIENT)
+    return guide | extra
+
+
 def _sources(iv, memory: dict, denoised: Tensor) -> list[Tensor | None] | None:
-    """Per image the flat source index of every pixel (None: left alone), drawn once per pass 2 and shape from
-    pass 1's picture and salience: the same sources at every step (a fill that moves between steps blurs)."""
+    """Per image the flat source index of every pixel (None: left alone), drawn from pass 1's picture and salience
+    for pass 2's cells to fill; drawn again only when pass 2 edits a new cell (a fill that moves between steps
+    blurs, so sources never move otherwise)."""
     B = denoised.shape[0]
-    key = ("sources", B, tuple(denoised.shape[-2:]))
-    if key in memory:
-        return memory[key]
+    edited = iv.fill_edited() if hasattr(iv, "fill_edited") else {}
+    key = (B, tuple(denoised.shape[-2:]), memory.get("edited_version", 0))
+    hit = memory.get("sources")
+    if hit is not None and hit[0] == key:
+        return hit[1]
     final = memory.get("final")
     if final is not None and final.ndim == 3 and denoised.ndim == 4 and final.numel() == denoised.numel():
         final = final.transpose(1, 2).reshape(denoised.shape)  # packed tokens of pass 1, as the grid of pass 2
     if final is None or final.shape != denoised.shape:
-        logger.warning("%s: pass 1 left no denoised prediction of shape %s (found %s); the denoised fill is off for "
-                       "this run", iv.label, tuple(denoised.shape), None if final is None else tuple(final.shape))
-        memory[key] = None
+        if memory.get("warned") != key[:2]:  # once per shape, not at every new edited cell
+            memory["warned"] = key[:2]
+            logger.warning("%s: pass 1 left no denoised prediction of shape %s (found %s); the denoised fill is off "
+                           "for this run", iv.label, tuple(denoised.shape), None if final is None else tuple(final.shape))
+        memory["sources"] = (key, None)
         return None
     hw = tuple(next(iter(iv.guide.masks.values())).shape)
     masks, present = iv.guide.rows(list(range(B)), hw, "cpu")
     sal = iv.fill_salience() if hasattr(iv, "fill_salience") else {}
-    idx = [cell_sources(final[b], masks[b], sal.get(b)) if bool(present[b]) else None for b in range(B)]
-    memory[key] = None if all(i is None for i in idx) else idx
-    return memory[key]
+    idx = [cell_sources(final[b], fill_masks(masks[b], edited.get(b), sal.get(b)), sal.get(b)) if bool(present[b])
+           else None for b in range(B)]
+    idx = None if all(i is None for i in idx) else idx
+    memory["sources"] = (key, idx)
+    return idx
 
 
 def _wants_fill(iv) -> bool:

@@ -286,8 +286,11 @@ class BlockIntervention(SharedOnCopy):
             )
         new_rows = None
 
-        if self.phase == "detect" and isinstance(self.edit, ReplaceSettings) and self.edit.denoised:
-            self._keep_salience(enc, parts)
+        if isinstance(self.edit, ReplaceSettings) and self.edit.denoised:
+            if self.phase == "detect":
+                self._keep_salience(enc, parts)
+            elif self.phase == "edit":
+                self._keep_edited(mask_h, parts)
         if isinstance(edit, ReplaceSettings) and bool(mask_h.any()):
             new_rows = self._replace(in_rows, out_rows, a, mask, mask_h, parts, step, enc.kept)
         elif res is not None and bool(changed_h):
@@ -417,6 +420,26 @@ class BlockIntervention(SharedOnCopy):
             if flag == 0 or codes.get(j, (None, None, 1))[2] != 0:
                 codes[j] = (enc, r, flag)
         self.fill_memory.pop("salience", None)
+
+    def _keep_edited(self, mask_h: Tensor, parts: Sequence[ChunkRows]) -> None:
+        """Look-ahead pass 2 with the denoised fill: the patches edited so far, per image (both branches; a patch
+        once edited stays), so the fill also covers what the live detector adds to the guide (``fill_edited``)."""
+        edited = self.fill_memory.setdefault("edited", {})
+        for r, (_, _, j) in enumerate(row_keys(parts)):
+            old = edited.get(j)
+            if old is None or old.shape != mask_h[r].shape:
+                edited[j] = mask_h[r].clone()
+            elif bool(mask_h[r].le(old).all()):
+                continue
+            else:
+                edited[j] = old | mask_h[r]
+            # the fill draws its sources again only when this changes
+            self.fill_memory["edited_version"] = self.fill_memory.get("edited_version", 0) + 1
+
+    def fill_edited(self) -> dict[int, Tensor]:
+        """{image: [H, W] bool on the host}: every patch pass 2 has edited so far (the guide's and the live
+        detector's), sticky."""
+        return self.fill_memory.get("edited", {})
 
     def fill_salience(self) -> dict[int, Tensor]:
         """{image: [H, W] patch salience on the host} at the last step pass 1 saw (``sae_core.denoised``'s sources

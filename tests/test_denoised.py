@@ -6,7 +6,7 @@ import torch
 from planted import planted_sae
 
 from sae_core.concepts import ConceptDictionary
-from sae_core.denoised import DenoisedFill, cell_sources
+from sae_core.denoised import DenoisedFill, cell_sources, fill_masks
 from sae_core.detect import ConceptDetector
 from sae_core.errors import SAEInputError
 from sae_core.intervention import BlockIntervention, ReplaceSettings
@@ -291,3 +291,66 @@ def test_patch_scheduler_on_diffusers_flow_matching_euler():
     v_new = (x - _scene("rows", False)[None]) / sigma
     want = x + (sched.sigmas[2] - sigma) * v_new
     torch.testing.assert_close(prev, want, rtol=0, atol=1e-5)
+
+
+def test_fill_masks_add_edited_cells_except_other_objects():
+    guide = HOLE.clone()
+    edited = HOLE.clone()
+    edited[2:4, 5:7] = True  # the live detector's find beside the hole
+    edited[5:7, 2:4] = True  # ... and on a cell where pass 1 drew another object
+    sal = torch.zeros(8, 8)
+    sal[5:7, 2:4] = 0.9
+    sal[2:4, 2:4] = 0.9  # the guide's own cells are salient too (the target): filled all the same
+    want = HOLE.clone()
+    want[2:4, 5:7] = True
+    assert torch.equal(fill_masks(guide, edited, sal), want)
+    assert torch.equal(fill_masks(guide, None, sal), guide)
+    assert torch.equal(fill_masks(guide, edited, None), HOLE | edited)
+
+
+def test_pass_two_fills_the_live_detectors_cells_from_the_step_they_are_edited():
+    from sae_core.intervention import StepInfo
+    from sae_core.synthetic import direction, planted_maps
+
+    iv = _iv()
+    fill = DenoisedFill([iv])
+    u = direction(8)
+    final = _scene(None, obj=True)[None]
+    final[0, :, 10:14, 4:8] = torch.tensor([0.0, 0.0, 1.0])[:, None, None]  # another object: cells (5..6, 2..3)
+    found = torch.zeros(1, 8, 8, dtype=torch.bool)
+    found[0, 2:4, 2:4] = True
+    iv.begin_detect_pass()
+    rows = planted_maps(1, 8, 8, u, region=found).block_out
+    iv(None, torch.cat([rows, rows]), StepInfo(500.0, step_index=0, chunks=(0, 1)))
+    assert fill(final) is final
+    sal = torch.zeros(8, 8)
+    sal[5:7, 2:4] = 0.9  # pass 1 drew another object there
+    iv.fill_memory["salience"] = {0: sal}
+    iv.begin_edit_pass(_guide({0: HOLE}, {0: True}))
+    now = final + 0.01
+    now[0, :, 4:8, 10:14] = torch.tensor([1.0, 0.0, 0.0])[:, None, None]  # pass 2 redraws the object beside the hole
+    iv(None, torch.cat([rows, rows]), StepInfo(900.0, step_index=0, chunks=(0, 1)))  # the guide's cells only
+    first = fill(now)
+    torch.testing.assert_close(first[0], now[0].flatten(1)[:, cell_sources(final[0], HOLE, sal)].view_as(now[0]),
+                               rtol=0, atol=0)
+    assert fill(now + 1) is not None and iv.fill_memory["sources"][1] is not None
+    kept = iv.fill_memory["sources"]
+    iv(None, torch.cat([rows, rows]), StepInfo(800.0, step_index=1, chunks=(0, 1)))  # nothing new: same sources
+    fill(now)
+    assert iv.fill_memory["sources"] is kept
+    region = found.clone()
+    region[0, 2:4, 5:7] = True  # the model redraws the object beside the hole: the live detector edits it
+    region[0, 5:7, 2:4] = True  # and the colour migrates onto the other object
+    more = planted_maps(1, 8, 8, u, region=region).block_out
+    iv(None, torch.cat([more, more]), StepInfo(700.0, step_index=2, chunks=(0, 1)))
+    want = HOLE.clone()
+    want[2:4, 5:7] = True
+    out = fill(now)
+    torch.testing.assert_close(out[0], now[0].flatten(1)[:, cell_sources(final[0], want, sal)].view_as(now[0]),
+                               rtol=0, atol=0)
+    torch.testing.assert_close(out[0, :, 4:8, 10:14], now[0, :, 0:4, 0:4], rtol=0, atol=0)  # background now
+    torch.testing.assert_close(out[0, :, 10:14, 4:8], now[0, :, 10:14, 4:8], rtol=0, atol=0)  # the other object
+    iv(None, torch.cat([rows, rows]), StepInfo(600.0, step_index=3, chunks=(0, 1)))  # sticky: still filled
+    torch.testing.assert_close(fill(now), out, rtol=0, atol=0)
+    iv.end_lookahead()
+    assert iv.fill_memory == {}

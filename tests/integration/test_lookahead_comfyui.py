@@ -120,10 +120,11 @@ def steady_latents(pack, sae, model, key, batch):
 @pytest.mark.parametrize("batch", [1, 2])
 def test_denoised_fill_copies_background_cells_of_the_prediction_in_pass_two(pack, sd1, batch):
     """Patch Replacer's denoised_fill through ComfyUI's sampler: pass 1's predictions pass unchanged; in pass 2
-    every step's CFG-combined prediction has the guide's cells copied from the cells ``cell_sources`` picks on
-    pass 1's last prediction; the unpatched model never carries the post-CFG function."""
+    every step's CFG-combined prediction has the cells to fill (the guide's and those pass 2 edited by then,
+    ``fill_masks``) copied from the cells ``cell_sources`` picks on pass 1's last prediction; the unpatched model never carries the post-CFG function."""
     ext = pack.nodes.extension
     cell_sources = pack.sae_core.denoised.cell_sources
+    fill_masks = pack.sae_core.denoised.fill_masks
     name, key, d = SD1_BLOCK
     sae = make_sae(pack, d)
     ids = steady_latents(pack, sae, sd1.model, key, batch)
@@ -135,8 +136,17 @@ def test_denoised_fill_copies_background_cells_of_the_prediction_in_pass_two(pac
     fns = m.model_options["sampler_post_cfg_function"]
     assert len(fns) == 1
     fns.insert(0, lambda args: before.append(args["denoised"].clone()) or args["denoised"])
-    fns.append(lambda args: after.append(args["denoised"].clone()) or args["denoised"])
     iv = dets.intervention
+    edits, sals = [], []
+
+    def keep(args):  # after the fill: the prediction, and the cells pass 2 had edited by then with pass 1's salience
+        after.append(args["denoised"].clone())
+        if iv.phase == "edit":
+            edits.append({j: e.clone() for j, e in iv.fill_edited().items()})
+            sals.append(dict(iv.fill_salience()))
+        return args["denoised"]
+
+    fns.append(keep)
     begin = iv.begin_edit_pass
     iv.begin_edit_pass = lambda guide: (guides.append(guide), begin(guide))[1]
     out = sample(m, "sd1", batch=batch)
@@ -148,9 +158,10 @@ def test_denoised_fill_copies_background_cells_of_the_prediction_in_pass_two(pac
     hw = tuple(next(iter(guide.masks.values())).shape)
     masks, present = guide.rows(list(range(batch)), hw, "cpu")
     assert present.all() and masks.any()
-    for a, b in zip(before[steps:], after[steps:], strict=True):
+    assert len(edits) == steps
+    for a, b, edited, sal in zip(before[steps:], after[steps:], edits, sals, strict=True):
         for i in range(batch):
-            idx = cell_sources(final[i], masks[i])
+            idx = cell_sources(final[i], fill_masks(masks[i], edited.get(i), sal.get(i)), sal.get(i))
             want = a[i].flatten(1)[:, idx].view_as(a[i])
             torch.testing.assert_close(b[i], want, rtol=0, atol=0)
             assert not torch.equal(b[i], a[i])
