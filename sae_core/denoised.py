@@ -1,4 +1,4 @@
-"""PER on the sampler's denoised prediction: the look-ahead guide's cells of the predicted clean image (latent or
+"""PER on the sampler's denoised prediction: the cells look-ahead's pass 2 edits, of the predicted clean image (latent or
 pixels) are copied from background cells at every step of pass 2, so the hole stays background to the end.
 
 Why: replacing patch embeddings at one block tells the model "background here", but the sampler's own state keeps
@@ -105,7 +105,7 @@ class DenoisedFill:
 
     Call it with every denoised prediction of both passes (images [B, C, H, W], the batch in the order of the
     interventions' image indices): pass 1 keeps the latest (the picture as it would come out), pass 2 returns the
-    prediction with the guides' cells copied from background cells; otherwise it returns its input."""
+    prediction with the cells to fill (``fill_masks``) copied from background cells; otherwise it returns its input."""
 
     def __init__(self, interventions: Iterable):
         self.interventions = [iv for iv in interventions if _wants_fill(iv)]

@@ -51,8 +51,9 @@ class ReplaceSettings(DictRoundTrip):
     """PER options. mode: random | nearest | mean; seed: for random (stateless: mixed with the step key
     and the branch, so a step gives the same draw whatever ran before or beside it); target: "output" copies
     whole block-output vectors, "residual" copies only the residual update (out' = in + r[src]); denoised: also
-    copy the look-ahead guide's cells of the sampler's denoised prediction from background cells at every step
-    (``sae_core.denoised``; needs look-ahead and a host that passes the prediction)."""
+    copy the cells pass 2 edits (the look-ahead guide's, and the live detector's from the step they are edited) of
+    the sampler's denoised prediction from background cells at every step (``sae_core.denoised``; needs look-ahead
+    and a host that passes the prediction)."""
 
     mode: str = "random"
     seed: int = 0
