@@ -1,5 +1,5 @@
-"""PER on the sampler's denoised prediction: the cells look-ahead's pass 2 edits, of the predicted clean image (latent or
-pixels) are copied from background cells at every step of pass 2, so the hole stays background to the end.
+"""PER on the sampler's denoised prediction: at every step of look-ahead's pass 2, the cells pass 2 edits are copied,
+in the predicted clean image (latent or pixels), from background cells, so the hole stays background to the end.
 
 Why: replacing patch embeddings at one block tells the model "background here", but the sampler's own state keeps
 the object's outline: the skip connections after the block and the next steps' input carry it, and the model

@@ -121,7 +121,8 @@ def steady_latents(pack, sae, model, key, batch):
 def test_denoised_fill_copies_background_cells_of_the_prediction_in_pass_two(pack, sd1, batch):
     """Patch Replacer's denoised_fill through ComfyUI's sampler: pass 1's predictions pass unchanged; in pass 2
     every step's CFG-combined prediction has the cells to fill (the guide's and those pass 2 edited by then,
-    ``fill_masks``) copied from the cells ``cell_sources`` picks on pass 1's last prediction; the unpatched model never carries the post-CFG function."""
+    ``fill_masks``) copied from the cells ``cell_sources`` picks on pass 1's last prediction; the unpatched model
+    never carries the post-CFG function."""
     ext = pack.nodes.extension
     cell_sources = pack.sae_core.denoised.cell_sources
     fill_masks = pack.sae_core.denoised.fill_masks
