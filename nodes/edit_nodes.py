@@ -58,9 +58,9 @@ class PatchReplacer(io.ComfyNode):
                 io.Boolean.Input("denoised_fill", default=True, optional=True,  # API prompts saved before keep working
                                  tooltip="With look_ahead: also fill the detected cells of the sampler's denoised "
                                          "prediction (the picture each step aims at) from background cells, at every "
-                                         "step, with sources fixed from the first pass's picture. Stops the model "
-                                         "redrawing the erased object as a grey or muddy ghost. Ignored without "
-                                         "look_ahead (the node says so)."),
+                                         "step, with sources and their values fixed from the first pass's picture. "
+                                         "Stops the model redrawing the erased object as a grey or muddy ghost. "
+                                         "Ignored without look_ahead (the node says so)."),
             ],
             outputs=_patch_outputs(),
         )

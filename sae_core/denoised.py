@@ -19,7 +19,10 @@ a neighbour the target's colour or shape migrates onto is left to the block edit
 The sources come from pass 1's last denoised prediction (the picture as it would have come out): cells outside the
 cells to fill whose block patch was not salient at pass 1's last step (no other object is copied in), the nearest
 along the picture's texture direction (stripes run on through the hole). They are drawn again only when pass 2
-edits a new cell, so the fill does not flicker between steps. A cell is the block's
+edits a new cell, so the fill does not flicker between steps. The values copied are pass 1's at the sources too
+(``ReplaceSettings.fill_values`` "first_pass"): pass 2 may draw the object onto a source cell, and copying pass 2's
+prediction there would carry it across the hole, row after row, as a bar; "current" copies pass 2's prediction at
+the sources, as the fill did before (to reproduce earlier numbers). A cell is the block's
 patch in the denoised tensor's resolution (a 16x16 block over a 32x32 picture: 2x2 pixels; SD's 64x64 latent under
 a 16x16 block: 4x4 latent pixels); sizes that do not divide are mapped to the nearest cell.
 
@@ -105,7 +108,8 @@ class DenoisedFill:
 
     Call it with every denoised prediction of both passes (images [B, C, H, W], the batch in the order of the
     interventions' image indices): pass 1 keeps the latest (the picture as it would come out), pass 2 returns the
-    prediction with the cells to fill (``fill_masks``) copied from background cells; otherwise it returns its input."""
+    prediction with the cells to fill (``fill_masks``) copied from background cells (pass 1's values there, or pass
+    2's with ``fill_values="current"``); otherwise it returns its input."""
 
     def __init__(self, interventions: Iterable):
         self.interventions = [iv for iv in interventions if _wants_fill(iv)]
@@ -132,12 +136,19 @@ class DenoisedFill:
                 if out.shape[1] != h * w:
                     continue
                 grid = out.transpose(1, 2).reshape(out.shape[0], out.shape[2], h, w)
-            idx = _sources(iv, memory, grid)
-            if idx is None:
+            plan = _plan(iv, memory, grid)
+            if plan is None:
                 continue
             flat = grid.flatten(2)
-            filled = torch.stack([flat[b].index_select(-1, i.to(out.device)) if i is not None else flat[b]
-                                  for b, i in enumerate(idx)])
+            rows = []
+            for b, p in enumerate(plan):
+                if p is None:
+                    rows.append(flat[b])
+                elif p[1] is None:  # "current": pass 2's prediction at the sources
+                    rows.append(flat[b].index_select(-1, p[0]))
+                else:  # pass 1's values on the moved pixels; every other pixel exactly as predicted
+                    rows.append(torch.where(p[0], p[1], flat[b]))
+            filled = torch.stack(rows)
             out = filled.transpose(1, 2) if out.ndim == 3 else filled.view_as(out)
         return out
 
@@ -234,6 +245,36 @@ def fill_masks(guide: Tensor, edited: Tensor | None, salience: Tensor | None) ->
     return guide | extra
 
 
+def _plan(iv, memory: dict, grid: Tensor) -> list[tuple[Tensor, Tensor | None] | None] | None:
+    """Per image what pass 2's fill writes into ``grid`` [B, C, H, W] (None: left alone), on its device and dtype:
+    ``(source index [H*W], None)`` to copy the prediction itself at the sources ("current"), or ``(moved [H*W] bool,
+    values [C, H*W])``, pass 1's picture at the sources of the pixels that move ("first_pass"). Built once per
+    draw of sources, so a step neither copies from the host nor gathers pass 1's picture again."""
+    idx = _sources(iv, memory, grid)
+    if idx is None:
+        return None
+    how = getattr(iv.edit, "fill_values", "first_pass")
+    drawn, at = memory["sources"], (how, grid.device, grid.dtype)
+    hit = memory.get("plan")
+    if hit is not None and hit[0] is drawn and hit[1] == at:
+        return hit[2]
+    final = memory["source_grid"].flatten(2)
+    plan: list[tuple[Tensor, Tensor | None] | None] = []
+    for b, i in enumerate(idx):
+        if i is None:
+            plan.append(None)
+            continue
+        i = i.to(grid.device)
+        if how == "current":
+            plan.append((i, None))
+            continue
+        # identity outside the cells to fill (cell_sources), so the moved pixels are exactly the hole's
+        moved = i != torch.arange(i.numel(), device=grid.device)
+        plan.append((moved, final[b].index_select(-1, i.to(final.device)).to(grid.device, grid.dtype)))
+    memory["plan"] = (drawn, at, plan)
+    return plan
+
+
 def _sources(iv, memory: dict, denoised: Tensor) -> list[Tensor | None] | None:
     """Per image the flat source index of every pixel (None: left alone), drawn from pass 1's picture and salience
     for pass 2's cells to fill; drawn again only when pass 2 edits a new cell (a fill that moves between steps
@@ -261,6 +302,7 @@ def _sources(iv, memory: dict, denoised: Tensor) -> list[Tensor | None] | None:
            else None for b in range(B)]
     idx = None if all(i is None for i in idx) else idx
     memory["sources"] = (key, idx)
+    memory["source_grid"] = final  # pass 1's picture as pass 2's grid (packed tokens reshaped): first_pass copies it
     return idx
 
 

@@ -44,6 +44,7 @@ logger = logging.getLogger(__name__)
 
 KEPT_DENSE = 64  # codes per patch that patch salience reads from an SAE without TopK
 REGION_MODES = ("intersect", "replace")
+FILL_VALUES = ("first_pass", "current")  # ReplaceSettings.fill_values
 
 
 @dataclass(frozen=True)
@@ -53,12 +54,17 @@ class ReplaceSettings(DictRoundTrip):
     whole block-output vectors, "residual" copies only the residual update (out' = in + r[src]); denoised: also
     copy the cells pass 2 edits (the look-ahead guide's, and the live detector's from the step they are edited) of
     the sampler's denoised prediction from background cells at every step (``sae_core.denoised``; needs look-ahead
-    and a host that passes the prediction)."""
+    and a host that passes the prediction); fill_values: what the denoised fill copies into those cells, from the
+    source cells it picks on pass 1's picture. "first_pass" (default): pass 1's final values there, the picture
+    as it would have come out; "current": pass 2's prediction at each step there (the fill before first_pass
+    became the default, kept to reproduce earlier numbers). first_pass is the default because pass 2 may draw the
+    object onto a source cell, and with "current" every row of the hole then copies it across as a bar."""
 
     mode: str = "random"
     seed: int = 0
     target: str = "output"
     denoised: bool = False
+    fill_values: str = "first_pass"
 
     def __post_init__(self):
         if not isinstance(self.mode, str):
@@ -69,6 +75,9 @@ class ReplaceSettings(DictRoundTrip):
             raise SAEInputError(f"ReplaceSettings.target is {self.target!r}, expected 'output' or 'residual'")
         if not isinstance(self.denoised, bool):
             raise SAEInputError(f"ReplaceSettings.denoised is {self.denoised!r}, expected true or false")
+        if not isinstance(self.fill_values, str) or self.fill_values not in FILL_VALUES:
+            raise SAEInputError(f"ReplaceSettings.fill_values is {self.fill_values!r}, expected one of "
+                                f"{list(FILL_VALUES)}")
 
 
 

@@ -71,15 +71,33 @@ def test_cell_sources_on_sizes_that_do_not_divide_keep_cell_offsets():
 LOOK_AHEAD = LookAheadSettings()
 
 
-def _iv(lookahead=LOOK_AHEAD, denoised=True):
+def _iv(lookahead=LOOK_AHEAD, denoised=True, fill_values="first_pass"):
     sae, _ = planted_sae(d=8)
     concept = ConceptDictionary.from_latents([0], sae.cfg.n_latents, threshold=1.0, means=[0.5])
     det = ConceptDetector(concept, sae=sae)
-    return BlockIntervention(sae, det, ReplaceSettings("background", denoised=denoised), lookahead=lookahead)
+    return BlockIntervention(sae, det, ReplaceSettings("background", denoised=denoised, fill_values=fill_values),
+                             lookahead=lookahead)
 
 
 def _guide(masks: dict, present: dict) -> GuideMasks:
     return GuideMasks(masks=masks, present=present)
+
+
+def _hole_pixels(mask: torch.Tensor, H: int, W: int) -> torch.Tensor:
+    """[H, W] bool: the pixels whose cell (floor(y * h / H), floor(x * w / W)) is in ``mask`` [h, w]."""
+    h, w = mask.shape
+    ys, xs = torch.meshgrid(torch.arange(H), torch.arange(W), indexing="ij")
+    return mask[(ys * h) // H, (xs * w) // W]
+
+
+def _pinned(final: torch.Tensor, now: torch.Tensor, mask: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """The default fill of one image, written out: inside the cells to fill, pass 1's picture ``final`` [C, H, W] at
+    the sources ``idx``; everywhere else pass 2's prediction ``now`` as it is."""
+    C, H, W = now.shape
+    hole = _hole_pixels(mask, H, W)
+    want = now.clone()
+    want[:, hole] = final.flatten(1)[:, idx].view(C, H, W)[:, hole].to(now.dtype)
+    return want
 
 
 def test_fill_keeps_pass_one_and_fills_only_present_images_in_pass_two():
@@ -94,7 +112,8 @@ def test_fill_keeps_pass_one_and_fills_only_present_images_in_pass_two():
     out = fill(now)
     torch.testing.assert_close(out[1], now[1], rtol=0, atol=0)  # not present: untouched
     idx = cell_sources(final[0], HOLE)
-    torch.testing.assert_close(out[0], now[0].flatten(1)[:, idx].view_as(now[0]), rtol=0, atol=0)
+    torch.testing.assert_close(out[0], _pinned(final[0], now[0], HOLE, idx), rtol=0, atol=0)
+    torch.testing.assert_close(out[0, :, 4:8, 4:8], _scene("rows", False)[:, 4:8, 4:8], rtol=0, atol=0)  # pass 1's
     iv.end_lookahead()
     assert iv.fill_memory == {} and fill(now) is now
 
@@ -106,6 +125,59 @@ def test_fill_is_off_without_look_ahead_or_the_option():
     with pytest.raises(SAEInputError, match="denoised"):
         ReplaceSettings("background", denoised="yes")
     assert ReplaceSettings.from_dict({"mode": "mean"}).denoised is False  # settings saved before keep loading
+
+
+def test_fill_values_are_checked_and_default_to_the_first_pass():
+    assert ReplaceSettings().fill_values == "first_pass"
+    old = {"mode": "background", "seed": 0, "target": "output", "denoised": True}  # saved before fill_values
+    assert ReplaceSettings.from_dict(old).fill_values == "first_pass"
+    cur = ReplaceSettings("background", denoised=True, fill_values="current")
+    assert ReplaceSettings.from_dict(cur.to_dict()) == cur
+    for bad in ("pass1", "", None, 1):
+        with pytest.raises(SAEInputError, match=r"ReplaceSettings.fill_values is .*, expected one of "
+                                                r"\['first_pass', 'current'\]"):
+            ReplaceSettings("background", denoised=True, fill_values=bad)
+
+
+def test_current_fill_values_copy_pass_twos_prediction_and_draw_its_bar():
+    """Pass 2 draws the object onto the hole's source cells: "current" copies it into the hole (the bar the default
+    avoids), "first_pass" shows pass 1's background there; outside the hole both leave pass 2's prediction alone."""
+    final = _scene("rows", True)[None]
+    idx = cell_sources(final[0], HOLE)
+    now = final + 0.01
+    src = torch.zeros(256, dtype=torch.bool)
+    src[idx.view(16, 16)[4:8, 4:8].flatten()] = True
+    src = src.view(16, 16)
+    assert not src[4:8, 4:8].any()
+    now[0][:, src] = torch.tensor([1.0, 0.0, 0.0])[:, None]  # pass 2 draws the red object on the sources
+    outs = {}
+    for how in ("current", "first_pass"):
+        iv = _iv(fill_values=how)
+        fill = DenoisedFill([iv])
+        iv.phase = "detect"
+        fill(final)
+        iv.phase, iv.guide = "edit", _guide({0: HOLE}, {0: True})
+        outs[how] = fill(now)
+    torch.testing.assert_close(outs["current"][0], now[0].flatten(1)[:, idx].view_as(now[0]), rtol=0, atol=0)
+    assert torch.equal(outs["current"][0, :, 4:8, 4:8], torch.tensor([1.0, 0.0, 0.0])[:, None, None].expand(3, 4, 4))
+    torch.testing.assert_close(outs["first_pass"][0], _pinned(final[0], now[0], HOLE, idx), rtol=0, atol=0)
+    torch.testing.assert_close(outs["first_pass"][0, :, 4:8, 4:8], _scene("rows", False)[:, 4:8, 4:8], rtol=0, atol=0)
+    outside = ~_hole_pixels(HOLE, 16, 16)
+    for out in outs.values():
+        assert torch.equal(out[0][:, outside], now[0][:, outside])
+
+
+def test_first_pass_values_take_pass_twos_dtype():
+    iv = _iv()
+    fill = DenoisedFill([iv])
+    final = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(6))
+    iv.phase = "detect"
+    fill(final)
+    iv.phase, iv.guide = "edit", _guide({0: HOLE}, {0: True})
+    now = (final + 0.25).to(torch.bfloat16)
+    out = fill(now)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out[0], _pinned(final[0], now[0], HOLE, cell_sources(final[0], HOLE)), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("prediction", ["epsilon", "v_prediction", "sample", "flow"])
@@ -265,8 +337,9 @@ def test_packed_tokens_are_filled_as_the_guide_grid():
     grid_now = now.transpose(1, 2).reshape(2, 12, 8, 8)
     for b in range(2):
         idx = cell_sources(grid[b], HOLE)
-        want = grid_now[b].flatten(1)[:, idx]
+        want = _pinned(grid[b], grid_now[b], HOLE, idx).flatten(1)  # one token per cell: [12, 64]
         torch.testing.assert_close(out[b].transpose(0, 1), want, rtol=0, atol=0)
+        assert torch.equal(out[b][~HOLE.flatten()], now[b][~HOLE.flatten()])
     torch.testing.assert_close(fill(now[:, :63]), now[:, :63], rtol=0, atol=0)  # another token count: left alone
 
 
@@ -331,7 +404,7 @@ def test_pass_two_fills_the_live_detectors_cells_from_the_step_they_are_edited()
     now[0, :, 4:8, 10:14] = torch.tensor([1.0, 0.0, 0.0])[:, None, None]  # pass 2 redraws the object beside the hole
     iv(None, torch.cat([rows, rows]), StepInfo(900.0, step_index=0, chunks=(0, 1)))  # the guide's cells only
     first = fill(now)
-    torch.testing.assert_close(first[0], now[0].flatten(1)[:, cell_sources(final[0], HOLE, sal)].view_as(now[0]),
+    torch.testing.assert_close(first[0], _pinned(final[0], now[0], HOLE, cell_sources(final[0], HOLE, sal)),
                                rtol=0, atol=0)
     kept = iv.fill_memory["sources"]
     assert kept[1] is not None
@@ -346,9 +419,9 @@ def test_pass_two_fills_the_live_detectors_cells_from_the_step_they_are_edited()
     want = HOLE.clone()
     want[2:4, 5:7] = True
     out = fill(now)
-    torch.testing.assert_close(out[0], now[0].flatten(1)[:, cell_sources(final[0], want, sal)].view_as(now[0]),
+    torch.testing.assert_close(out[0], _pinned(final[0], now[0], want, cell_sources(final[0], want, sal)),
                                rtol=0, atol=0)
-    torch.testing.assert_close(out[0, :, 4:8, 10:14], now[0, :, 0:4, 0:4], rtol=0, atol=0)  # background now
+    torch.testing.assert_close(out[0, :, 4:8, 10:14], final[0, :, 0:4, 0:4], rtol=0, atol=0)  # pass 1's background
     torch.testing.assert_close(out[0, :, 10:14, 4:8], now[0, :, 10:14, 4:8], rtol=0, atol=0)  # the other object
     iv(None, torch.cat([rows, rows]), StepInfo(600.0, step_index=3, chunks=(0, 1)))  # sticky: still filled
     torch.testing.assert_close(fill(now), out, rtol=0, atol=0)

@@ -286,7 +286,7 @@ def test_settings_constructors(data):
     v = json_values | st.floats()
     for cls, fields in ((DetectionSettings, ("threshold_scale", "padding", "min_region")),
                         (SteerSettings, ("method", "strength", "error", "detected_only", "use_beta", "cfg_sign")),
-                        (ReplaceSettings, ("mode", "seed", "target")),
+                        (ReplaceSettings, ("mode", "seed", "target", "fill_values")),
                         (SelectionRule, ("method", "percentile", "top_n", "fixed_threshold", "max_ratio", "min_rate")),
                         (StepInfo, ("timestep", "sigma", "chunks", "step_index"))):
         kwargs = {k: data.draw(v) for k in data.draw(st.lists(st.sampled_from(fields), max_size=3, unique=True))}
