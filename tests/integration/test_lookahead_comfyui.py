@@ -121,8 +121,8 @@ def steady_latents(pack, sae, model, key, batch):
 def test_denoised_fill_copies_background_cells_of_the_prediction_in_pass_two(pack, sd1, batch):
     """Patch Replacer's denoised_fill through ComfyUI's sampler: pass 1's predictions pass unchanged; in pass 2
     every step's CFG-combined prediction has the cells to fill (the guide's and those pass 2 edited by then,
-    ``fill_masks``) copied from the cells ``cell_sources`` picks on pass 1's last prediction; the unpatched model
-    never carries the post-CFG function."""
+    ``fill_masks``) take pass 1's last prediction at the cells ``cell_sources`` picks on it, and every other pixel
+    stays as predicted; the unpatched model never carries the post-CFG function."""
     ext = pack.nodes.extension
     cell_sources = pack.sae_core.denoised.cell_sources
     fill_masks = pack.sae_core.denoised.fill_masks
@@ -162,8 +162,13 @@ def test_denoised_fill_copies_background_cells_of_the_prediction_in_pass_two(pac
     assert len(edits) == steps
     for a, b, edited, sal in zip(before[steps:], after[steps:], edits, sals, strict=True):
         for i in range(batch):
-            idx = cell_sources(final[i], fill_masks(masks[i], edited.get(i), sal.get(i)), sal.get(i))
-            want = a[i].flatten(1)[:, idx].view_as(a[i])
+            cells = fill_masks(masks[i], edited.get(i), sal.get(i))
+            idx = cell_sources(final[i], cells, sal.get(i))
+            C, H, W = a[i].shape
+            ys, xs = torch.meshgrid(torch.arange(H), torch.arange(W), indexing="ij")
+            hole = cells[(ys * cells.shape[0]) // H, (xs * cells.shape[1]) // W]  # the pixels of the cells to fill
+            want = a[i].clone()
+            want[:, hole] = final[i].flatten(1)[:, idx].view(C, H, W)[:, hole]
             torch.testing.assert_close(b[i], want, rtol=0, atol=0)
             assert not torch.equal(b[i], a[i])
     m2, _ = ext.PatchReplacer.execute(sd1.model, det, mode="background", target="output", seed=0,
