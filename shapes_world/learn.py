@@ -151,7 +151,8 @@ class ObjectShare:
 
 def learn_concepts(model: ShapesModel, sae: SparseAutoencoder, captions: list[str], block: str = BLOCK,
                    rule: SelectionRule = RULE, seed: int = 0, steps: int = 20, cfg: float = 3.0,
-                   concepts: tuple[str, ...] = CONCEPTS, object_share: float = 0.0) -> dict[str, ConceptDictionary]:
+                   concepts: tuple[str, ...] = CONCEPTS, object_share: float = 0.0,
+                   negatives: bool = False) -> dict[str, ConceptDictionary]:
     """One dictionary per concept, learned from the prompts that name it against the ones that do not.
 
     Each caption is sampled once (batch 1, so every model call carries one prompt's rows and one label per
@@ -183,12 +184,32 @@ def learn_concepts(model: ShapesModel, sae: SparseAutoencoder, captions: list[st
             rates = stats.rates.clone()
             rates[k] = torch.where(objects.share(stats.timesteps) >= object_share, rates[k], torch.zeros_like(rates[k]))
             stats = stats._replace(rates=rates)
+        neg = _negative_rates(samples, c, stats.timesteps) if negatives else None
         d = build_concept_dictionary(
             stats, rule, keep=[c], sae_fingerprint=sae.fingerprint(), hook_point=block,
             prompts={c: [p for p in captions if c in names_in(p)], CONTRAST: [p for p in captions if c not in names_in(p)]},
+            negatives=neg,
         )
         out[c] = learn_presence_gate(d, samples, _caption_shows)
     return out
+
+
+NEGATIVE_MIN_IMAGES = 8
+
+
+def _negative_rates(samples: ConceptStatsAccumulator, concept: str, timesteps: Tensor) -> Tensor:
+    """[G, T, M]: per other concept c' (shape or colour) with enough images, the firing rates over the images whose
+    caption shows c' and not ``concept`` (every image was kept under its caption)."""
+    groups: dict[str, list] = {}
+    for key in samples.samples:
+        shown = names_in(key[0])
+        if concept in shown:
+            continue
+        for other in shown:
+            groups.setdefault(other, []).append(key)
+    rates = [samples.sample_rates(keys, timesteps) for _, keys in sorted(groups.items())
+             if len(keys) >= NEGATIVE_MIN_IMAGES]
+    return torch.stack(rates) if rates else torch.zeros(0, len(timesteps), samples.n_latents, dtype=torch.float64)
 
 
 def _sample_accumulator(sae: SparseAutoencoder) -> ConceptStatsAccumulator:
