@@ -85,6 +85,32 @@ class ConceptStatsAccumulator:
         for b in range(codes.shape[0]):
             self.samples.setdefault((concept, sample, b), {})[key] = (vals[b].clone(), ids[b].clone())
 
+    def sample_rates(self, keys, timesteps: Tensor) -> Tensor:
+        """[T, M] float64: the firing rates (share of patches where a latent's code exceeds ``fire_above``) over the
+        kept images ``keys`` (keys of ``samples``) at ``timesteps`` [T], each image weighted by its patches, as the
+        rates of ``stats``. Exact for TopK SAEs with k <= sample_top; otherwise latents outside an patch's top
+        ``sample_top`` codes count as silent there."""
+        keys = list(keys)
+        if not keys:
+            raise SAEInputError("ConceptStatsAccumulator.sample_rates: no images given (an empty contrast group)")
+        out = torch.zeros(len(timesteps), self.n_latents, dtype=torch.float64)
+        rows = torch.zeros(len(timesteps), 1, dtype=torch.float64)
+        for key in keys:
+            per_t = self.samples.get(key)
+            if per_t is None:
+                raise SAEInputError(f"ConceptStatsAccumulator.sample_rates: no kept image {key!r}; keys are "
+                                    "(label, sample, image) as recorded with keep_samples=True")
+            for t, ts in enumerate(timesteps.tolist()):
+                hit = per_t.get(round(float(ts), 3))
+                if hit is None:
+                    raise SAEInputError(f"ConceptStatsAccumulator.sample_rates: image {key!r} has no codes at timestep "
+                                        f"{ts}; sample every prompt with the same sampler and steps")
+                vals, ids = hit
+                fired = ids[vals.float() > self.fire_above].long()
+                out[t].index_add_(0, fired, torch.ones(fired.numel(), dtype=torch.float64))
+                rows[t] += vals.shape[:-1].numel()
+        return out / rows
+
     @property
     def names(self) -> tuple[str, ...]:
         return tuple(self._sums)

@@ -46,6 +46,11 @@ class DetectionSettings(DictRoundTrip):
         gate (older files, typed latents) are not gated.
     temporal: "none" - each step's mask alone; "sticky" - a patch once detected stays detected for the rest
         of the run (a retreating concept cannot come back at the edge of a shrinking mask).
+    min_share: a patch is detected only where the selected latents above threshold carry at least this share of
+        the patch's whole code (sum of their codes / sum of all its codes); 0 = off. Neighbouring concepts share
+        latents (a purple concept's latents also fire, weaker, on blue objects, whose code the blue latents
+        dominate): the share keeps the patches the concept explains. Applied before min_region and padding;
+        the presence gate's statistic is unchanged.
     """
 
     threshold_scale: float = 1.0
@@ -53,6 +58,7 @@ class DetectionSettings(DictRoundTrip):
     min_region: int = 0
     gate: bool = False
     temporal: str = "none"
+    min_share: float = 0.0
 
     def __post_init__(self):
         require_number("DetectionSettings.threshold_scale", self.threshold_scale, minimum=0.0)
@@ -62,6 +68,9 @@ class DetectionSettings(DictRoundTrip):
             raise SAEInputError(f"DetectionSettings.gate is {self.gate!r}, expected true or false")
         if self.temporal not in TEMPORAL_MODES:
             raise SAEInputError(f"DetectionSettings.temporal is {self.temporal!r}, expected one of {list(TEMPORAL_MODES)}")
+        share = require_number("DetectionSettings.min_share", self.min_share, minimum=0.0)
+        if share > 1.0:
+            raise SAEInputError(f"DetectionSettings.min_share is {self.min_share}, expected a share in [0, 1] (0 = off)")
 
 
 class Detection(NamedTuple):
@@ -157,11 +166,27 @@ def drop_small_regions(mask: Tensor, min_size: int) -> Tensor:
 def detect(codes: Tensor, step: ConceptStep, settings: DetectionSettings | None = None) -> Detection:
     """codes [B, H, W, M] + the concept's latents at this step -> Detection(score, mask)."""
     _check_grid(codes, "detect")
-    return detect_picked(codes.index_select(-1, step.latents.to(codes.device)), step, settings)
+    total = code_mass(codes) if settings is not None and settings.min_share > 0 else None
+    return detect_picked(codes.index_select(-1, step.latents.to(codes.device)), step, settings, total)
 
 
-def detect_picked(picked: Tensor, step: ConceptStep, settings: DetectionSettings | None = None) -> Detection:
-    """Same as ``detect`` from picked [B, H, W, K] = the codes of ``step.latents`` only (see ``pick_topk``)."""
+def code_mass(codes: Tensor) -> Tensor:
+    """[..., M] codes (or a TopK code's values [..., k]) -> [...] float32 sum of the positive codes of each patch."""
+    return codes.float().clamp_min(0).sum(-1)
+
+
+def concept_share(picked: Tensor, thresholds: Tensor, total: Tensor, scale: float = 1.0) -> Tensor:
+    """[B, H, W] float32: the share of each patch's code mass (``total``, see ``code_mass``) carried by the selected
+    latents above scale * tau (picked [B, H, W, K]); 0 where the patch has no code."""
+    above = picked.float() > float(scale) * thresholds.to(picked.device, torch.float32)
+    mass = torch.where(above, picked.float(), picked.new_zeros((), dtype=torch.float32)).sum(-1)
+    return torch.where(total > 0, mass / total.clamp_min(torch.finfo(torch.float32).tiny), torch.zeros_like(mass))
+
+
+def detect_picked(picked: Tensor, step: ConceptStep, settings: DetectionSettings | None = None,
+                  total: Tensor | None = None) -> Detection:
+    """Same as ``detect`` from picked [B, H, W, K] = the codes of ``step.latents`` only (see ``pick_topk``) and,
+    for ``min_share``, each patch's code mass ``total`` [B, H, W] (``code_mass`` of its full code)."""
     _check_grid(picked, "detect_picked")
     if picked.shape[-1] != step.latents.numel():
         raise SAEInputError(f"detect_picked: picked codes have {picked.shape[-1]} latents, the step selects "
@@ -169,6 +194,11 @@ def detect_picked(picked: Tensor, step: ConceptStep, settings: DetectionSettings
     settings = settings or DetectionSettings()
     score = score_from_picked(picked, step.thresholds, settings.threshold_scale)
     mask = score > 0
+    if settings.min_share > 0:
+        if total is None or tuple(total.shape) != tuple(picked.shape[:3]):
+            raise SAEInputError(f"detect_picked: min_share {settings.min_share} needs each patch's code mass "
+                                f"[B, H, W] {tuple(picked.shape[:3])}, got {None if total is None else tuple(total.shape)}")
+        mask &= concept_share(picked, step.thresholds, total.to(picked.device), settings.threshold_scale) >= settings.min_share
     mask = drop_small_regions(mask, int(settings.min_region))
     mask = dilate_mask(mask, int(settings.padding))
     return Detection(score, mask)
@@ -219,11 +249,14 @@ class ConceptDetector:
         """The hot path's one call: the concepts at ``timestep``, the codes of their latents and the detection, from
         dense codes [B, H, W, M] or TopK codes (values, indices [B, H, W, k]), which are never expanded to M."""
         st = self.step(timestep)
+        share = self.settings.min_share > 0
         if isinstance(codes, TopKCodes):
             picked = pick_topk(codes.values, codes.indices, self._latents_on(st, timestep, codes.indices.device))
+            total = code_mass(codes.values) if share else None
         else:
             picked = codes.index_select(-1, self._latents_on(st, timestep, codes.device))
-        return StepDetection(st, picked, detect_picked(picked, st, self.settings))
+            total = code_mass(codes) if share else None
+        return StepDetection(st, picked, detect_picked(picked, st, self.settings, total))
 
     def _latents_on(self, st: ConceptStep, timestep: float, device: torch.device) -> Tensor:
         """``st.latents`` on ``device``, copied once per timestep and device (no transfer per call). Device threads
@@ -237,9 +270,10 @@ class ConceptDetector:
             self._latents[key] = hit
         return hit[1]
 
-    def detect_picked(self, picked: Tensor, step: ConceptStep) -> Detection:
-        """Detection from the codes of ``step.latents`` only, [B, H, W, K] (TopK hot path, see ``pick_topk``)."""
-        return detect_picked(picked, step, self.settings)
+    def detect_picked(self, picked: Tensor, step: ConceptStep, total: Tensor | None = None) -> Detection:
+        """Detection from the codes of ``step.latents`` only, [B, H, W, K] (TopK hot path, see ``pick_topk``), and
+        for ``min_share`` each patch's code mass [B, H, W] (``code_mass``)."""
+        return detect_picked(picked, step, self.settings, total)
 
     def __call__(self, codes: Tensor, timestep: float) -> tuple[Detection, ConceptStep]:
         if codes.shape[-1] != self.n_latents:

@@ -105,14 +105,23 @@ def select_latents(scores: Tensor, rule: SelectionRule) -> list[Tensor]:
     return out
 
 
-def specific_latents(rate_c: Tensor, rate_notc: Tensor, rule: SelectionRule) -> tuple[Tensor, list[Tensor]]:
+def specific_latents(rate_c: Tensor, rate_notc: Tensor, rule: SelectionRule,
+                     negatives: Tensor | None = None) -> tuple[Tensor, list[Tensor]]:
     """The "specific" rule: rate_c, rate_notc [T, M] firing rates -> (scores r_c - r_notc [T, M] float64,
-    per timestep the kept latent ids, best score first, at most rule.top_n)."""
+    per timestep the kept latent ids, best score first, at most rule.top_n). ``negatives`` [G, T, M]: the rates
+    of contrast groups that each count on their own: a kept latent also stays at or below max_ratio * r_c in
+    every group (silent on a neighbouring concept, not only on average)."""
     if rate_c.shape != rate_notc.shape or rate_c.ndim != 2:
         raise SAEInputError(f"specific_latents: rates {tuple(rate_c.shape)} and {tuple(rate_notc.shape)} must both be [T, M]")
     rc, rn = rate_c.double(), rate_notc.double()
     scores = rc - rn
     keep = (rn <= float(rule.max_ratio) * rc) & (rc >= float(rule.min_rate)) & (rc > 0)
+    if negatives is not None:
+        if negatives.ndim != 3 or tuple(negatives.shape[1:]) != tuple(rc.shape):
+            raise SAEInputError(f"specific_latents: negatives {tuple(negatives.shape)}, expected [G, {rc.shape[0]}, "
+                                f"{rc.shape[1]}] (rates per contrast group, timestep and latent)")
+        if negatives.shape[0]:
+            keep &= negatives.double().amax(0) <= float(rule.max_ratio) * rc
     out = []
     for row, ok in zip(scores, keep, strict=True):
         ids = torch.nonzero(ok).flatten()
@@ -140,6 +149,7 @@ def build_concept_dictionary(
     hook_point: str | None = None,
     model_family: str | None = None,
     prompts: Mapping[str, Sequence[str]] | None = None,
+    negatives: Tensor | None = None,
 ) -> ConceptDictionary:
     """SAeUron scores, selection and thresholds for every concept in ``keep`` (default all).
 
@@ -179,7 +189,7 @@ def build_concept_dictionary(
         c = names.index(name)
         if rule.method == "specific":
             rate_notc = (rate_total - rates[c] * w[c]) / (wsum - w[c])
-            scores, sel = specific_latents(rates[c], rate_notc, rule)
+            scores, sel = specific_latents(rates[c], rate_notc, rule, negatives)
             per_concept.append((c, scores, sel))
             continue
         mu_notc = (total - means[c] * w[c]) / (wsum - w[c])

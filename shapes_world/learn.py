@@ -1,6 +1,8 @@
 """Train the shapes model's SAE and learn a concept dictionary for every shape and colour.
 
-    python -m shapes_world.learn --out shapes_world/weights            # the colour SAE and concepts (shipped)
+    python -m shapes_world.learn --out shapes_world/weights            # the colour SAE and concepts
+    python -m shapes_world.learn --out shapes_world/weights --concepts-only --negatives \
+        --concepts red,green,blue,yellow,purple,cyan                    # the shipped colour concepts
     python -m shapes_world.learn --out shapes_world/weights/shapes --block up_blocks.0.attentions.1 \
         --concepts circle,square,triangle,cross --k 8 --object-share 0.5 ...   # the shape SAE (README "Shapes world")
 
@@ -151,7 +153,8 @@ class ObjectShare:
 
 def learn_concepts(model: ShapesModel, sae: SparseAutoencoder, captions: list[str], block: str = BLOCK,
                    rule: SelectionRule = RULE, seed: int = 0, steps: int = 20, cfg: float = 3.0,
-                   concepts: tuple[str, ...] = CONCEPTS, object_share: float = 0.0) -> dict[str, ConceptDictionary]:
+                   concepts: tuple[str, ...] = CONCEPTS, object_share: float = 0.0,
+                   negatives: bool = False) -> dict[str, ConceptDictionary]:
     """One dictionary per concept, learned from the prompts that name it against the ones that do not.
 
     Each caption is sampled once (batch 1, so every model call carries one prompt's rows and one label per
@@ -183,12 +186,32 @@ def learn_concepts(model: ShapesModel, sae: SparseAutoencoder, captions: list[st
             rates = stats.rates.clone()
             rates[k] = torch.where(objects.share(stats.timesteps) >= object_share, rates[k], torch.zeros_like(rates[k]))
             stats = stats._replace(rates=rates)
+        neg = _negative_rates(samples, c, stats.timesteps) if negatives else None
         d = build_concept_dictionary(
             stats, rule, keep=[c], sae_fingerprint=sae.fingerprint(), hook_point=block,
             prompts={c: [p for p in captions if c in names_in(p)], CONTRAST: [p for p in captions if c not in names_in(p)]},
+            negatives=neg,
         )
         out[c] = learn_presence_gate(d, samples, _caption_shows)
     return out
+
+
+NEGATIVE_MIN_IMAGES = 8
+
+
+def _negative_rates(samples: ConceptStatsAccumulator, concept: str, timesteps: Tensor) -> Tensor:
+    """[G, T, M]: per other concept c' (shape or colour) with enough images, the firing rates over the images whose
+    caption shows c' and not ``concept`` (every image was kept under its caption)."""
+    groups: dict[str, list] = {}
+    for key in samples.samples:
+        shown = names_in(key[0])
+        if concept in shown:
+            continue
+        for other in shown:
+            groups.setdefault(other, []).append(key)
+    rates = [samples.sample_rates(keys, timesteps) for _, keys in sorted(groups.items())
+             if len(keys) >= NEGATIVE_MIN_IMAGES]
+    return torch.stack(rates) if rates else torch.zeros(0, len(timesteps), samples.n_latents, dtype=torch.float64)
 
 
 def _sample_accumulator(sae: SparseAutoencoder) -> ConceptStatsAccumulator:
@@ -235,6 +258,9 @@ class LearnSettings:
     min_rate: float = RULE.min_rate
     object_share: float = 0.0
     """> 0: keep only latents with at least this share of their firings on object patches (see ObjectShare)."""
+    negatives: bool = False
+    """Each other concept's images (showing it, not the one learned) are a contrast group of their own that a
+    latent must stay silent on (SelectionRule "specific" with hard negatives), not only on their average."""
 
     def concept_names(self) -> tuple[str, ...]:
         names = tuple(c.strip() for c in self.concepts.split(",") if c.strip()) or CONCEPTS
@@ -250,7 +276,7 @@ class LearnSettings:
 def build(model: ShapesModel, out: Path, s: LearnSettings) -> dict:
     """Everything: activations -> SAE -> concept files under ``out``; returns a summary (also written as JSON)."""
     out.mkdir(parents=True, exist_ok=True)
-    concepts, rule = s.concept_names(), s.rule()
+    s.concept_names()  # unknown names fail before the long steps
     t0 = time.time()
     caps = generate_scenes(s.activation_captions, seed=s.caption_seed).captions
     acts = collect_activations(model, caps, s.block)
@@ -263,17 +289,32 @@ def build(model: ShapesModel, out: Path, s: LearnSettings) -> dict:
     fvu = fraction_of_variance_unexplained(sae, rows[:200_000])
     save_native(sae, out / SAE_NAME)
     logger.info("SAE M=%d k=%d: FVU %.4f, dead %.3f", s.n_latents, s.k, fvu, res.log[-1]["dead_fraction"])
-    concept_caps = generate_scenes(s.concept_captions, seed=s.concept_caption_seed).captions
-    dicts = learn_concepts(model, sae, concept_caps, s.block, rule, concepts=concepts,
-                           object_share=s.object_share)
-    (out / CONCEPT_DIR).mkdir(exist_ok=True)
-    for name, d in dicts.items():
-        d.save(out / CONCEPT_DIR / f"{name}.safetensors")
+    dicts = _learn_and_save(model, sae, out, s)
     summary = {"settings": s.__dict__, "fvu": fvu, "dead_fraction": res.log[-1]["dead_fraction"],
                "latents_per_step": {n: float((d.latents >= 0).sum(-1).float().mean()) for n, d in dicts.items()},
                "seconds": time.time() - t0}
     (out / "sae_summary.json").write_text(json.dumps(summary, indent=1))
     return summary
+
+
+def _learn_and_save(model: ShapesModel, sae: SparseAutoencoder, out: Path, s: LearnSettings) -> dict[str, ConceptDictionary]:
+    captions = generate_scenes(s.concept_captions, seed=s.concept_caption_seed).captions
+    dicts = learn_concepts(model, sae, captions, s.block, s.rule(), concepts=s.concept_names(),
+                           object_share=s.object_share, negatives=s.negatives)
+    (out / CONCEPT_DIR).mkdir(exist_ok=True)
+    for name, d in dicts.items():
+        d.save(out / CONCEPT_DIR / f"{name}.safetensors")
+    return dicts
+
+
+def relearn_concepts(model: ShapesModel, out: Path, s: LearnSettings) -> None:
+    """The concept files of ``s.concepts`` learned again (latents and gates) with the SAE kept under ``out``."""
+    from sae_core.formats import load_sae
+
+    sae = load_sae(out / SAE_NAME)
+    for name, d in _learn_and_save(model, sae, out, s).items():
+        logger.info("%s: %.2f latents per step, gate reliable on %d of %d steps", name,
+                    float((d.latents >= 0).sum(-1).float().mean()), int(d.reliable.sum()), d.reliable.numel())
 
 
 def add_gates(model: ShapesModel, out: Path, s: LearnSettings) -> None:
@@ -296,9 +337,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--threads", type=int, default=2)
     for f, v in LearnSettings().__dict__.items():
-        p.add_argument("--" + f.replace("_", "-"), type=type(v), default=v)
-    p.add_argument("--gates-only", action="store_true",
-                   help="keep the SAE and the concepts' latents under --out; learn only their presence gates")
+        if isinstance(v, bool):
+            p.add_argument("--" + f.replace("_", "-"), action=argparse.BooleanOptionalAction, default=v)
+        else:
+            p.add_argument("--" + f.replace("_", "-"), type=type(v), default=v)
+    only = p.add_mutually_exclusive_group()
+    only.add_argument("--gates-only", action="store_true",
+                      help="keep the SAE and the concepts' latents under --out; learn only their presence gates")
+    only.add_argument("--concepts-only", action="store_true",
+                      help="keep the SAE under --out; learn the concepts of --concepts again (latents and gates)")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(a.threads)
@@ -306,6 +353,9 @@ def main(argv: list[str] | None = None) -> None:
     s = LearnSettings(**{f: getattr(a, f) for f in LearnSettings().__dict__})
     if a.gates_only:
         add_gates(model, a.out, s)
+        return
+    if a.concepts_only:
+        relearn_concepts(model, a.out, s)
         return
     summary = build(model, a.out, s)
     logger.info("wrote %s: %s", a.out, json.dumps(summary))

@@ -11,7 +11,13 @@ from safetensors.torch import save_file
 from sae_core.concept_stats import ConceptStats, ConceptStatsAccumulator
 from sae_core.concepts import ConceptDictionary, ConceptFileError, ConceptMismatchError, load_concepts
 from sae_core.formats.saeuron import ddim_leading_timesteps, import_saeuron_stats
-from sae_core.selection import SelectionRule, build_concept_dictionary, saeuron_scores, select_latents
+from sae_core.selection import (
+    SelectionRule,
+    build_concept_dictionary,
+    saeuron_scores,
+    select_latents,
+    specific_latents,
+)
 
 # -- independent reference (NumPy, float64, written from docs/FORMULAS.md section 5) -------------------
 
@@ -446,6 +452,58 @@ def test_specific_rule_matches_reference(max_ratio, min_rate, top_n):
         torch.testing.assert_close(d.thresholds[0, ti, :len(got)], tau[got].float())
     if max_ratio == 0.2:
         assert d.latents.ge(0).any(), "the planted specific latents should be found"
+
+
+def test_sample_rates_match_rows_of_kept_images():
+    """sample_rates over some kept images = the share of their patches where each latent exceeds fire_above,
+    computed here from the raw codes (TopK-sparse, so the kept top codes are all of them)."""
+    M, top = 12, 3
+    acc = ConceptStatsAccumulator(M, fire_above=0.5, keep_samples=True, sample_top=top)
+    g = torch.Generator().manual_seed(2)
+    raw = {}
+    for job in range(4):
+        for t in (999.0, 1.0):
+            dense = torch.rand(2, 3, 3, M, generator=g) * 2
+            codes = torch.zeros_like(dense).scatter(-1, dense.topk(top, -1).indices, dense.topk(top, -1).values)
+            acc.add("x", t, codes, sample=job)
+            raw[(job, t)] = codes
+    keys = [("x", 1, 0), ("x", 3, 1), ("x", 0, 1)]
+    got = acc.sample_rates(keys, torch.tensor([999.0, 1.0], dtype=torch.float64))
+    for ti, t in enumerate((999.0, 1.0)):
+        rows = np.concatenate([raw[(j, t)][b].reshape(-1, M).numpy() for _, j, b in keys])
+        np.testing.assert_allclose(got[ti].numpy(), (rows > 0.5).mean(0))
+    with pytest.raises(ValueError, match="no kept image"):
+        acc.sample_rates([("y", 0, 0)], torch.tensor([1.0]))
+    with pytest.raises(ValueError, match="no codes at timestep"):
+        acc.sample_rates(keys, torch.tensor([500.0]))
+    with pytest.raises(ValueError, match="empty contrast group"):
+        acc.sample_rates([], torch.tensor([1.0]))
+
+
+@pytest.mark.parametrize("max_ratio", [0.2, 0.5])
+def test_specific_rule_negatives_reject_latents_firing_on_one_group(max_ratio):
+    """A latent silent on the pooled contrast but firing on one contrast group (a neighbouring concept) is kept
+    without negatives and dropped with them; reference: the rule's definition in NumPy, group by group."""
+    M, T = 30, 2
+    g = torch.Generator().manual_seed(7)
+    rc = torch.rand(T, M, generator=g, dtype=torch.float64) * 0.3 + 0.05
+    rn = rc * torch.rand(T, M, generator=g, dtype=torch.float64) * 0.3  # pooled: mostly within max_ratio
+    groups = torch.rand(3, T, M, generator=g, dtype=torch.float64) * 0.1 * rc
+    groups[1, :, 4] = 0.9 * rc[:, 4]  # latent 4 fires on group 1 almost as often as on the concept
+    rule = SelectionRule("specific", top_n=M, max_ratio=max_ratio, min_rate=0.0)
+    _, plain = specific_latents(rc, rn, rule)
+    _, strict = specific_latents(rc, rn, rule, groups)
+    a, b, n = rc.numpy(), rn.numpy(), groups.numpy()
+    for t in range(T):
+        ok = (b[t] <= max_ratio * a[t]) & (a[t] > 0)
+        want_plain = set(np.nonzero(ok)[0].tolist())
+        want_strict = set(np.nonzero(ok & (n[:, t] <= max_ratio * a[t]).all(0))[0].tolist())
+        assert set(plain[t].tolist()) == want_plain and set(strict[t].tolist()) == want_strict
+        assert 4 not in want_strict and want_strict < want_plain
+    with pytest.raises(ValueError, match="negatives"):
+        specific_latents(rc, rn, rule, groups[:, :, :5])
+    _, none = specific_latents(rc, rn, rule, groups[:0])  # no group: the plain rule
+    assert [x.tolist() for x in none] == [x.tolist() for x in plain]
 
 
 def test_specific_rule_needs_rates():

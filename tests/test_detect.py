@@ -137,6 +137,8 @@ def test_union_of_two_concepts():
     ({"padding": -1}, "padding is -1"),
     ({"padding": 1.5}, "padding is 1.5"),
     ({"min_region": -2}, "min_region is -2"),
+    ({"min_share": -0.1}, "min_share is -0.1"),
+    ({"min_share": 1.5}, "min_share is 1.5"),
 ])
 def test_settings_reject(kwargs, msg):
     with pytest.raises(ValueError, match=msg):
@@ -173,3 +175,37 @@ def test_detector_checks_the_sae_fingerprint():
     ConceptDetector(d, sae=sae)
     with pytest.raises(ValueError, match=f"fingerprint {sae.fingerprint()}.*fingerprint {other.fingerprint()}"):
         ConceptDetector(d, sae=other)
+
+
+@pytest.mark.parametrize("share", [0.3, 0.6])
+def test_min_share_keeps_patches_the_concept_explains(share):
+    """A patch counts only where the selected latents above threshold carry >= min_share of its code mass;
+    reference: the definition per patch in plain Python. Dense codes and TopK codes give the same mask."""
+    from sae_core.detect import code_mass, pick_topk
+    from sae_core.sae import TopKCodes
+
+    g = torch.Generator().manual_seed(3)
+    M, k = 12, 4
+    dense = torch.rand(2, 4, 5, M, generator=g) * 3
+    top = dense.topk(k, -1)
+    codes = torch.zeros_like(dense).scatter(-1, top.indices, top.values)  # TopK-sparse
+    d = ConceptDictionary.from_latents([1, 6, 9], M, threshold=0.5)
+    st = d.at(0.0)
+    settings = DetectionSettings(min_share=share)
+    got = detect(codes, st, settings).mask
+    want = torch.zeros_like(got)
+    for b in range(2):
+        for i in range(4):
+            for j in range(5):
+                row = codes[b, i, j].tolist()
+                on = [row[x] for x in (1, 6, 9) if row[x] > 0.5]
+                want[b, i, j] = bool(on) and sum(on) / sum(row) >= share
+    assert torch.equal(got, want)
+    assert want.any() and (detect(codes, st).mask & ~want).any()  # the share removes some detected patches
+    det = ConceptDetector(d, settings)
+    fast = det.detect_codes(TopKCodes(top.values, top.indices, None), 0.0).detection.mask
+    assert torch.equal(fast, want)
+    torch.testing.assert_close(code_mass(top.values), code_mass(codes))
+    picked = pick_topk(top.values, top.indices, st.latents)
+    with pytest.raises(ValueError, match="needs each patch's code mass"):
+        det.detect_picked(picked, st)

@@ -284,7 +284,7 @@ def test_settings_constructors(data):
     from sae_core.steer import SteerSettings
 
     v = json_values | st.floats()
-    for cls, fields in ((DetectionSettings, ("threshold_scale", "padding", "min_region")),
+    for cls, fields in ((DetectionSettings, ("threshold_scale", "padding", "min_region", "min_share")),
                         (SteerSettings, ("method", "strength", "error", "detected_only", "use_beta", "cfg_sign")),
                         (ReplaceSettings, ("mode", "seed", "target", "fill_values")),
                         (SelectionRule, ("method", "percentile", "top_n", "fixed_threshold", "max_ratio", "min_rate")),

@@ -20,7 +20,7 @@ CASES = [
     (SelectionRule("top_n", top_n=3, fixed_threshold=0.5),
      {"method": "top_n", "percentile": 99.99, "top_n": 3, "fixed_threshold": 0.5, "max_ratio": 0.2, "min_rate": 0.002}),
     (DetectionSettings(2.0, 1, 3, True, "sticky"),
-     {"threshold_scale": 2.0, "padding": 1, "min_region": 3, "gate": True, "temporal": "sticky"}),
+     {"threshold_scale": 2.0, "padding": 1, "min_region": 3, "gate": True, "temporal": "sticky", "min_share": 0.0}),
     (ReplaceSettings("mean", 4, "residual"), {"mode": "mean", "seed": 4, "target": "residual", "denoised": False,
                                               "fill_values": "first_pass"}),
     (SteerSettings("unbox_add", -8.0, "legacy_saeuron", True),

@@ -300,3 +300,36 @@ def test_shipped_gate_leaves_images_without_the_concept_bit_identical_through_di
     torch.testing.assert_close(imgs["rec"][1:], imgs["original"][1:], rtol=0, atol=0)
     assert not torch.equal(imgs["rec"][0], imgs["original"][0])
     assert res.methods["rec"]["unchanged_identical"] == 1.0
+
+
+def test_negative_rates_group_images_by_other_concept():
+    """Per other concept, the rates over the kept images that show it and not the concept being learned; an
+    image with two other concepts counts in both groups, a group with too few images is left out."""
+    from sae_core.concept_stats import ConceptStatsAccumulator
+
+    M = 8
+    acc = ConceptStatsAccumulator(M, keep_samples=True, sample_top=M)
+    caps = ["a purple circle and a blue square on a black background",  # shows purple: in no group
+            "a blue square on a white background", "a blue circle and a red cross on a grey background"]
+    caps += [f"a red square on a {bg} background" for bg in ("black", "white", "grey")] * 3
+    g = torch.Generator().manual_seed(0)
+    codes = {}
+    for i, cap in enumerate(caps):
+        for t in (900.0, 10.0):
+            c = (torch.rand(1, 2, 2, M, generator=g) > 0.6).float() * torch.rand(1, 2, 2, M, generator=g)
+            acc.add(cap, t, c, sample=i)
+            codes[(i, t)] = c
+    ts = torch.tensor([900.0, 10.0], dtype=torch.float64)
+    got = learn._negative_rates(acc, "purple", ts)
+    groups = {}
+    for i, cap in enumerate(caps):
+        shown = learn.names_in(cap)
+        if "purple" not in shown:
+            for o in shown:
+                groups.setdefault(o, []).append(i)
+    kept = [o for o in sorted(groups) if len(groups[o]) >= learn.NEGATIVE_MIN_IMAGES]
+    assert kept == ["red", "square"]  # blue (2 images), circle (1), cross (1) have too few
+    for gi, o in enumerate(kept):
+        for ti, t in enumerate((900.0, 10.0)):
+            rows = torch.cat([codes[(i, t)].reshape(-1, M) for i in groups[o]])
+            torch.testing.assert_close(got[gi, ti], (rows > 0).double().mean(0))
