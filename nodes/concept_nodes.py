@@ -43,9 +43,8 @@ class LearnConcept(io.ComfyNode):
                         "branch at every step, and select the concept's latents per timestep (SAeUron scores). "
                         "Cost: one full sampling per prompt, concept, contrast and keep: (concept prompts + contrast "
                         f"prompts, up to {len(DEFAULT_CONTRAST)} built in, + keep prompts) x steps CFG steps; the "
-                        "learn template "
-                        "(14 samplings of 25 steps at 512 px) takes a minute or two on a GPU and about 85 minutes "
-                        "on a CPU. Save the result with Save Concept and reuse it.",
+                        "learn template (14 samplings of 25 steps at 512 px) takes a minute or two on a GPU and about "
+                        "85 minutes on a CPU. Save the result with Save Concept and reuse it.",
             hidden=[io.Hidden.unique_id],
             inputs=[
                 io.Model.Input("model", tooltip="The model the SAE was trained on."),
