@@ -18,6 +18,7 @@ logger = logging.getLogger(__name__)
 CATEGORY = "SAE"
 FROM_FILE = "from file"
 CONTRAST_LABEL = "__contrast__"
+KEEP_LABEL = "__keep__"  # concept file meta: the keep prompts (sampled as contrast, checked one by one)
 BRANCH_OPTIONS = ("both", "cond", "uncond")
 
 SAEType = io.Custom("SAE")

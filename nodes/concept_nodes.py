@@ -16,9 +16,17 @@ from ..sae_core.errors import SAEFileExistsError, SAEFileNotFoundError, SAEInput
 from ..sae_core.gate import learn_presence_gate
 from ..sae_core.selection import SelectionRule, build_concept_dictionary
 from . import folders
-from .common import CATEGORY, CONTRAST_LABEL, ConceptType, SAEType, tell
+from .common import CATEGORY, CONTRAST_LABEL, KEEP_LABEL, ConceptType, SAEType, tell
 from .hook import install_patch
-from .learn import DEFAULT_CONTRAST, concept_words, default_contrast, parse_prompts, prompts_naming
+from .learn import (
+    DEFAULT_CONTRAST,
+    concept_words,
+    default_contrast,
+    keep_negatives,
+    parse_prompts,
+    prompts_naming,
+    steps_without_latents,
+)
 from .resolve import family_of_config, resolve_hook
 from .run_state import RunState
 from .sampling import sample_prompts, sampling_inputs
@@ -33,10 +41,10 @@ class LearnConcept(io.ComfyNode):
             category=CATEGORY,
             description="Generate the concept prompts and the contrast prompts, record the SAE codes of the cond "
                         "branch at every step, and select the concept's latents per timestep (SAeUron scores). "
-                        "Cost: one full sampling per prompt, concept and contrast: (concept prompts + contrast "
-                        f"prompts, up to {len(DEFAULT_CONTRAST)} built in) x steps CFG steps; the learn template "
-                        "(14 samplings of 25 steps at 512 px) takes a minute or two on a GPU and about 85 minutes "
-                        "on a CPU. Save the result with Save Concept and reuse it.",
+                        "Cost: one full sampling per prompt, concept, contrast and keep: (concept prompts + contrast "
+                        f"prompts, up to {len(DEFAULT_CONTRAST)} built in, + keep prompts) x steps CFG steps; the "
+                        "learn template (14 samplings of 25 steps at 512 px) takes a minute or two on a GPU and about "
+                        "85 minutes on a CPU. Save the result with Save Concept and reuse it.",
             hidden=[io.Hidden.unique_id],
             inputs=[
                 io.Model.Input("model", tooltip="The model the SAE was trained on."),
@@ -61,6 +69,12 @@ class LearnConcept(io.ComfyNode):
                 io.Float.Input("percentile", default=99.99, min=0.01, max=99.9999, step=0.001,
                                tooltip="For 'percentile': higher keeps fewer latents (99.99 of 20480 keeps 3)."),
                 io.Int.Input("top_n", default=3, min=1, max=1000, tooltip="For 'top_n' and 'specific': latents kept per timestep (at most)."),
+                io.String.Input("keep_prompts", multiline=True, default="", optional=True,  # API prompts saved before keep working
+                                tooltip="Things that must survive the erasure, one prompt per line (e.g. 'a blue car' "
+                                        "when erasing purple). Each is sampled like a contrast prompt (one full "
+                                        "sampling each) and joins the contrast set; with selection 'specific' a latent "
+                                        "is kept only if it stays silent on each of these prompts on its own, not just "
+                                        "on the contrast set's average. Empty: none."),
             ],
             outputs=[ConceptType.Output(display_name="CONCEPT", tooltip="Connect to Concept Detector or Save Concept.")],
         )
@@ -68,9 +82,10 @@ class LearnConcept(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, sae, concept_name: str, concept_prompts: str, contrast_prompts: str,
                 negative_prompt: str, width: int, height: int, steps: int, cfg: float, sampler_name: str,
-                scheduler: str, seed: int, selection: str, percentile: float, top_n: int) -> io.NodeOutput:
+                scheduler: str, seed: int, selection: str, percentile: float, top_n: int,
+                keep_prompts: str = "") -> io.NodeOutput:
         name = concept_name.strip()
-        if not name or name == CONTRAST_LABEL:
+        if not name or name in (CONTRAST_LABEL, KEEP_LABEL):
             raise SAEInputError(f"Learn Concept: concept_name {concept_name!r} is empty or reserved; type a name like 'cat'")
         prompts = parse_prompts(concept_prompts)
         if not prompts:
@@ -89,6 +104,17 @@ class LearnConcept(io.ComfyNode):
             if dropped:
                 tell(uid, f"Learn Concept: left {dropped} out of the built-in contrast set: they name the concept "
                        f"({words}); {len(contrast)} built-in scenes used", level=logging.INFO)
+        keep = parse_prompts(keep_prompts or "")
+        if keep:
+            naming = prompts_naming(keep, set(words))
+            if naming:
+                tell(uid, f"Learn Concept: keep prompts {naming} contain the concept's words {words}; the concept's "
+                       "latents must then stay silent on the concept itself and few or none are kept. Remove them "
+                       "from keep_prompts unless that is intended")
+            if selection != "specific":
+                tell(uid, f"Learn Concept: with selection {selection!r} the {len(keep)} keep prompt(s) only join the "
+                       "contrast set; the check that each kept latent stays silent on every keep prompt on its own "
+                       "needs selection 'specific'")
         rule = SelectionRule(method=selection, percentile=percentile, top_n=top_n)
         key, block = resolve_hook(sae, model)
         family = family_of_config(model.model.model_config)
@@ -98,17 +124,31 @@ class LearnConcept(io.ComfyNode):
         collector = ConceptCollector(sae, acc, branches="cond", label=block)
         state = RunState("Learn Concept", None)
         patched = install_patch(model, key, collector, state, comfy.patcher_extension.WrappersMP.OUTER_SAMPLE)
-        jobs = [(name, p) for p in prompts] + [(CONTRAST_LABEL, p) for p in contrast]
+        # keep prompts are contrast runs (pooled contrast, the gate's contrast) whose sample ids are remembered
+        jobs = [(name, p) for p in prompts] + [(CONTRAST_LABEL, p) for p in contrast + keep]
+        keep_samples = list(range(len(jobs) - len(keep), len(jobs)))
 
         def before_run(job: int) -> None:
             collector.concept, collector.sample = jobs[job][0], job
 
         sample_prompts(patched, clip, [(p, seed) for _, p in jobs], negative_prompt, width, height, steps, cfg,
                        sampler_name, scheduler, uid, before_run)
+        stats = acc.stats()
+        negatives = keep_negatives(acc, keep_samples, stats.timesteps) if keep and selection == "specific" else None
+        meta_prompts = {name: prompts, CONTRAST_LABEL: contrast, **({KEEP_LABEL: keep} if keep else {})}
         concept = build_concept_dictionary(
-            acc.stats(), rule, keep=[name], sae_fingerprint=sae.fingerprint(), hook_point=block,
-            model_family=family, prompts={name: prompts, CONTRAST_LABEL: contrast},
+            stats, rule, keep=[name], sae_fingerprint=sae.fingerprint(), hook_point=block,
+            model_family=family, prompts=meta_prompts, negatives=negatives,
         )
+        empty = steps_without_latents(concept)
+        if empty:
+            T = concept.timesteps.numel()
+            hint = ("Use fewer keep prompts (or ones less like the concept), or more concept prompts"
+                    if negatives is not None else
+                    "Use more concept prompts" + (", or selection 'top_n'" if selection == "specific" else
+                                                  ", or a lower percentile or selection 'top_n'"))
+            tell(uid, f"Learn Concept: concept {name!r} selects no latent at {len(empty)} of {T} steps (step indices "
+                   f"{empty[:8]}{'...' if len(empty) > 8 else ''}); nothing will be detected there. {hint}")
         concept = learn_presence_gate(concept, acc)
         return io.NodeOutput(concept)
 

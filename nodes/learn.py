@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import re
 
+import torch
+
 try:  # inside ComfyUI the pack is a package and sae_core its sibling
     from ..sae_core.errors import SAEInputError
 except ImportError:  # imported as top-level `nodes`
@@ -84,3 +86,21 @@ def parse_latent_ids(text: str) -> list[int]:
     if bad:
         raise SAEInputError(f"latent ids {text!r}: {bad} are not non-negative integers; type ids like '12, 40, 7'")
     return [int(p) for p in parts]
+
+
+def keep_negatives(accumulator, keep_samples, timesteps: torch.Tensor) -> torch.Tensor:
+    """[G, T, M] float64: per keep prompt (the sample id of its sampling run) the firing rates over its kept images
+    at ``timesteps``, the hard negatives of the 'specific' rule (a latent must stay silent on each on its own)."""
+    groups = []
+    for sample in keep_samples:
+        keys = [k for k in accumulator.samples if k[1] == sample]
+        if not keys:
+            raise SAEInputError(f"Learn Concept: no images were recorded for keep prompt run {sample}; "
+                                f"recorded runs are {sorted({k[1] for k in accumulator.samples})}")
+        groups.append(accumulator.sample_rates(keys, timesteps))
+    return torch.stack(groups) if groups else torch.zeros(0, len(timesteps), accumulator.n_latents, dtype=torch.float64)
+
+
+def steps_without_latents(concept, index: int = 0) -> list[int]:
+    """The timestep indices where concept ``index`` of a dictionary selects no latent (nothing detected there)."""
+    return [t for t in range(concept.latents.shape[1]) if not bool((concept.latents[index, t] >= 0).any())]

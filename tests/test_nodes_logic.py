@@ -276,6 +276,41 @@ def test_prompt_and_latent_parsing():
     assert len(set(learn.DEFAULT_CONTRAST)) >= 8
 
 
+def test_keep_negatives_are_each_keep_runs_firing_rates():
+    """keep_negatives stacks, per keep prompt's sample id, the share of that run's patches (all its images) where
+    each latent exceeds fire_above; reference computed here from the raw TopK codes."""
+    from sae_core.concept_stats import ConceptStatsAccumulator
+
+    M, top, ts = 10, 3, (999.0, 500.0, 1.0)
+    acc = ConceptStatsAccumulator(M, fire_above=0.25, keep_samples=True, sample_top=top)
+    g = torch.Generator().manual_seed(5)
+    raw = {}
+    for job, (label, batch) in enumerate([("cat", 1), ("__contrast__", 1), ("__contrast__", 2), ("__contrast__", 1)]):
+        for t in ts:
+            dense = torch.rand(batch, 2, 3, M, generator=g)
+            v, i = dense.topk(top, -1)
+            codes = torch.zeros_like(dense).scatter(-1, i, v)
+            acc.add(label, t, codes, sample=job)
+            raw[(job, t)] = codes
+    got = learn.keep_negatives(acc, [2, 3], torch.tensor(ts, dtype=torch.float64))
+    assert got.shape == (2, len(ts), M) and got.dtype == torch.float64
+    for gi, job in enumerate([2, 3]):
+        for ti, t in enumerate(ts):
+            want = (raw[(job, t)].reshape(-1, M) > 0.25).double().mean(0)
+            torch.testing.assert_close(got[gi, ti], want, rtol=0, atol=1e-12)
+    assert got[0].ne(got[1]).any(), "two different runs should give different rates"
+    assert learn.keep_negatives(acc, [], torch.tensor(ts)).shape == (0, len(ts), M)
+    with pytest.raises(ValueError, match=r"no images were recorded for keep prompt run 7; recorded runs are \[0, 1, 2, 3\]"):
+        learn.keep_negatives(acc, [7], torch.tensor(ts))
+
+
+def test_steps_without_latents_lists_empty_steps_of_the_concept():
+    lat = torch.tensor([[[3, -1], [-1, -1], [0, 5], [-1, -1]], [[-1, -1], [1, -1], [-1, -1], [2, -1]]])
+    concept = types.SimpleNamespace(latents=lat)
+    assert learn.steps_without_latents(concept) == [1, 3]
+    assert learn.steps_without_latents(concept, 1) == [0, 2]
+
+
 # ------------------------------------------------------------------------------------------------ folders
 
 

@@ -356,6 +356,88 @@ def test_learn_concept_specific_matches_firing_rate_reference(pack, sd1):
     assert picked > 0, "the reference selects nothing: the test would not see a wrong selection"
 
 
+def cond_rates(sae, cap, n_prompts, steps):
+    """[P, T, M]: per sampled prompt and step, the share of its cond patches where each latent fires."""
+    out = []
+    for p in range(n_prompts):
+        per_t = []
+        for s in range(steps):
+            _, block_out, step = cap.calls[p * steps + s]
+            rows = block_out[[c for c, f in enumerate(step.chunks) if f == 0]]
+            per_t.append((sae.encode(rows.movedim(1, -1)).flatten(0, 2) > 0).double().mean(0))
+        out.append(torch.stack(per_t))
+    return torch.stack(out)
+
+
+def specific_reference(rc, rn, groups, top_n, max_ratio=0.2, min_rate=0.002):
+    """The 'specific' rule written from its definition: ids, best r_c - r_notc first."""
+    ok = (rn <= max_ratio * rc) & (rc >= min_rate) & (rc > 0)
+    for g in groups:
+        ok &= g <= max_ratio * rc
+    ids = ok.nonzero().flatten()
+    return ids[torch.argsort(rc[ids] - rn[ids], descending=True, stable=True)][:top_n].tolist()
+
+
+def test_learn_concept_keep_prompts_are_hard_negatives(pack, sd1, models_dir):
+    """keep_prompts: sampled as contrast (pooled r_notc over contrast + keep prompts) and, with 'specific', every
+    kept latent stays at or below max_ratio * r_c on each keep prompt alone; reference from the captured codes."""
+    ext = pack.nodes.extension
+    name, key, d = SD1_BLOCK
+    sae = make_sae(pack, d, M=128, seed=2)  # a seed where the keep prompts drop 2 of the pooled rule's 13 latents
+    captured, cap = with_capture(pack, sd1.model, key)
+    steps, top_n = 2, 64
+    kw = dict(concept_name="cat", concept_prompts="a cat\na cat on a mat", contrast_prompts="a dog\na house",
+              negative_prompt="", width=64, height=64, steps=steps, cfg=3.0, sampler_name="euler",
+              scheduler="normal", seed=188, selection="specific", percentile=99.0, top_n=top_n)
+    keep = ["a blue car", "a red ball"]
+    concept = ext.LearnConcept.execute(captured, FakeClip(), sae, **kw, keep_prompts="\n".join(keep)).args[0]
+    assert not sd1.model.object_patches and len(cap.calls) == 6 * steps
+    assert concept.meta.prompts == {"cat": ["a cat", "a cat on a mat"], "__contrast__": ["a dog", "a house"],
+                                    "__keep__": keep}
+    rates = cond_rates(sae, cap, 6, steps)
+    rc, rn = rates[:2].mean(0), rates[2:].mean(0)  # keep prompts join the pooled contrast
+    ms = sd1.model.get_model_object("model_sampling")
+    ts = [float(ms.timestep(st.sigma * torch.ones(1))) for _, _, st in cap.calls[:steps]]
+    dropped = picked = 0
+    for s in range(steps):
+        want = specific_reference(rc[s], rn[s], rates[4:, s], top_n)
+        t = concept.timestep_index(ts[s])
+        assert [int(i) for i in concept.latents[0, t] if i >= 0] == want
+        dropped += len(set(specific_reference(rc[s], rn[s], [], top_n)) - set(want))
+        picked += len(want)
+    assert dropped > 0, "the keep prompts exclude nothing: the test would not see them ignored"
+    assert picked > 0, "the reference keeps nothing: the test would not see a wrong selection"
+    # the concept file keeps the keep prompts
+    ext.SaveConcept.execute(concept, filename="cat_keep", overwrite=False)
+    loaded = ext.LoadConcept.execute(concept_name="cat_keep.safetensors").args[0]
+    assert loaded.meta.prompts["__keep__"] == keep
+
+
+def test_learn_concept_keep_prompts_warnings(pack, sd1, caplog):
+    ext = pack.nodes.extension
+    sae = make_sae(pack, 128, M=64)
+    kw = dict(concept_name="cat", concept_prompts="a cat", contrast_prompts="a dog", negative_prompt="", width=64,
+              height=64, steps=2, cfg=3.0, sampler_name="euler", scheduler="normal", seed=1, selection="specific",
+              percentile=99.0, top_n=3)
+    base = ext.LearnConcept.execute(sd1.model, FakeClip(), sae, **kw).args[0]
+    assert pack.nodes.learn.steps_without_latents(base) == [], "without keep prompts every step keeps a latent"
+    # a keep prompt identical to the concept prompt: every latent fires on it as often as on the concept
+    with caplog.at_level("WARNING"):
+        same = ext.LearnConcept.execute(sd1.model, FakeClip(), sae, **kw, keep_prompts="a cat").args[0]
+    assert "keep prompts ['a cat'] contain the concept's words ['cat']" in caplog.text
+    assert "selects no latent at 2 of 2 steps" in caplog.text and "Use fewer keep prompts" in caplog.text
+    assert pack.nodes.learn.steps_without_latents(same) == [0, 1]
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        pooled = ext.LearnConcept.execute(sd1.model, FakeClip(), sae, **{**kw, "selection": "top_n"},
+                                          keep_prompts="a blue car").args[0]
+    assert "with selection 'top_n' the 1 keep prompt(s) only join the contrast set" in caplog.text
+    assert pooled.meta.prompts["__keep__"] == ["a blue car"] and "fewer keep prompts" not in caplog.text
+    with pytest.raises(ValueError, match="'__keep__' is empty or reserved"):
+        ext.LearnConcept.execute(sd1.model, FakeClip(), sae, **{**kw, "concept_name": "__keep__"})
+    assert not sd1.model.object_patches
+
+
 def test_learn_concept_interrupt_leaves_model_clean(pack, sd1):
     ext = pack.nodes.extension
     sae = make_sae(pack, 128, M=64)
