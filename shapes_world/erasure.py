@@ -66,6 +66,12 @@ CONFIDENT = 0.6
 # How the edits see the concept. Detection IoU is measured on the detector's own mask (no padding, no region
 # filter): the localisation of the SAE; the edits may widen it (padding) or drop specks (min_region).
 DETECTION = DetectionSettings(threshold_scale=1.0, padding=1, min_region=3)
+SHARE_PER_KEPT = 0.8
+"""PER's detection keeps a patch only where the concept's latents carry at least 0.8 / k of its code (k = the SAE's
+latents per patch: 0.8 of an average kept latent's share). Neighbouring colours share latents: purple's also fire,
+weaker, on blue objects, whose code the blue latents dominate. Measured on 32 prompts per colour (k = 4, share 0.2):
+objects kept 0.82 -> 0.91, erasure 0.98 -> 0.97; the shapes' SAE (k = 8, share 0.1) is unchanged by it, while 0.2
+there stops erasing squares."""
 RAW_DETECTION = DetectionSettings()
 
 
@@ -226,10 +232,23 @@ def methods_for(steer_scale: Sequence[float], steer_add: Sequence[float], block_
     return {k: as_method(v) for k, v in m.items()}
 
 
+def replace_detection(detection: DetectionSettings, sae: SparseAutoencoder) -> DetectionSettings:
+    """The detection PER edits with: ``detection`` with min_share = SHARE_PER_KEPT / k for an SAE that keeps k
+    latents per patch (unchanged if it sets its own min_share, or for an SAE without TopK)."""
+    k = int(sae.cfg.k or 0)
+    if detection.min_share > 0 or k < 1:
+        return detection
+    return replace(detection, min_share=SHARE_PER_KEPT / k)
+
+
 def intervention(world: World, concept: str, edit, recorder: Recorder | None = None,
                  detection: DetectionSettings = DETECTION, window: StepWindow | None = None,
                  lookahead: LookAheadSettings | None = None) -> BlockIntervention:
+    """The concept's block intervention; PER edits detect with ``replace_detection`` (steering keeps ``detection``
+    as given, as the published methods do)."""
     sae = world.sae_for(concept)
+    if isinstance(edit, ReplaceSettings):
+        detection = replace_detection(detection, sae)
     det = ConceptDetector(world.concepts[concept], detection, sae=sae)
     return BlockIntervention(sae, det, edit, branches="both", window=window, recorder=recorder, label=concept,
                              lookahead=lookahead)

@@ -333,3 +333,23 @@ def test_negative_rates_group_images_by_other_concept():
         for ti, t in enumerate((900.0, 10.0)):
             rows = torch.cat([codes[(i, t)].reshape(-1, M) for i in groups[o]])
             torch.testing.assert_close(got[gi, ti], (rows > 0).double().mean(0))
+
+
+def test_per_detects_with_the_share_for_its_sae_and_steering_without(tiny_world_dir):
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    from sae_core.intervention import ReplaceSettings
+    from sae_core.steer import SteerSettings
+
+    world = erasure.load_world(tiny_world_dir[0], ["red"])
+    sae = world.sae_for("red")
+    k = int(sae.cfg.k)
+    per = erasure.intervention(world, "red", ReplaceSettings("background"))
+    assert per.detector.settings == replace(erasure.DETECTION, min_share=erasure.SHARE_PER_KEPT / k)
+    steer = erasure.intervention(world, "red", SteerSettings("saeuron_scale", -16.0))
+    assert steer.detector.settings == erasure.DETECTION
+    own = replace(erasure.DETECTION, min_share=0.5)
+    assert erasure.replace_detection(own, sae) == own
+    dense = SimpleNamespace(cfg=SimpleNamespace(k=None))  # an SAE without TopK: no share of k latents
+    assert erasure.replace_detection(erasure.DETECTION, dense) == erasure.DETECTION
