@@ -93,3 +93,15 @@ def steer_settings(method: str, strength: float, error: str, detected_only: bool
         detected_only = False
     return SteerSettings(method=method, strength=strength, error=error, detected_only=detected_only,
                          use_beta=use_beta, cfg_sign=cfg_sign)
+
+
+def min_share_hint(min_share: float, k: int | None) -> str | None:
+    """Concept Detector's note when min_share is above 1/k of a TopK SAE: a patch's code is about k latents, so a
+    share above 1/k asks the concept's latents for more than an equal part of it, and objects can lose patches
+    (the Shapes world's k=8 SAE stopped erasing at 0.2; 0.8/k measured best). None when there is nothing to say."""
+    if not k or min_share <= 1.0 / k:
+        return None
+    return (f"Concept Detector: min_share {min_share:g} is above 1/k = {1.0 / k:.3g} of this SAE (k={k} latents per "
+            f"patch), so the concept's latents must carry more than an equal part of a patch's code; objects can lose "
+            f"patches. About 0.8/k = {0.8 / k:.2g} measured best on the Shapes world: check with Mask Preview that "
+            f"the object stays covered")

@@ -304,6 +304,20 @@ def test_keep_negatives_are_each_keep_runs_firing_rates():
         learn.keep_negatives(acc, [7], torch.tensor(ts))
 
 
+@pytest.mark.parametrize("share, k, says", [
+    (0.0, 4, False), (0.2, 4, False), (0.25, 4, False), (0.26, 4, True),  # 1/k itself is still an equal part
+    (0.1, 8, False), (0.2, 8, True), (0.05, 32, True), (0.9, None, False),  # k None: no TopK, nothing to compare
+])
+def test_min_share_hint_only_above_one_over_k(share, k, says):
+    """Concept Detector's min_share note: said only when the share asks for more than 1/k of a TopK code, and then
+    naming the share, 1/k, k and 0.8/k."""
+    hint = resolve.min_share_hint(share, k)
+    assert (hint is not None) is says
+    if says:
+        for part in (f"min_share {share:g}", f"1/k = {1 / k:.3g}", f"k={k}", f"0.8/k = {0.8 / k:.2g}", "Mask Preview"):
+            assert part in hint, hint
+
+
 def test_steps_without_latents_lists_empty_steps_of_the_concept():
     lat = torch.tensor([[[3, -1], [-1, -1], [0, 5], [-1, -1]], [[-1, -1], [1, -1], [-1, -1], [2, -1]]])
     concept = types.SimpleNamespace(latents=lat)

@@ -81,6 +81,11 @@ def ref_mask(sae, block_out, latents, thresholds, scale, padding):
     fire = torch.zeros(codes.shape[:3], dtype=torch.bool)
     for i, t in zip(latents, thresholds, strict=True):
         fire |= codes[..., i] > scale * t
+    return ref_dilate(fire, padding)
+
+
+def ref_dilate(fire, padding):
+    """A square dilation by ``padding`` patches, patch by patch."""
     if padding:
         B, H, W = fire.shape
         out = torch.zeros_like(fire)
@@ -89,6 +94,48 @@ def ref_mask(sae, block_out, latents, thresholds, scale, padding):
                 out[:, y, x] = fire[:, max(0, y - padding):y + padding + 1, max(0, x - padding):x + padding + 1].flatten(1).any(1)
         fire = out
     return fire
+
+
+def ref_drop_small(mask, min_region):
+    """Drop 8-connected regions of fewer than ``min_region`` patches, by flood fill."""
+    out = mask.clone()
+    B, H, W = mask.shape
+    for b in range(B):
+        seen = set()
+        for y0 in range(H):
+            for x0 in range(W):
+                if not mask[b, y0, x0] or (y0, x0) in seen:
+                    continue
+                region, todo = [], [(y0, x0)]
+                seen.add((y0, x0))
+                while todo:
+                    y, x = todo.pop()
+                    region.append((y, x))
+                    for ny in range(y - 1, y + 2):
+                        for nx in range(x - 1, x + 2):
+                            if 0 <= ny < H and 0 <= nx < W and mask[b, ny, nx] and (ny, nx) not in seen:
+                                seen.add((ny, nx))
+                                todo.append((ny, nx))
+                if len(region) < min_region:
+                    for y, x in region:
+                        out[b, y, x] = False
+    return out
+
+
+def ref_share_mask(sae, block_out, latents, threshold, min_share, min_region, padding):
+    """Independent min_share detection -> (mask, share): per patch, the selected latents' codes above threshold
+    summed over the sum of all its positive codes (float64), detected where a latent fires and that share is at
+    least min_share, then small regions dropped, then dilated."""
+    codes = sae.encode(block_out.movedim(1, -1)).double()  # [B, H, W, M]
+    mass = torch.zeros(codes.shape[:3], dtype=torch.float64)
+    fire = torch.zeros(codes.shape[:3], dtype=torch.bool)
+    for i in latents:
+        above = codes[..., i] > threshold
+        mass += torch.where(above, codes[..., i], 0.0)
+        fire |= above
+    total = codes.clamp_min(0).sum(-1)
+    share = torch.where(total > 0, mass / total, 0.0)
+    return ref_dilate(ref_drop_small(fire & (share >= min_share), min_region), padding), share
 
 
 @pytest.fixture
@@ -582,6 +629,65 @@ def test_learn_concept_default_contrast_and_errors(pack, sd1, caplog):
     with pytest.raises(ValueError, match=r"has 128 channels in this model, the SAE expects d_in=64"):
         ext.LearnConcept.execute(sd1.model, FakeClip(), wrong, **kw)
     assert not sd1.model.object_patches
+
+
+@pytest.mark.parametrize("region, pad", [(0, 0), (2, 1)])
+def test_concept_detector_min_share_masks_match_reference(pack, sd1, caplog, region, pad):
+    """min_share through ComfyUI's sampler: the recorded masks equal an independent share reference (then
+    min_region and padding), drop patches the plain detection keeps, and 0 or a prompt without the input (saved
+    before it existed) give the plain detection. The node notes a share above 1/k of the SAE."""
+    ext = pack.nodes.extension
+    name, key, d = SD1_BLOCK
+    sae = make_sae(pack, d)  # k = 8
+    size = dict(width=384, height=256)  # a 12 x 8 grid: room for regions and padding
+    ids = busy_latents(pack, sae, sd1.model, key, "sd1", n=3, **size)
+    thr, steps = 0.05, 3
+
+    def run(**kw):
+        det = typed_detector(pack, sae, ids, typed_threshold=thr, min_region=region, padding=pad, **kw)
+        captured, cap = with_capture(pack, sd1.model, key)
+        model, dets = ext.PatchReplacer.execute(captured, det, mode="random", target="output", seed=3,
+                                                look_ahead=False).args
+        sample(model, "sd1", steps=steps, **size)
+        assert len(cap.calls) == steps
+        return cap.calls, dets.recorder
+
+    def check(calls, rec, share):
+        kept = 0
+        for s, (_, block_out, step) in enumerate(calls):
+            ref, shares = ref_share_mask(sae, block_out, ids, thr, share, region, pad)
+            if share > 0:  # no patch on the edge, where the order of a float sum could flip it
+                assert (shares - share).abs().min() > 1e-5, (s, share)
+            for c, flag in enumerate(step.chunks):
+                keys, masks = rec.masks("cond" if flag == 0 else "uncond", 0)
+                torch.testing.assert_close(masks[keys.index(s)], ref[c])
+            kept += int(ref.sum())
+        return kept
+
+    # the share that halves the firing patches of the first step: far from 0 and 1, so the mask really changes
+    m0, cap0 = with_capture(pack, sd1.model, key)
+    sample(m0, "sd1", steps=1, **size)
+    _, shares = ref_share_mask(sae, cap0.calls[0][1], ids, thr, 0.0, 0, 0)
+    firing = shares[shares > 0].sort().values
+    mid = len(firing) // 2
+    share = float(firing[mid - 1] + firing[mid]) / 2
+    assert 0 < share < 1 and firing[mid] - firing[mid - 1] > 1e-4, firing
+
+    caplog.set_level("INFO")
+    with_share = check(*run(min_share=share), share)
+    plain = check(*run(min_share=0.0), 0.0)
+    assert 0 < with_share < plain, (with_share, plain)
+    assert check(*run(), 0.0) == plain  # a prompt saved before min_share existed
+
+    above = 1 / 8 + 0.01  # k = 8: the note names 1/k and 0.8/k; below 1/k it says nothing
+    caplog.clear()
+    typed_detector(pack, sae, ids, min_share=above)
+    assert "above 1/k = 0.125 of this SAE (k=8" in caplog.text and "0.8/k = 0.1" in caplog.text, caplog.text
+    caplog.clear()
+    typed_detector(pack, sae, ids, min_share=0.1)
+    assert "min_share" not in caplog.text
+    with pytest.raises(ValueError, match=r"min_share is 1.5, expected a share in \[0, 1\]"):
+        typed_detector(pack, sae, ids, min_share=1.5)
 
 
 def test_concept_detector_errors(pack):

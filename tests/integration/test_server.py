@@ -139,6 +139,9 @@ def test_nodes_registered_with_schema(server):
             for name, spec in node["input"].get(section, {}).items():
                 assert spec[1].get("tooltip"), f"{nid}.{name} has no tooltip"
     assert "tiny.safetensors" in info["SAELoad"]["input"]["required"]["sae_name"][1]["options"]
+    # optional with 0 = off, so prompts saved before it existed (the graphs below) still validate and run
+    share = info["SAEConceptDetector"]["input"]["optional"]["min_share"]
+    assert share[0] == "FLOAT" and (share[1]["default"], share[1]["min"], share[1]["max"]) == (0.0, 0.0, 1.0)
 
 
 def test_graph_runs_and_wrong_graph_reports(server):
@@ -231,7 +234,8 @@ def test_sampling_graph_with_ksampler_mask_preview_and_wrong_width(server):
     wrong = {k: v for k, v in graph.items() if k not in ("mp", "cmp", "i0", "k0")}
     wrong["pv"] = {"class_type": "PreviewImage", "inputs": {"images": ["i1", 0]}}  # an output node
     wrong["s"] = load("tiny.safetensors")  # 1280 wide: the real SD1 width, not the tiny UNet's 128
-    wrong["d"] = {**graph["d"], "inputs": {**graph["d"]["inputs"], "latent_ids": "1"}}
+    # the detector runs (with min_share) before the replacer finds the wrong width
+    wrong["d"] = {**graph["d"], "inputs": {**graph["d"]["inputs"], "latent_ids": "1", "min_share": 0.2}}
     status, hist = _run(url, wrong, timeout=240)
     assert status == 200 and hist["status"]["status_str"] == "error"
     err = [m[1] for m in hist["status"]["messages"] if m[0] == "execution_error"][0]
@@ -241,4 +245,4 @@ def test_sampling_graph_with_ksampler_mask_preview_and_wrong_width(server):
     for part in ("tiny.safetensors", "up_blocks.1.attentions.1", "diffusion_model.output_blocks.4.1",
                  "has 128 channels in this model", "expects d_in=1280"):
         assert part in msg, msg
-    assert "k1" not in err["executed"]  # failed before sampling
+    assert "k1" not in err["executed"] and "d" in err["executed"]  # failed before sampling, after the detector
