@@ -88,7 +88,7 @@ class ConceptStatsAccumulator:
     def sample_rates(self, keys, timesteps: Tensor) -> Tensor:
         """[T, M] float64: the firing rates (share of patches where a latent's code exceeds ``fire_above``) over the
         kept images ``keys`` (keys of ``samples``) at ``timesteps`` [T], each image weighted by its patches, as the
-        rates of ``stats``. Exact for TopK SAEs with k <= sample_top; otherwise latents outside an patch's top
+        rates of ``stats``. Exact for TopK SAEs with k <= sample_top; otherwise latents outside a patch's top
         ``sample_top`` codes count as silent there."""
         keys = list(keys)
         if not keys:

@@ -12,7 +12,9 @@
 3. Learn each concept the way the Learn Concept node does: ``ConceptCollector`` hooks the block, a
    ``ConceptStatsAccumulator`` per concept receives the codes of the prompts that name it (label = the
    concept) and of the prompts that do not (label = "contrast"), and ``build_concept_dictionary`` selects
-   the latents. One concept file per shape and colour, bound to the SAE's fingerprint.
+   the latents. One concept file per shape and colour, bound to the SAE's fingerprint. With ``--negatives`` each
+   other concept's images (showing it, not the concept learned) are also a contrast group of their own that a
+   latent must stay silent on (hard negatives; the shipped colour files are learned so, see the README).
 """
 
 from __future__ import annotations
