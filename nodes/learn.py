@@ -97,8 +97,8 @@ def keep_negatives(accumulator, keep_samples, timesteps: torch.Tensor) -> torch.
         if not keys:
             raise SAEInputError(f"Learn Concept: no images were recorded for keep prompt run {sample}; "
                                 f"recorded runs are {sorted({k[1] for k in accumulator.samples})}")
-        groups.append(accumulator.sample_rates(keys, timesteps))
-    return torch.stack(groups) if groups else torch.zeros(0, len(timesteps), accumulator.n_latents, dtype=torch.float64)
+        groups.append(keys)
+    return accumulator.group_rates(groups, timesteps)
 
 
 def steps_without_latents(concept, index: int = 0) -> list[int]:

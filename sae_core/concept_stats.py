@@ -111,6 +111,12 @@ class ConceptStatsAccumulator:
                 rows[t] += vals.shape[:-1].numel()
         return out / rows
 
+    def group_rates(self, groups, timesteps: Tensor) -> Tensor:
+        """[G, T, M] float64: ``sample_rates`` of each group of kept-image keys (the hard negatives of the
+        "specific" rule, ``build_concept_dictionary(negatives=...)``); [0, T, M] when there is no group."""
+        rates = [self.sample_rates(keys, timesteps) for keys in groups]
+        return torch.stack(rates) if rates else torch.zeros(0, len(timesteps), self.n_latents, dtype=torch.float64)
+
     @property
     def names(self) -> tuple[str, ...]:
         return tuple(self._sums)

@@ -211,9 +211,8 @@ def _negative_rates(samples: ConceptStatsAccumulator, concept: str, timesteps: T
             continue
         for other in shown:
             groups.setdefault(other, []).append(key)
-    rates = [samples.sample_rates(keys, timesteps) for _, keys in sorted(groups.items())
-             if len(keys) >= NEGATIVE_MIN_IMAGES]
-    return torch.stack(rates) if rates else torch.zeros(0, len(timesteps), samples.n_latents, dtype=torch.float64)
+    return samples.group_rates([keys for _, keys in sorted(groups.items()) if len(keys) >= NEGATIVE_MIN_IMAGES],
+                               timesteps)
 
 
 def _sample_accumulator(sae: SparseAutoencoder) -> ConceptStatsAccumulator:

@@ -472,6 +472,11 @@ def test_sample_rates_match_rows_of_kept_images():
     for ti, t in enumerate((999.0, 1.0)):
         rows = np.concatenate([raw[(j, t)][b].reshape(-1, M).numpy() for _, j, b in keys])
         np.testing.assert_allclose(got[ti].numpy(), (rows > 0.5).mean(0))
+    ts2 = torch.tensor([999.0, 1.0], dtype=torch.float64)
+    both = acc.group_rates([keys[:1], keys[1:]], ts2)  # one [T, M] per group, each its own images only
+    torch.testing.assert_close(both, torch.stack([acc.sample_rates(keys[:1], ts2), acc.sample_rates(keys[1:], ts2)]))
+    assert not torch.equal(both[0], both[1])
+    assert acc.group_rates([], ts2).shape == (0, 2, M)
     with pytest.raises(ValueError, match="no kept image"):
         acc.sample_rates([("y", 0, 0)], torch.tensor([1.0]))
     with pytest.raises(ValueError, match="no codes at timestep"):
