@@ -125,11 +125,16 @@ class DenoisedFill:
             return out
         for iv in self.interventions:
             memory = iv.fill_memory  # lives on the intervention: the two passes may be two host calls
+            keep = getattr(iv.edit, "keep_rest", "off")
             if iv.phase == "detect":  # (begin_detect_pass emptied the memory; the block adds its codes to it)
                 memory["final"] = denoised.detach().clone()
+                if keep != "off":
+                    memory.setdefault("trace", []).append(memory["final"])
                 continue
             if iv.phase != "edit" or iv.guide is None or not iv.guide.masks:
                 continue
+            call = memory.get("call", 0)  # pass 2's call k matches pass 1's call k (keep_rest)
+            memory["call"] = call + 1
             grid = out
             if out.ndim == 3:  # tokens: a map of the guide's grid, one token per cell
                 h, w = next(iter(iv.guide.masks.values())).shape
@@ -149,6 +154,8 @@ class DenoisedFill:
                 else:  # pass 1's values on the moved pixels; every other pixel exactly as predicted
                     rows.append(torch.where(p[0], p[1], flat[b]))
             filled = torch.stack(rows)
+            if keep != "off":  # the rest of the picture as pass 1 (the unedited sampling) predicts it
+                filled = _keep_rest(iv, memory, filled, keep, call)
             out = filled.transpose(1, 2) if out.ndim == 3 else filled.view_as(out)
         return out
 
@@ -304,6 +311,53 @@ def _sources(iv, memory: dict, denoised: Tensor) -> list[Tensor | None] | None:
     memory["sources"] = (key, idx)
     memory["source_grid"] = final  # pass 1's picture as pass 2's grid (packed tokens reshaped): first_pass copies it
     return idx
+
+
+def _cell_pixels(cells: Tensor, H: int, W: int) -> Tensor:
+    """[H*W] bool: the pixels of a [H, W] prediction that lie in a true cell of ``cells`` [h, w] (the pixel-to-cell
+    mapping of ``cell_sources``; a grid finer than the prediction: a pixel any of whose cells is true)."""
+    m = cells.to("cpu", torch.bool)
+    if m.shape[0] > H or m.shape[1] > W:
+        m = F.adaptive_max_pool2d(m.float()[None, None], (min(m.shape[0], H), min(m.shape[1], W)))[0, 0] > 0
+    h, w = m.shape
+    cy = torch.clamp((torch.arange(H) * h) // H, max=h - 1)
+    cx = torch.clamp((torch.arange(W) * w) // W, max=w - 1)
+    return m[cy[:, None], cx[None, :]].reshape(-1)
+
+
+def _keep_rest(iv, memory: dict, flat: Tensor, how: str, k: int) -> Tensor:
+    """``flat`` [B, C, H*W] (pass 2's filled prediction) with the kept pixels set to pass 1's prediction of the same
+    call: pass 2 calls the model exactly as pass 1 did (same noise, same sampler, same steps), so its call ``k``
+    takes pass 1's call k. Kept: every pixel outside the cells to fill ("all"), or those of the cells where pass
+    1's picture showed another object ("objects": salient outside the guide and the cells to fill). Images without
+    the concept, or a pass 2 that calls more often than pass 1 did, are left as they are."""
+    trace = memory.get("trace", ())
+    if k >= len(trace) or trace[k].numel() != flat.numel():
+        return flat
+    ref = trace[k]
+    if ref.ndim == 3:  # packed tokens [B, N, D], as the grid's [B, D, N]
+        ref = ref.transpose(1, 2)
+    ref = ref.reshape(flat.shape).to(flat.device, flat.dtype)
+    key = (memory.get("edited_version", 0), tuple(flat.shape), how)
+    hit = memory.get("keep_rest")
+    if hit is None or hit[0] != key:
+        B = flat.shape[0]
+        H, W = memory["source_grid"].shape[-2:]
+        hw = tuple(next(iter(iv.guide.masks.values())).shape)
+        masks, present = iv.guide.rows(list(range(B)), hw, "cpu")
+        edited, sal = iv.fill_edited(), iv.fill_salience()
+        keep = torch.zeros(B, 1, H * W, dtype=torch.bool)
+        for b in range(B):
+            if not bool(present[b]):
+                continue
+            hole = _cell_pixels(fill_masks(masks[b], edited.get(b), sal.get(b)), H, W)
+            if how == "all":
+                keep[b, 0] = ~hole
+            elif sal.get(b) is not None and sal[b].shape == masks[b].shape:
+                keep[b, 0] = _cell_pixels(sal[b] >= SALIENT, H, W) & ~_cell_pixels(masks[b], H, W) & ~hole
+        hit = (key, keep.to(flat.device))
+        memory["keep_rest"] = hit
+    return torch.where(hit[1], ref, flat)
 
 
 def _wants_fill(iv) -> bool:

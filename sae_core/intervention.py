@@ -45,6 +45,7 @@ logger = logging.getLogger(__name__)
 KEPT_DENSE = 64  # codes per patch that patch salience reads from an SAE without TopK
 REGION_MODES = ("intersect", "replace")
 FILL_VALUES = ("first_pass", "current")  # ReplaceSettings.fill_values
+KEEP_REST = ("all", "objects", "off")  # ReplaceSettings.keep_rest
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,7 @@ class ReplaceSettings(DictRoundTrip):
     target: str = "output"
     denoised: bool = False
     fill_values: str = "first_pass"
+    keep_rest: str = "all"
 
     def __post_init__(self):
         if not isinstance(self.mode, str):
@@ -78,6 +80,8 @@ class ReplaceSettings(DictRoundTrip):
         if not isinstance(self.fill_values, str) or self.fill_values not in FILL_VALUES:
             raise SAEInputError(f"ReplaceSettings.fill_values is {self.fill_values!r}, expected one of "
                                 f"{list(FILL_VALUES)}")
+        if not isinstance(self.keep_rest, str) or self.keep_rest not in KEEP_REST:
+            raise SAEInputError(f"ReplaceSettings.keep_rest is {self.keep_rest!r}, expected one of {list(KEEP_REST)}")
 
 
 

@@ -71,11 +71,12 @@ def test_cell_sources_on_sizes_that_do_not_divide_keep_cell_offsets():
 LOOK_AHEAD = LookAheadSettings()
 
 
-def _iv(lookahead=LOOK_AHEAD, denoised=True, fill_values="first_pass"):
+def _iv(lookahead=LOOK_AHEAD, denoised=True, fill_values="first_pass", keep_rest="off"):
     sae, _ = planted_sae(d=8)
     concept = ConceptDictionary.from_latents([0], sae.cfg.n_latents, threshold=1.0, means=[0.5])
     det = ConceptDetector(concept, sae=sae)
-    return BlockIntervention(sae, det, ReplaceSettings("background", denoised=denoised, fill_values=fill_values),
+    return BlockIntervention(sae, det, ReplaceSettings("background", denoised=denoised, fill_values=fill_values,
+                                                             keep_rest=keep_rest),
                              lookahead=lookahead)
 
 
@@ -427,3 +428,91 @@ def test_pass_two_fills_the_live_detectors_cells_from_the_step_they_are_edited()
     torch.testing.assert_close(fill(now), out, rtol=0, atol=0)
     iv.end_lookahead()
     assert iv.fill_memory == {}
+
+
+def test_keep_rest_is_checked_and_defaults_to_all():
+    assert ReplaceSettings().keep_rest == "all"
+    old = {"mode": "background", "seed": 0, "target": "output", "denoised": True, "fill_values": "first_pass"}
+    assert ReplaceSettings.from_dict(old).keep_rest == "all"  # saved before keep_rest: today's default
+    for bad in ("outside", "", None, 1):
+        with pytest.raises(SAEInputError, match=r"ReplaceSettings.keep_rest is .*, expected one of "
+                                                r"\['all', 'objects', 'off'\]"):
+            ReplaceSettings("background", denoised=True, keep_rest=bad)
+
+
+def _two_passes(iv, fill, pass1: list, pass2: list, guide, salience=None) -> list:
+    """Pass 1 sees the predictions ``pass1`` (one per call), pass 2 gets ``pass2`` filled; returns pass 2's outputs."""
+    iv.begin_detect_pass()
+    for d in pass1:
+        assert fill(d) is d
+    if salience is not None:
+        iv.fill_memory["salience"] = salience
+    iv.begin_edit_pass(guide)
+    return [fill(d) for d in pass2]
+
+
+def test_keep_rest_all_keeps_pass_ones_prediction_of_the_same_call_outside_the_hole():
+    """Outside the cells to fill, call k of pass 2 gets call k of pass 1 exactly (the unedited sampling's
+    prediction), inside them the fill; an image without the concept keeps pass 2's own prediction."""
+    g = torch.Generator().manual_seed(3)
+    pass1 = [torch.rand(2, 3, 16, 16, generator=g) for _ in range(3)]
+    pass2 = [torch.rand(2, 3, 16, 16, generator=g) for _ in range(3)]
+    iv = _iv(keep_rest="all")
+    outs = _two_passes(iv, DenoisedFill([iv]), pass1, pass2, _guide({0: HOLE, 1: HOLE}, {0: True, 1: False}))
+    hole = _hole_pixels(HOLE, 16, 16)
+    idx = cell_sources(pass1[-1][0], HOLE)  # sources and values: pass 1's last prediction
+    for k, out in enumerate(outs):
+        want = _pinned(pass1[-1][0], pass1[k][0], HOLE, idx)  # pass 1's call k outside, the fill inside
+        torch.testing.assert_close(out[0], want, rtol=0, atol=0)
+        torch.testing.assert_close(out[0][:, ~hole], pass1[k][0][:, ~hole], rtol=0, atol=0)
+        torch.testing.assert_close(out[1], pass2[k][1], rtol=0, atol=0)
+    # a pass 2 that calls the model more often than pass 1 did: the extra calls are only filled
+    extra = torch.rand(2, 3, 16, 16, generator=g)
+    torch.testing.assert_close(DenoisedFill([iv])(extra)[0], _pinned(pass1[-1][0], extra[0], HOLE, idx), rtol=0, atol=0)
+    iv.end_lookahead()
+    assert iv.fill_memory == {}
+
+
+def test_keep_rest_objects_keeps_only_other_objects_and_off_keeps_nothing():
+    g = torch.Generator().manual_seed(4)
+    pass1 = [torch.rand(1, 3, 16, 16, generator=g) for _ in range(2)]
+    pass2 = [torch.rand(1, 3, 16, 16, generator=g) for _ in range(2)]
+    sal = torch.zeros(8, 8)
+    sal[5:7, 2:4] = 0.9  # pass 1 drew another object there
+    sal[2:4, 2:4] = 0.9  # and the target (inside the guide: filled, not kept)
+    obj = _hole_pixels(sal >= 0.5, 16, 16) & ~_hole_pixels(HOLE, 16, 16)
+    outs = {}
+    for how in ("objects", "off"):
+        iv = _iv(keep_rest=how)
+        outs[how] = _two_passes(iv, DenoisedFill([iv]), pass1, pass2, _guide({0: HOLE}, {0: True}), {0: sal})
+    idx = cell_sources(pass1[-1][0], HOLE, sal)
+    for k in range(2):
+        fill_only = _pinned(pass1[-1][0], pass2[k][0], HOLE, idx)
+        torch.testing.assert_close(outs["off"][k][0], fill_only, rtol=0, atol=0)
+        want = fill_only.clone()
+        want[:, obj] = pass1[k][0][:, obj]
+        torch.testing.assert_close(outs["objects"][k][0], want, rtol=0, atol=0)
+    assert int(obj.sum()) == 16  # the other object's 2x2 cells of 2x2 pixels
+
+
+def test_keep_rest_on_packed_tokens_and_a_grid_finer_than_the_prediction():
+    g = torch.Generator().manual_seed(5)
+    # packed tokens [B, N, D] (one per cell of the 8x8 guide): kept tokens are pass 1's of the same call
+    p1 = [torch.rand(1, 64, 4, generator=g) for _ in range(2)]
+    p2 = [torch.rand(1, 64, 4, generator=g) for _ in range(2)]
+    iv = _iv(keep_rest="all")
+    outs = _two_passes(iv, DenoisedFill([iv]), p1, p2, _guide({0: HOLE}, {0: True}))
+    flat_hole = HOLE.reshape(-1)
+    for k in range(2):
+        torch.testing.assert_close(outs[k][0, ~flat_hole], p1[k][0, ~flat_hole], rtol=0, atol=0)
+        assert not torch.equal(outs[k][0, flat_hole], p2[k][0, flat_hole])  # filled
+    # a 16x16 guide over an 8x8 prediction: a pixel is kept only if none of its cells is filled
+    fine = torch.zeros(16, 16, dtype=torch.bool)
+    fine[5, 5] = True  # one fine cell: the pixel (2, 2) it lies in is filled, not kept
+    d1 = [torch.rand(1, 2, 8, 8, generator=g)]
+    d2 = [torch.rand(1, 2, 8, 8, generator=g)]
+    iv = _iv(keep_rest="all")
+    out = _two_passes(iv, DenoisedFill([iv]), d1, d2, _guide({0: fine}, {0: True}))[0]
+    keep = torch.ones(8, 8, dtype=torch.bool)
+    keep[2, 2] = False
+    torch.testing.assert_close(out[0][:, keep], d1[0][0][:, keep], rtol=0, atol=0)
