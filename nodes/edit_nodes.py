@@ -6,7 +6,7 @@ import logging
 
 from comfy_api.latest import io
 
-from ..sae_core.intervention import REGION_MODES, ReplaceSettings
+from ..sae_core.intervention import KEEP_REST, REGION_MODES, ReplaceSettings
 from ..sae_core.lookahead import LookAheadSettings
 from ..sae_core.replace import MODES
 from ..sae_core.steer import CFG_SIGNS, ERROR_MODES, METHODS
@@ -61,18 +61,25 @@ class PatchReplacer(io.ComfyNode):
                                          "step, with sources and their values fixed from the first pass's picture. "
                                          "Stops the model redrawing the erased object as a grey or muddy ghost. "
                                          "Ignored without look_ahead (the node says so)."),
+                io.Combo.Input("keep_rest", options=list(KEEP_REST), default="all", optional=True,
+                               tooltip="With the denoised fill: what stays as the unedited sampling draws it (the "
+                                       "first pass's prediction at every step). all: everything outside the erased "
+                                       "cells, so only the hole changes; objects: only the other objects the first "
+                                       "pass drew (the background around may change); off: the model may redraw "
+                                       "anything (neighbours can lose or take the erased object's shape)."),
             ],
             outputs=_patch_outputs(),
         )
 
     @classmethod
     def execute(cls, model, detector: DetectorSpec, mode: str, target: str, seed: int,
-                look_ahead: bool = True, denoised_fill: bool = True) -> io.NodeOutput:
+                look_ahead: bool = True, denoised_fill: bool = True, keep_rest: str = "all") -> io.NodeOutput:
         node_id = node_id_of(cls)
         if denoised_fill and not look_ahead:
             tell(node_id, "denoised_fill is off: it fills the look-ahead pass's masks, and look_ahead is off",
                  level=logging.INFO)
-        edit = ReplaceSettings(mode=mode, seed=seed, target=target, denoised=bool(denoised_fill and look_ahead))
+        edit = ReplaceSettings(mode=mode, seed=seed, target=target, denoised=bool(denoised_fill and look_ahead),
+                               keep_rest=keep_rest)
         patched, state = patch_model(model, detector, edit, "Patch Replacer", node_id,
                                      lookahead=LookAheadSettings() if look_ahead else None)
         return io.NodeOutput(patched, state)

@@ -117,12 +117,15 @@ def steady_latents(pack, sae, model, key, batch):
     return [int(margin.argmax())]
 
 
+@pytest.mark.parametrize("keep_rest", ["off", "all"])
 @pytest.mark.parametrize("batch", [1, 2])
-def test_denoised_fill_copies_background_cells_of_the_prediction_in_pass_two(pack, sd1, batch):
+def test_denoised_fill_copies_background_cells_of_the_prediction_in_pass_two(pack, sd1, batch, keep_rest):
     """Patch Replacer's denoised_fill through ComfyUI's sampler: pass 1's predictions pass unchanged; in pass 2
     every step's CFG-combined prediction has the cells to fill (the guide's and those pass 2 edited by then,
-    ``fill_masks``) take pass 1's last prediction at the cells ``cell_sources`` picks on it, and every other pixel
-    stays as predicted; the unpatched model never carries the post-CFG function."""
+    ``fill_masks``) take pass 1's last prediction at the cells ``cell_sources`` picks on it; every other pixel
+    stays as predicted (keep_rest off) or takes pass 1's prediction of the same step (all), so the sampled latent
+    outside the last step's cells to fill is bit-identical to the unpatched model's; the unpatched model never
+    carries the post-CFG function."""
     ext = pack.nodes.extension
     cell_sources = pack.sae_core.denoised.cell_sources
     fill_masks = pack.sae_core.denoised.fill_masks
@@ -130,8 +133,9 @@ def test_denoised_fill_copies_background_cells_of_the_prediction_in_pass_two(pac
     sae = make_sae(pack, d)
     ids = steady_latents(pack, sae, sd1.model, key, batch)
     det = typed_detector(pack, sae, ids, padding=0)
+    base = sample(sd1.model, "sd1", batch=batch)
     m, dets = ext.PatchReplacer.execute(sd1.model, det, mode="background", target="output", seed=0,
-                                        look_ahead=True, denoised_fill=True).args
+                                        look_ahead=True, denoised_fill=True, keep_rest=keep_rest).args
     assert "sampler_post_cfg_function" not in sd1.model.model_options
     before, after, guides = [], [], []
     fns = m.model_options["sampler_post_cfg_function"]
@@ -160,17 +164,23 @@ def test_denoised_fill_copies_background_cells_of_the_prediction_in_pass_two(pac
     masks, present = guide.rows(list(range(batch)), hw, "cpu")
     assert present.all() and masks.any()
     assert len(edits) == steps
-    for a, b, edited, sal in zip(before[steps:], after[steps:], edits, sals, strict=True):
+    for a, b, edited, sal, first in zip(before[steps:], after[steps:], edits, sals, after[:steps], strict=True):
         for i in range(batch):
             cells = fill_masks(masks[i], edited.get(i), sal.get(i))
             idx = cell_sources(final[i], cells, sal.get(i))
             C, H, W = a[i].shape
             ys, xs = torch.meshgrid(torch.arange(H), torch.arange(W), indexing="ij")
             hole = cells[(ys * cells.shape[0]) // H, (xs * cells.shape[1]) // W]  # the pixels of the cells to fill
-            want = a[i].clone()
+            want = (a[i] if keep_rest == "off" else first[i]).clone()
             want[:, hole] = final[i].flatten(1)[:, idx].view(C, H, W)[:, hole]
             torch.testing.assert_close(b[i], want, rtol=0, atol=0)
             assert not torch.equal(b[i], a[i])
+    if keep_rest == "all":  # the same noise and sampler: outside the hole the unedited picture, bit for bit
+        assert not torch.equal(out, base)
+        for i in range(batch):
+            cells = fill_masks(masks[i], edits[-1].get(i), sals[-1].get(i))
+            hole = cells[(ys * cells.shape[0]) // H, (xs * cells.shape[1]) // W]
+            torch.testing.assert_close(out[i][:, ~hole], base[i][:, ~hole], rtol=0, atol=0)
     m2, _ = ext.PatchReplacer.execute(sd1.model, det, mode="background", target="output", seed=0,
                                       look_ahead=True, denoised_fill=False).args
     assert "sampler_post_cfg_function" not in m2.model_options
