@@ -313,9 +313,27 @@ def relearn_concepts(model: ShapesModel, out: Path, s: LearnSettings) -> None:
     from sae_core.formats import load_sae
 
     sae = load_sae(out / SAE_NAME)
-    for name, d in _learn_and_save(model, sae, out, s).items():
+    dicts = _learn_and_save(model, sae, out, s)
+    for name, d in dicts.items():
         logger.info("%s: %.2f latents per step, gate reliable on %d of %d steps", name,
                     float((d.latents >= 0).sum(-1).float().mean()), int(d.reliable.sum()), d.reliable.numel())
+    note_relearned(out, dicts, s)
+
+
+def note_relearned(out: Path, dicts: dict[str, ConceptDictionary], s: LearnSettings) -> None:
+    """Record concepts learned again in ``out``'s sae_summary.json (if there is one): their latents per step, and
+    under "relearned" the settings they were learned with (hard negatives or not)."""
+    path = out / "sae_summary.json"
+    if not path.is_file():
+        return
+    summary = json.loads(path.read_text())
+    summary.setdefault("latents_per_step", {}).update(
+        {n: float((d.latents >= 0).sum(-1).float().mean()) for n, d in dicts.items()})
+    summary.setdefault("relearned", {}).update({n: {"negatives": s.negatives, "concept_captions": s.concept_captions,
+                                                    "object_share": s.object_share} for n in dicts})
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(summary, indent=1))
+    tmp.replace(path)
 
 
 def add_gates(model: ShapesModel, out: Path, s: LearnSettings) -> None:

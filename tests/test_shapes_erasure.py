@@ -353,3 +353,59 @@ def test_per_detects_with_the_share_for_its_sae_and_steering_without(tiny_world_
     assert erasure.replace_detection(own, sae) == own
     dense = SimpleNamespace(cfg=SimpleNamespace(k=None))  # an SAE without TopK: no share of k latents
     assert erasure.replace_detection(erasure.DETECTION, dense) == erasure.DETECTION
+
+
+def test_block_side_matches_the_feature_maps_the_model_computes(model):
+    """block_side against the spatial size of every attention / resnet block's output in one forward pass."""
+    seen = {}
+    def hook(name):
+        def keep(mod, args, out):  # returns None: the output stays as computed
+            seen.setdefault(name, (out[0] if isinstance(out, tuple) else out).shape)
+        return keep
+
+    import re
+
+    block = re.compile(r"((down|up)_blocks\.\d+|mid_block)\.(attentions|resnets)\.\d+|mid_block")
+    hooks = [m.register_forward_hook(hook(n)) for n, m in model.unet.named_modules() if block.fullmatch(n)]
+    try:
+        sample(model, generate_scenes(1, seed=2).captions, steps=1)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert len(seen) > 8
+    for name, shape in seen.items():
+        assert shape[-1] == shape[-2] == erasure.block_side(model, name), name
+    for bad in ("up_blocks.7.attentions.0", "conv_in", "up_blocks"):
+        with pytest.raises(ValueError, match="is not a block of the shapes model"):
+            erasure.block_side(model, bad)
+
+
+def test_grid_detection_keeps_the_region_share_of_the_picture(tiny_world_dir):
+    from dataclasses import replace
+
+    from sae_core.intervention import ReplaceSettings
+
+    d = erasure.DETECTION
+    assert d.min_region == 3 and erasure.MIN_REGION_SIDE == 16
+    assert erasure.grid_detection(d, 16) == d
+    assert erasure.grid_detection(d, 8).min_region == 1  # 3/256 of the picture: 0.75 of an 8x8 patch, at least 1
+    assert erasure.grid_detection(d, 32).min_region == 12
+    assert erasure.grid_detection(replace(d, min_region=0), 8).min_region == 0  # off stays off
+    assert erasure.grid_detection(d, 8).padding == d.padding
+    world = erasure.load_world(tiny_world_dir[0], ["red"])
+    world.hooks["red"] = (world.sae, "up_blocks.0.attentions.1")  # as if red were learned on the 8x8 block
+    iv = erasure.intervention(world, "red", ReplaceSettings("background"))
+    assert iv.detector.settings.min_region == 1
+
+
+def test_note_relearned_records_the_new_concepts_in_the_summary(tmp_path):
+    from types import SimpleNamespace
+
+    (tmp_path / "sae_summary.json").write_text(json.dumps({"fvu": 0.1, "latents_per_step": {"red": 4.0, "blue": 3.0}}))
+    d = SimpleNamespace(latents=torch.tensor([[0, 1, -1], [2, -1, -1]]))  # 2 and 1 latents: 1.5 per step
+    learn.note_relearned(tmp_path, {"blue": d}, learn.LearnSettings(negatives=True, concept_captions=32))
+    got = json.loads((tmp_path / "sae_summary.json").read_text())
+    assert got["fvu"] == 0.1 and got["latents_per_step"] == {"red": 4.0, "blue": 1.5}
+    assert got["relearned"] == {"blue": {"negatives": True, "concept_captions": 32, "object_share": 0.0}}
+    learn.note_relearned(tmp_path / "missing", {"blue": d}, learn.LearnSettings())  # no summary: nothing written
+    assert not (tmp_path / "missing").exists()
