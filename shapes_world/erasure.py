@@ -212,9 +212,11 @@ def as_method(m) -> Method:
 
 # The Patch Replacer configuration the pack recommends (node defaults, make demo, the benchmark's "per" entry),
 # chosen by measurement on this world (README "Shapes world"): sources from background patches, the presence
-# gate, masks looked ahead from a detect-only first pass, the denoised prediction filled at those masks.
-PER_DEFAULT_NAME = "PER background + gate + look-ahead + denoised fill"
-PER_DEFAULT = Method(ReplaceSettings("background", denoised=True), lookahead=LookAheadSettings(), gate=True)
+# gate, masks looked ahead from a detect-only first pass, the denoised prediction filled at those masks and kept as
+# the first pass predicts it everywhere else (keep_rest "all").
+PER_DEFAULT_NAME = "PER background + gate + look-ahead + denoised fill + keep rest"
+PER_DEFAULT = Method(ReplaceSettings("background", denoised=True, keep_rest="all"), lookahead=LookAheadSettings(),
+                     gate=True)
 PER_BLOCK_ONLY_NAME = "PER background + gate + look-ahead"  # the same without the denoised fill (previous default)
 PER_BLOCK_ONLY = Method(ReplaceSettings("background"), lookahead=LookAheadSettings(), gate=True)
 
