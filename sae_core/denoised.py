@@ -26,6 +26,12 @@ the sources, as the fill did before (to reproduce earlier numbers). A cell is th
 patch in the denoised tensor's resolution (a 16x16 block over a 32x32 picture: 2x2 pixels; SD's 64x64 latent under
 a 16x16 block: 4x4 latent pixels); sizes that do not divide are mapped to the nearest cell.
 
+With ``ReplaceSettings.keep_rest`` "all" (the default) every pixel outside the cells to fill takes pass 1's prediction
+of the same model call (pass 2 calls the model exactly as pass 1 did), so the sampled picture is the unedited one
+outside the hole: the model cannot redraw a neighbour in the erased object's shape, lose or move it, or draw the
+object again beside the hole. "objects" keeps only the cells where pass 1's picture showed another object (salient
+at the block, outside the cells to fill); "off" keeps nothing. Pass 1 then stores its prediction of every call.
+
 Hosts: ComfyUI passes the CFG-combined denoised tensor (``sampler_post_cfg_function``); diffusers-style loops call
 ``fill_model_output`` (epsilon, v or sample prediction with the scheduler's alphas_cumprod, or a flow-matching
 velocity with its sigma) or ``patch_scheduler``.
@@ -354,7 +360,7 @@ def _keep_rest(iv, memory: dict, flat: Tensor, how: str, k: int) -> Tensor:
             if how == "all":
                 keep[b, 0] = ~hole
             elif sal.get(b) is not None and sal[b].shape == masks[b].shape:
-                keep[b, 0] = _cell_pixels(sal[b] >= SALIENT, H, W) & ~_cell_pixels(masks[b], H, W) & ~hole
+                keep[b, 0] = _cell_pixels(sal[b] >= SALIENT, H, W) & ~hole  # (the guide's cells are in the hole)
         hit = (key, keep.to(flat.device))
         memory["keep_rest"] = hit
     return torch.where(hit[1], ref, flat)

@@ -59,7 +59,10 @@ class ReplaceSettings(DictRoundTrip):
     source cells it picks on pass 1's picture. "first_pass" (default): pass 1's final values there, the picture
     as it would have come out; "current": pass 2's prediction at each step there (the fill before first_pass
     became the default, kept to reproduce earlier numbers). first_pass is the default because pass 2 may draw the
-    object onto a source cell, and with "current" every row of the hole then copies it across as a bar."""
+    object onto a source cell, and with "current" every row of the hole then copies it across as a bar. keep_rest
+    (with denoised): what keeps pass 1's prediction of the same model call, the unedited sampling's: "all" (default)
+    every pixel outside the cells the fill empties, so only the hole changes; "objects" the cells where pass 1's
+    picture showed another object; "off" nothing (the model may redraw around the hole, as before keep_rest)."""
 
     mode: str = "random"
     seed: int = 0
