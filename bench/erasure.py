@@ -103,7 +103,8 @@ def main(argv: list[str] | None = None) -> dict:
                    help="sdxl-unbox strength sweep (unbox_add on the detected patches)")
     p.add_argument("--padding", type=int, default=DETECTION.padding, help="patches added around the mask for the edits")
     p.add_argument("--min-region", type=int, default=DETECTION.min_region,
-                   help="drop detected regions smaller than this many patches before the edits")
+                   help="drop detected regions smaller than this many patches of a 16x16 grid before the edits "
+                        "(the same share of the picture on other grids: 1 patch at the shape SAE's 8x8)")
     p.add_argument("--window", type=float, nargs=2, default=None, metavar=("T_MIN", "T_MAX"),
                    help="edit only at model timesteps in [T_MIN, T_MAX] (999 = first DDIM step); default every step")
     p.add_argument("--calibration", type=int, default=64, help="unedited images that set the artifact threshold")
@@ -153,7 +154,7 @@ def main(argv: list[str] | None = None) -> dict:
     baseline_judge = sum(r["methods"]["original"]["artifact_rate_judge"] for r in per_concept.values()) / len(per_concept)
 
     print(f"\nshapes world erasure, concepts {a.concepts}, {a.targets}+{a.others} prompts each, {a.steps} DDIM steps, "
-          f"CFG {a.cfg:g}; edits on the mask with padding {a.padding}, min_region {a.min_region}, window {a.window or 'all steps'}; artifact threshold {artifact_pixels} unrecognised pixels (unedited images over it: "
+          f"CFG {a.cfg:g}; edits on the mask with padding {a.padding}, min_region {a.min_region} (of a 16x16 grid), window {a.window or 'all steps'}; artifact threshold {artifact_pixels} unrecognised pixels (unedited images over it: "
           f"{baseline_artifacts:.3f}); judge = shapes_world.artifacts (unedited images flagged: {baseline_judge:.3f})")
     w = max(36, *(len(m) for m in methods))
     print(f"{'method':{w}s} {'erasure':>8s} {'preserv.':>8s} {'PSNR dB':>8s} {'ident.':>8s} {'det IoU':>8s} {'artifact':>8s} "
