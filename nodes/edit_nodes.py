@@ -76,8 +76,11 @@ class PatchReplacer(io.ComfyNode):
                 look_ahead: bool = True, denoised_fill: bool = True, keep_rest: str = "all") -> io.NodeOutput:
         node_id = node_id_of(cls)
         if denoised_fill and not look_ahead:
-            tell(node_id, "denoised_fill is off: it fills the look-ahead pass's masks, and look_ahead is off",
-                 level=logging.INFO)
+            tell(node_id, "denoised_fill is off: it fills the look-ahead pass's masks, and look_ahead is off"
+                 + (f" (so keep_rest {keep_rest!r} is off too)" if keep_rest != "off" else ""), level=logging.INFO)
+        elif look_ahead and not denoised_fill and keep_rest != "off":
+            tell(node_id, f"keep_rest {keep_rest!r} is ignored: it keeps the picture around the denoised fill's "
+                 "hole, and denoised_fill is off", level=logging.INFO)
         edit = ReplaceSettings(mode=mode, seed=seed, target=target, denoised=bool(denoised_fill and look_ahead),
                                keep_rest=keep_rest)
         patched, state = patch_model(model, detector, edit, "Patch Replacer", node_id,

@@ -195,6 +195,18 @@ def test_denoised_fill_without_look_ahead_is_off_and_says_so(pack, sd1, caplog):
     with caplog.at_level("INFO"):
         m, dets = ext.PatchReplacer.execute(sd1.model, typed_detector(pack, sae, ids), mode="random", target="output",
                                             seed=0, look_ahead=False, denoised_fill=True).args
-    assert "denoised_fill is off" in caplog.text
+    assert "denoised_fill is off" in caplog.text and "keep_rest 'all' is off too" in caplog.text
     assert "sampler_post_cfg_function" not in m.model_options
     assert dets.intervention.edit.denoised is False
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        ext.PatchReplacer.execute(sd1.model, typed_detector(pack, sae, ids), mode="random", target="output", seed=0,
+                                  look_ahead=True, denoised_fill=False, keep_rest="objects")
+    assert "keep_rest 'objects' is ignored" in caplog.text
+    caplog.clear()
+    with caplog.at_level("INFO"):  # nothing to say when keep_rest is off, or when the fill is on
+        ext.PatchReplacer.execute(sd1.model, typed_detector(pack, sae, ids), mode="random", target="output", seed=0,
+                                  look_ahead=True, denoised_fill=False, keep_rest="off")
+        ext.PatchReplacer.execute(sd1.model, typed_detector(pack, sae, ids), mode="random", target="output", seed=0,
+                                  look_ahead=True, denoised_fill=True, keep_rest="all")
+    assert "is ignored" not in caplog.text and "is off too" not in caplog.text
