@@ -69,10 +69,9 @@ def cell_sources(final: Tensor, mask: Tensor, salience: Tensor | None = None) ->
     if not bool(m.any()):
         return None
     if m.shape[0] > H or m.shape[1] > W:  # a grid finer than the prediction: its cells are whole pixels
-        size = (min(m.shape[0], H), min(m.shape[1], W))
-        m = F.adaptive_max_pool2d(m.float()[None, None], size)[0, 0] > 0
         if salience is not None and salience.shape == mask.shape:
-            salience = F.adaptive_max_pool2d(salience.float().cpu()[None, None], size)[0, 0]
+            salience = _coarse(salience, H, W)
+        m = _coarse(m, H, W) > 0
     h, w = m.shape
     fy, fx = max(1, round(H / h)), max(1, round(W / w))
     grid = F.interpolate(final[None].float().cpu(), size=(h * fy, w * fx), mode="nearest")[0]
@@ -89,8 +88,7 @@ def cell_sources(final: Tensor, mask: Tensor, salience: Tensor | None = None) ->
     src_of = torch.arange(h * w)
     src_of[dst] = src  # the source cell of every cell (itself outside the hole)
     ys, xs = torch.arange(H), torch.arange(W)
-    cy = torch.clamp((ys * h) // H, max=h - 1)  # the cell of each pixel row / column
-    cx = torch.clamp((xs * w) // W, max=w - 1)
+    cy, cx = _pixel_cells(h, w, H, W)
     y0, x0 = _first_pixel(h, H), _first_pixel(w, W)  # [h + 1], [w + 1]: where each cell's pixels start
     cell = cy[:, None] * w + cx[None, :]  # [H, W]
     hole = m.reshape(-1)[cell]
@@ -101,6 +99,21 @@ def cell_sources(final: Tensor, mask: Tensor, salience: Tensor | None = None) ->
     sx = torch.minimum(x0[s_x] + (xs[None, :] - x0[cx][None, :]), x0[s_x + 1] - 1)
     ident = ys[:, None] * W + xs[None, :]
     return torch.where(hole, sy * W + sx, ident).reshape(-1)
+
+
+def _coarse(t: Tensor, H: int, W: int) -> Tensor:
+    """``t`` [h, w] as float on the host, max-pooled to at most the prediction's [H, W] (a finer grid's cells
+    become whole pixels: a pixel takes the largest value of the cells it holds)."""
+    t = t.float().cpu()
+    if t.shape[0] <= H and t.shape[1] <= W:
+        return t
+    return F.adaptive_max_pool2d(t[None, None], (min(t.shape[0], H), min(t.shape[1], W)))[0, 0]
+
+
+def _pixel_cells(h: int, w: int, H: int, W: int) -> tuple[Tensor, Tensor]:
+    """The cell row of each of the H pixel rows and the cell column of each of the W pixel columns of an [h, w]
+    grid over an [H, W] prediction (floor(pixel * cells / pixels))."""
+    return (torch.clamp((torch.arange(H) * h) // H, max=h - 1), torch.clamp((torch.arange(W) * w) // W, max=w - 1))
 
 
 def _first_pixel(cells: int, pixels: int) -> Tensor:
@@ -322,12 +335,8 @@ def _sources(iv, memory: dict, denoised: Tensor) -> list[Tensor | None] | None:
 def _cell_pixels(cells: Tensor, H: int, W: int) -> Tensor:
     """[H*W] bool: the pixels of a [H, W] prediction that lie in a true cell of ``cells`` [h, w] (the pixel-to-cell
     mapping of ``cell_sources``; a grid finer than the prediction: a pixel any of whose cells is true)."""
-    m = cells.to("cpu", torch.bool)
-    if m.shape[0] > H or m.shape[1] > W:
-        m = F.adaptive_max_pool2d(m.float()[None, None], (min(m.shape[0], H), min(m.shape[1], W)))[0, 0] > 0
-    h, w = m.shape
-    cy = torch.clamp((torch.arange(H) * h) // H, max=h - 1)
-    cx = torch.clamp((torch.arange(W) * w) // W, max=w - 1)
+    m = _coarse(cells, H, W) > 0
+    cy, cx = _pixel_cells(*m.shape, H, W)
     return m[cy[:, None], cx[None, :]].reshape(-1)
 
 
