@@ -6,7 +6,7 @@ import logging
 
 from comfy_api.latest import io
 
-from ..sae_core.intervention import KEEP_REST, REGION_MODES, ReplaceSettings
+from ..sae_core.intervention import HOLES, KEEP_REST, REGION_MODES, ReplaceSettings
 from ..sae_core.lookahead import LookAheadSettings
 from ..sae_core.replace import MODES
 from ..sae_core.steer import CFG_SIGNS, ERROR_MODES, METHODS
@@ -67,13 +67,20 @@ class PatchReplacer(io.ComfyNode):
                                        "cells, so only the hole changes; objects: only the other objects the first "
                                        "pass drew (the background around may change); off: the model may redraw "
                                        "anything (neighbours can lose or take the erased object's shape)."),
+                io.Combo.Input("hole", options=list(HOLES), default="object", optional=True,
+                               tooltip="With the denoised fill: which pixels of the erased cells are filled. object: "
+                                       "only those that hold the detected object in the first pass's picture (like "
+                                       "its core, unlike the background, connected to it), grown by one pixel, so a "
+                                       "neighbour inside the mask's padding keeps its pixels; cells: every pixel of "
+                                       "the cells (the fill before this option)."),
             ],
             outputs=_patch_outputs(),
         )
 
     @classmethod
     def execute(cls, model, detector: DetectorSpec, mode: str, target: str, seed: int,
-                look_ahead: bool = True, denoised_fill: bool = True, keep_rest: str = "all") -> io.NodeOutput:
+                look_ahead: bool = True, denoised_fill: bool = True, keep_rest: str = "all",
+                hole: str = "object") -> io.NodeOutput:
         node_id = node_id_of(cls)
         if denoised_fill and not look_ahead:
             tell(node_id, "denoised_fill is off: it fills the look-ahead pass's masks, and look_ahead is off"
@@ -82,7 +89,7 @@ class PatchReplacer(io.ComfyNode):
             tell(node_id, f"keep_rest {keep_rest!r} is ignored: it keeps the picture around the denoised fill's "
                  "hole, and denoised_fill is off", level=logging.INFO)
         edit = ReplaceSettings(mode=mode, seed=seed, target=target, denoised=bool(denoised_fill and look_ahead),
-                               keep_rest=keep_rest)
+                               keep_rest=keep_rest, hole=hole)
         patched, state = patch_model(model, detector, edit, "Patch Replacer", node_id,
                                      lookahead=LookAheadSettings() if look_ahead else None)
         return io.NodeOutput(patched, state)

@@ -54,6 +54,10 @@ from .replace import SALIENT, texture_sources
 logger = logging.getLogger(__name__)
 
 PREDICTIONS = ("epsilon", "v_prediction", "sample", "flow")
+HOLE_TOLERANCE = 1.0
+"""``object_pixels``: how near (in per-channel standard deviations of the picture) a pixel's value must be to one of
+the detected object's to belong to it, and how far a seed must be from the background. Measured on the Shapes world
+(see the README, "The object's pixels, not whole cells")."""
 
 
 def cell_sources(final: Tensor, mask: Tensor, salience: Tensor | None = None) -> Tensor | None:
@@ -324,12 +328,88 @@ def _sources(iv, memory: dict, denoised: Tensor) -> list[Tensor | None] | None:
     hw = tuple(next(iter(iv.guide.masks.values())).shape)
     masks, present = iv.guide.rows(list(range(B)), hw, "cpu")
     sal = iv.fill_salience() if hasattr(iv, "fill_salience") else {}
-    idx = [cell_sources(final[b], fill_masks(masks[b], edited.get(b), sal.get(b)), sal.get(b)) if bool(present[b])
-           else None for b in range(B)]
+    by_object = getattr(iv.edit, "hole", "cells") == "object"
+    padding = int(getattr(getattr(getattr(iv, "detector", None), "settings", None), "padding", 0))
+    idx: list[Tensor | None] = []
+    holes: dict[int, Tensor] = {}  # per image the pixels the fill empties, where only the object's are (hole "object")
+    for b in range(B):
+        if not bool(present[b]):
+            idx.append(None)
+            continue
+        cells = fill_masks(masks[b], edited.get(b), sal.get(b))
+        i = cell_sources(final[b], cells, sal.get(b))
+        if i is not None and by_object:
+            px = object_pixels(final[b], cells, sal.get(b), erode_cells(cells, padding))
+            if px is not None:
+                holes[b] = px
+                i = torch.where(px, i, torch.arange(i.numel()))
+        idx.append(i)
     idx = None if all(i is None for i in idx) else idx
+    memory["holes"] = holes
     memory["sources"] = (key, idx)
     memory["source_grid"] = final  # pass 1's picture as pass 2's grid (packed tokens reshaped): first_pass copies it
     return idx
+
+
+def erode_cells(cells: Tensor, padding: int) -> Tensor:
+    """The cells [h, w] bool before a dilation by ``padding`` (a (2p+1)^2 square, as ``detect.dilate_mask``): those
+    whose whole neighbourhood is in ``cells``, beyond the grid's edge counted in. ``cells`` itself when that leaves
+    none (a mask that was not dilated)."""
+    if padding <= 0:
+        return cells
+    m = cells.to("cpu", torch.bool)
+    k = 2 * padding + 1
+    core = ~(F.max_pool2d((~m).float()[None, None], k, stride=1, padding=padding)[0, 0] > 0)
+    return core if bool(core.any()) else m
+
+
+def object_pixels(final: Tensor, cells: Tensor, salience: Tensor | None = None, core: Tensor | None = None
+                  ) -> Tensor | None:
+    """[H*W] bool: the pixels of the cells to fill ``cells`` [h, w] that hold the detected object in pass 1's picture
+    ``final`` [C, H, W]; None when no pixel of the ``core`` cells (default: ``cells``) stands out from the background,
+    and the fill then empties the whole cells.
+
+    Values are compared in units of the picture's per-channel standard deviation. Background: the pixels outside the
+    cells, of cells that are not salient (``salience`` [h, w] below SALIENT; every pixel outside when none is calm).
+    Seeds: the core's pixels farther than HOLE_TOLERANCE from every background pixel. The object: the pixels connected
+    (8 neighbours) to a seed through pixels within HOLE_TOLERANCE of some seed and nearer to a seed than to the
+    background, grown by one pixel (an edge blends into the background), inside the cells. A neighbour inside the
+    padding, in another colour, is not part of it and keeps its pixels."""
+    C, H, W = final.shape
+    hole = _cell_pixels(cells, H, W)
+    core = _cell_pixels(cells if core is None else core, H, W) & hole
+    values = final.reshape(C, -1).T.float().cpu()
+    if not bool(core.any()) or not bool(torch.isfinite(values).all()):
+        return None
+    z = values / values.std(0).clamp_min(1e-6)
+    background = ~hole
+    if salience is not None and tuple(salience.shape) == tuple(cells.shape):
+        calm = background & _cell_pixels(salience.float() < SALIENT, H, W)
+        background = calm if bool(calm.any()) else background
+    if not bool(background.any()):
+        return None
+    to_background = torch.cdist(z, _spread(z[background])).amin(1)
+    seeds = core & (to_background > HOLE_TOLERANCE)
+    if not bool(seeds.any()):
+        return None
+    to_seed = torch.cdist(z, _spread(z[seeds])).amin(1)
+    like = ((to_seed < to_background) & (to_seed <= HOLE_TOLERANCE) & hole).view(1, H, W).float()
+    grown = seeds.view(1, H, W).float()
+    while True:  # the seeds' 8-connected components through object-like pixels
+        nxt = F.max_pool2d(grown[None], 3, stride=1, padding=1)[0] * like
+        nxt = torch.maximum(nxt, grown)
+        if torch.equal(nxt, grown):
+            break
+        grown = nxt
+    edge = F.max_pool2d(grown[None], 3, stride=1, padding=1)[0, 0] > 0
+    return edge.reshape(-1) & hole
+
+
+def _spread(points: Tensor, most: int = 2048) -> Tensor:
+    """At most ``most`` of ``points`` [N, C], evenly spaced in their order (bounds the pairwise distances' memory)."""
+    if points.shape[0] <= most:
+        return points
+    return points[torch.linspace(0, points.shape[0] - 1, most).round().long()]
 
 
 def _cell_pixels(cells: Tensor, H: int, W: int) -> Tensor:
@@ -365,7 +445,9 @@ def _keep_rest(iv, memory: dict, flat: Tensor, how: str, k: int) -> Tensor:
         for b in range(B):
             if not bool(present[b]):
                 continue
-            hole = _cell_pixels(fill_masks(masks[b], edited.get(b), sal.get(b)), H, W)
+            hole = memory.get("holes", {}).get(b)
+            if hole is None:
+                hole = _cell_pixels(fill_masks(masks[b], edited.get(b), sal.get(b)), H, W)
             if how == "all":
                 keep[b, 0] = ~hole
             elif sal.get(b) is not None and sal[b].shape == masks[b].shape:

@@ -46,6 +46,7 @@ KEPT_DENSE = 64  # codes per patch that patch salience reads from an SAE without
 REGION_MODES = ("intersect", "replace")
 FILL_VALUES = ("first_pass", "current")  # ReplaceSettings.fill_values
 KEEP_REST = ("all", "objects", "off")  # ReplaceSettings.keep_rest
+HOLES = ("object", "cells")  # ReplaceSettings.hole
 
 
 @dataclass(frozen=True)
@@ -62,7 +63,11 @@ class ReplaceSettings(DictRoundTrip):
     object onto a source cell, and with "current" every row of the hole then copies it across as a bar. keep_rest
     (with denoised): what keeps pass 1's prediction of the same model call, the unedited sampling's: "all" (default)
     every pixel outside the cells the fill empties, so only the hole changes; "objects" the cells where pass 1's
-    picture showed another object; "off" nothing (the model may redraw around the hole, as before keep_rest)."""
+    picture showed another object; "off" nothing (the model may redraw around the hole, as before keep_rest). hole
+    (with denoised): which pixels of the cells to fill are emptied: "object" (default) only those that hold the
+    detected object in pass 1's picture (``sae_core.denoised.object_pixels``: connected to the detected core, like its
+    object pixels rather than the background), so a neighbour inside the padding keeps pass 1's pixels; "cells" every
+    pixel of the cells (the fill before this option)."""
 
     mode: str = "random"
     seed: int = 0
@@ -70,6 +75,7 @@ class ReplaceSettings(DictRoundTrip):
     denoised: bool = False
     fill_values: str = "first_pass"
     keep_rest: str = "all"
+    hole: str = "object"
 
     def __post_init__(self):
         if not isinstance(self.mode, str):
@@ -85,6 +91,8 @@ class ReplaceSettings(DictRoundTrip):
                                 f"{list(FILL_VALUES)}")
         if not isinstance(self.keep_rest, str) or self.keep_rest not in KEEP_REST:
             raise SAEInputError(f"ReplaceSettings.keep_rest is {self.keep_rest!r}, expected one of {list(KEEP_REST)}")
+        if not isinstance(self.hole, str) or self.hole not in HOLES:
+            raise SAEInputError(f"ReplaceSettings.hole is {self.hole!r}, expected one of {list(HOLES)}")
 
 
 

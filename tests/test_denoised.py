@@ -1,12 +1,14 @@
 """The denoised-prediction fill (sae_core.denoised): sources, the two passes, model-output conversions, the
 scheduler patch, and the settings' checks."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 from planted import planted_sae
 
 from sae_core.concepts import ConceptDictionary
-from sae_core.denoised import DenoisedFill, cell_sources, fill_masks
+from sae_core.denoised import DenoisedFill, cell_sources, erode_cells, fill_masks, object_pixels
 from sae_core.detect import ConceptDetector
 from sae_core.errors import SAEInputError
 from sae_core.intervention import BlockIntervention, ReplaceSettings
@@ -71,12 +73,13 @@ def test_cell_sources_on_sizes_that_do_not_divide_keep_cell_offsets():
 LOOK_AHEAD = LookAheadSettings()
 
 
-def _iv(lookahead=LOOK_AHEAD, denoised=True, fill_values="first_pass", keep_rest="off"):
+def _iv(lookahead=LOOK_AHEAD, denoised=True, fill_values="first_pass", keep_rest="off", hole="cells"):
+    """hole "cells" by default: these tests pin the fill of whole cells; the object's pixels have their own tests."""
     sae, _ = planted_sae(d=8)
     concept = ConceptDictionary.from_latents([0], sae.cfg.n_latents, threshold=1.0, means=[0.5])
     det = ConceptDetector(concept, sae=sae)
     return BlockIntervention(sae, det, ReplaceSettings("background", denoised=denoised, fill_values=fill_values,
-                                                             keep_rest=keep_rest),
+                                                             keep_rest=keep_rest, hole=hole),
                              lookahead=lookahead)
 
 
@@ -516,3 +519,104 @@ def test_keep_rest_on_packed_tokens_and_a_grid_finer_than_the_prediction():
     keep = torch.ones(8, 8, dtype=torch.bool)
     keep[2, 2] = False
     torch.testing.assert_close(out[0][:, keep], d1[0][0][:, keep], rtol=0, atol=0)
+
+
+# -- hole "object": only the detected object's pixels of the cells are emptied ----------------------------------
+
+
+def test_erode_cells_matches_the_definition():
+    """A cell is in the core where its whole (2p+1)^2 neighbourhood inside the grid is in the cells; the cells
+    themselves when that leaves none."""
+    g = torch.Generator().manual_seed(6)
+    for p in (1, 2):
+        for _ in range(4):
+            cells = torch.rand(7, 9, generator=g) > 0.25
+            want = torch.zeros_like(cells)
+            for i in range(7):
+                for j in range(9):
+                    want[i, j] = bool(cells[max(0, i - p):i + p + 1, max(0, j - p):j + p + 1].all())
+            got = erode_cells(cells, p)
+            assert torch.equal(got, want if want.any() else cells)
+    assert torch.equal(erode_cells(HOLE, 0), HOLE)
+    assert torch.equal(erode_cells(HOLE, 1), HOLE)  # a 2x2 block has no interior at padding 1: kept whole
+
+
+def _two_objects(gap: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pass 1's picture [3, 16, 16] on a black background: the detected object, red, on pixels 4..7 x 4..7 (cells
+    (2, 2)..(3, 3) of an 8x8 grid), a green neighbour from column 8 + gap to 11 on rows 4..7; the cells to fill: the
+    object's cells padded by one (pixels 2..9 x 2..9), so the neighbour's first columns lie inside them."""
+    img = torch.zeros(3, 16, 16)
+    img[0, 4:8, 4:8] = 1.0
+    img[1, 4:8, 8 + gap:12] = 1.0
+    core = HOLE.clone()
+    cells = torch.zeros(8, 8, dtype=torch.bool)
+    cells[1:5, 1:5] = True
+    return img, cells, core
+
+
+@pytest.mark.parametrize("gap", [0, 1])
+def test_object_pixels_are_the_object_grown_by_one_pixel_not_the_neighbour(gap):
+    img, cells, core = _two_objects(gap)
+    got = object_pixels(img, cells, None, core).view(16, 16)
+    want = torch.zeros(16, 16, dtype=torch.bool)
+    want[3:9, 3:9] = True  # the red object (4..7) and one pixel around it, all inside the cells (2..9)
+    assert torch.equal(got, want)
+    green = img[1] > 0
+    assert int((got & green).sum()) == (4 if gap == 0 else 0)  # touching: the one-pixel edge takes its first column
+
+
+def test_object_pixels_give_up_where_the_core_looks_like_the_background():
+    img, cells, core = _two_objects(1)
+    img[0] = 0.0  # pass 1 drew no object in the core: nothing stands out, the fill empties the whole cells
+    assert object_pixels(img, cells, None, core) is None
+    assert object_pixels(img, torch.zeros(8, 8, dtype=torch.bool)) is None
+    img2, cells2, core2 = _two_objects(1)
+    img2[0, 0, 0] = float("nan")
+    assert object_pixels(img2, cells2, None, core2) is None  # non-finite picture: whole cells
+
+
+def test_object_pixels_read_the_background_from_calm_cells():
+    """Salient cells outside the hole are not background: an object there in the target's colour does not make
+    the target look like the background."""
+    img, cells, core = _two_objects(1)
+    img[0, 12:16, 0:4] = 1.0  # another red object far away, salient
+    sal = torch.zeros(8, 8)
+    sal[6:8, 0:2] = 0.9
+    assert object_pixels(img, cells, None, core) is None  # counted as background: red is background-like
+    got = object_pixels(img, cells, sal, core).view(16, 16)
+    assert bool(got[4:8, 4:8].all()) and not bool(got[4:8, 9:12].any())
+
+
+def test_fill_with_hole_object_keeps_the_neighbour_inside_the_padding():
+    """hole "object" with keep_rest "all": pass 2's call k is pass 1's call k everywhere but on the object's pixels,
+    which the fill takes from background cells; the neighbour's pixels inside the padded cells stay pass 1's."""
+    img, cells, core = _two_objects(1)
+    sal = torch.zeros(8, 8)
+    sal[2:4, 2:6] = 0.9  # pass 1's salience: the object and the neighbour
+    g = torch.Generator().manual_seed(8)
+    pass1 = [img[None] + 0.01 * k for k in range(2)] + [img[None]]
+    pass2 = [torch.rand(1, 3, 16, 16, generator=g) for _ in range(3)]
+    outs = {}
+    for hole in ("object", "cells"):
+        iv = _iv(keep_rest="all", hole=hole)
+        iv.detector.settings = replace(iv.detector.settings, padding=1)
+        outs[hole] = _two_passes(iv, DenoisedFill([iv]), pass1, pass2, _guide({0: cells}, {0: True}), {0: sal})
+    obj = object_pixels(img, cells, sal, core)
+    assert obj is not None and int(obj.sum()) == 36
+    idx = cell_sources(img, cells, sal)
+    for k, out in enumerate(outs["object"]):
+        flat = out[0].flatten(1)
+        torch.testing.assert_close(flat[:, ~obj], pass1[k][0].flatten(1)[:, ~obj], rtol=0, atol=0)
+        torch.testing.assert_close(flat[:, obj], img.flatten(1)[:, idx[obj]], rtol=0, atol=0)
+    last = outs["object"][-1][0]
+    assert bool((last[1, 4:8, 9:12] == 1).all()) and not bool(last[0, 4:8, 4:8].any())  # neighbour whole, red gone
+    # with whole cells the fill paints background over the neighbour's column inside the padding
+    assert not bool(outs["cells"][-1][0, 1, 4:8, 9].any())
+
+
+def test_hole_is_checked_and_defaults_to_object():
+    assert ReplaceSettings().hole == "object"
+    assert ReplaceSettings.from_dict({"mode": "background", "denoised": True}).hole == "object"
+    for bad in ("pixels", 1, None):
+        with pytest.raises(SAEInputError, match=r"ReplaceSettings.hole is .*, expected one of \['object', 'cells'\]"):
+            ReplaceSettings("background", denoised=True, hole=bad)

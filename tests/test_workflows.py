@@ -149,7 +149,7 @@ def test_bad_link_one_sided(wf, schemas):
 
 def test_bad_widget_count(wf, schemas):
     _node(wf, "SAEPatchReplacer")["widgets_values"].append("fixed")
-    with pytest.raises(WorkflowError, match=r"7 widgets_values, expected 6 for \['mode', 'target', 'seed', 'look_ahead', 'denoised_fill', 'keep_rest'\]"):
+    with pytest.raises(WorkflowError, match=r"8 widgets_values, expected 7 for \['mode', 'target', 'seed', 'look_ahead', 'denoised_fill', 'keep_rest', 'hole'\]"):
         check_workflow(wf, schemas)
 
 
