@@ -322,7 +322,7 @@ def relearn_concepts(model: ShapesModel, out: Path, s: LearnSettings) -> None:
 
 def note_relearned(out: Path, dicts: dict[str, ConceptDictionary], s: LearnSettings) -> None:
     """Record concepts learned again in ``out``'s sae_summary.json (if there is one): their latents per step, and
-    under "relearned" the settings they were learned with (hard negatives or not)."""
+    under "relearned" the settings they were learned with (hard negatives or not, the selection's max_ratio)."""
     path = out / "sae_summary.json"
     if not path.is_file():
         return
@@ -330,7 +330,8 @@ def note_relearned(out: Path, dicts: dict[str, ConceptDictionary], s: LearnSetti
     summary.setdefault("latents_per_step", {}).update(
         {n: float((d.latents >= 0).sum(-1).float().mean()) for n, d in dicts.items()})
     summary.setdefault("relearned", {}).update({n: {"negatives": s.negatives, "concept_captions": s.concept_captions,
-                                                    "object_share": s.object_share} for n in dicts})
+                                                    "object_share": s.object_share, "max_ratio": s.max_ratio}
+                                                for n in dicts})
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(summary, indent=1))
     tmp.replace(path)

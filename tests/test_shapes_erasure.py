@@ -403,9 +403,10 @@ def test_note_relearned_records_the_new_concepts_in_the_summary(tmp_path):
 
     (tmp_path / "sae_summary.json").write_text(json.dumps({"fvu": 0.1, "latents_per_step": {"red": 4.0, "blue": 3.0}}))
     d = SimpleNamespace(latents=torch.tensor([[0, 1, -1], [2, -1, -1]]))  # 2 and 1 latents: 1.5 per step
-    learn.note_relearned(tmp_path, {"blue": d}, learn.LearnSettings(negatives=True, concept_captions=32))
+    learn.note_relearned(tmp_path, {"blue": d}, learn.LearnSettings(negatives=True, concept_captions=32, max_ratio=0.15))
     got = json.loads((tmp_path / "sae_summary.json").read_text())
     assert got["fvu"] == 0.1 and got["latents_per_step"] == {"red": 4.0, "blue": 1.5}
-    assert got["relearned"] == {"blue": {"negatives": True, "concept_captions": 32, "object_share": 0.0}}
+    assert got["relearned"] == {"blue": {"negatives": True, "concept_captions": 32, "object_share": 0.0,
+                                         "max_ratio": 0.15}}
     learn.note_relearned(tmp_path / "missing", {"blue": d}, learn.LearnSettings())  # no summary: nothing written
     assert not (tmp_path / "missing").exists()
