@@ -69,10 +69,11 @@ class PatchReplacer(io.ComfyNode):
                                        "anything (neighbours can lose or take the erased object's shape)."),
                 io.Combo.Input("hole", options=list(HOLES), default="object", optional=True,
                                tooltip="With the denoised fill: which pixels of the erased cells are filled. object: "
-                                       "only those that hold the detected object in the first pass's picture (like "
-                                       "its core, unlike the background, connected to it), grown by one pixel, so a "
-                                       "neighbour inside the mask's padding keeps its pixels; cells: every pixel of "
-                                       "the cells (the fill before this option)."),
+                                       "the detected cells, and in the mask's padding only the pixels that hold the "
+                                       "detected object in the first pass's picture (connected to it, like it rather "
+                                       "than the background, grown by one pixel), so a neighbour inside the padding "
+                                       "keeps its pixels; cells: every pixel of the padded cells (the fill before "
+                                       "this option)."),
             ],
             outputs=_patch_outputs(),
         )

@@ -365,9 +365,11 @@ def erode_cells(cells: Tensor, padding: int) -> Tensor:
 
 def object_pixels(final: Tensor, cells: Tensor, salience: Tensor | None = None, core: Tensor | None = None
                   ) -> Tensor | None:
-    """[H*W] bool: the pixels of the cells to fill ``cells`` [h, w] that hold the detected object in pass 1's picture
-    ``final`` [C, H, W]; None when no pixel of the ``core`` cells (default: ``cells``) stands out from the background,
-    and the fill then empties the whole cells.
+    """[H*W] bool: the pixels of the cells to fill ``cells`` [h, w] that the fill empties: every pixel of the ``core``
+    cells (the detected cells before padding; default: ``cells``), and in the rest (the padding) those that hold the
+    detected object in pass 1's picture ``final`` [C, H, W]. None when no core pixel stands out from the background,
+    and the fill then empties the whole cells. The detector's own cells are always emptied, so the rule can only give
+    the padding back, never keep a detected part of the object.
 
     Values are compared in units of the picture's per-channel standard deviation. Background: the pixels outside the
     cells, of cells that are not salient (``salience`` [h, w] below SALIENT; every pixel outside when none is calm).
@@ -402,7 +404,7 @@ def object_pixels(final: Tensor, cells: Tensor, salience: Tensor | None = None, 
             break
         grown = nxt
     edge = F.max_pool2d(grown[None], 3, stride=1, padding=1)[0, 0] > 0
-    return edge.reshape(-1) & hole
+    return (edge.reshape(-1) | core) & hole
 
 
 def _spread(points: Tensor, most: int = 2048) -> Tensor:

@@ -64,10 +64,11 @@ class ReplaceSettings(DictRoundTrip):
     (with denoised): what keeps pass 1's prediction of the same model call, the unedited sampling's: "all" (default)
     every pixel outside the cells the fill empties, so only the hole changes; "objects" the cells where pass 1's
     picture showed another object; "off" nothing (the model may redraw around the hole, as before keep_rest). hole
-    (with denoised): which pixels of the cells to fill are emptied: "object" (default) only those that hold the
-    detected object in pass 1's picture (``sae_core.denoised.object_pixels``: connected to the detected core, like its
-    object pixels rather than the background), so a neighbour inside the padding keeps pass 1's pixels; "cells" every
-    pixel of the cells (the fill before this option)."""
+    (with denoised): which pixels of the cells to fill are emptied: "object" (default) the detected cells before
+    padding and, in the padding, only the pixels that hold the detected object in pass 1's picture
+    (``sae_core.denoised.object_pixels``: connected to the core's object pixels, like them rather than the
+    background), so a neighbour inside the padding keeps pass 1's pixels; "cells" every pixel of the cells (the fill
+    before this option)."""
 
     mode: str = "random"
     seed: int = 0

@@ -563,6 +563,13 @@ def test_object_pixels_are_the_object_grown_by_one_pixel_not_the_neighbour(gap):
     assert torch.equal(got, want)
     green = img[1] > 0
     assert int((got & green).sum()) == (4 if gap == 0 else 0)  # touching: the one-pixel edge takes its first column
+    # the detector's own cells are always emptied, whatever they hold: a core cell over the neighbour takes it too
+    core2 = core.clone()
+    core2[2:4, 4] = True  # pixels 4..7 x 8..9
+    got2 = object_pixels(img, cells, None, core2).view(16, 16)
+    want2 = want.clone()
+    want2[4:8, 8:10] = True
+    assert torch.equal(got2, want2)
 
 
 def test_object_pixels_give_up_where_the_core_looks_like_the_background():
