@@ -390,11 +390,14 @@ def object_pixels(final: Tensor, cells: Tensor, salience: Tensor | None = None, 
         background = calm if bool(calm.any()) else background
     if not bool(background.any()):
         return None
-    to_background = torch.cdist(z, _spread(z[background])).amin(1)
+    inside = hole.nonzero().flatten()  # distances only for the hole's pixels: the rest is never emptied
+    to_background = torch.full((H * W,), float("inf"))
+    to_background[inside] = torch.cdist(z[inside], _spread(z[background])).amin(1)
     seeds = core & (to_background > HOLE_TOLERANCE)
     if not bool(seeds.any()):
         return None
-    to_seed = torch.cdist(z, _spread(z[seeds])).amin(1)
+    to_seed = torch.full((H * W,), float("inf"))
+    to_seed[inside] = torch.cdist(z[inside], _spread(z[seeds])).amin(1)
     like = ((to_seed < to_background) & (to_seed <= HOLE_TOLERANCE) & hole).view(1, H, W).float()
     grown = seeds.view(1, H, W).float()
     while True:  # the seeds' 8-connected components through object-like pixels
