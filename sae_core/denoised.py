@@ -26,6 +26,11 @@ the sources, as the fill did before (to reproduce earlier numbers). A cell is th
 patch in the denoised tensor's resolution (a 16x16 block over a 32x32 picture: 2x2 pixels; SD's 64x64 latent under
 a 16x16 block: 4x4 latent pixels); sizes that do not divide are mapped to the nearest cell.
 
+With ``ReplaceSettings.hole`` "object" (the default) the fill empties the detected cells (the guide's cells eroded by
+the detector's padding) and, in the padding, only the pixels of pass 1's picture that hold the detected object
+(``object_pixels``); the rest of the padding counts as outside the hole, so a neighbour there keeps its pixels.
+"cells" empties every pixel of the cells to fill.
+
 With ``ReplaceSettings.keep_rest`` "all" (the default) every pixel outside the cells to fill takes pass 1's prediction
 of the same model call (pass 2 calls the model exactly as pass 1 did), so the sampled picture is the unedited one
 outside the hole: the model cannot redraw a neighbour in the erased object's shape, lose or move it, or draw the
