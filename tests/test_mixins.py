@@ -22,7 +22,7 @@ CASES = [
     (DetectionSettings(2.0, 1, 3, True, "sticky"),
      {"threshold_scale": 2.0, "padding": 1, "min_region": 3, "gate": True, "temporal": "sticky", "min_share": 0.0}),
     (ReplaceSettings("mean", 4, "residual"), {"mode": "mean", "seed": 4, "target": "residual", "denoised": False,
-                                              "fill_values": "first_pass", "keep_rest": "all"}),
+                                              "fill_values": "first_pass", "keep_rest": "all", "hole": "object"}),
     (SteerSettings("unbox_add", -8.0, "legacy_saeuron", True),
      {"method": "unbox_add", "strength": -8.0, "error": "legacy_saeuron", "detected_only": True, "use_beta": False,
       "cfg_sign": "same"}),
