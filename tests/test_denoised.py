@@ -621,6 +621,32 @@ def test_fill_with_hole_object_keeps_the_neighbour_inside_the_padding():
     assert not bool(outs["cells"][-1][0, 1, 4:8, 9].any())
 
 
+def test_keep_rest_objects_keeps_the_neighbours_pixels_the_object_hole_gives_back():
+    """keep_rest "objects" with hole "object": the kept pixels are those of salient cells outside the object's pixels,
+    so the neighbour's column inside the padded cells (a salient cell the fill no longer empties) is pass 1's
+    prediction of the same call; the object's pixels are filled; the rest is pass 2's own prediction."""
+    img, cells, core = _two_objects(1)
+    sal = torch.zeros(8, 8)
+    sal[2:4, 2:6] = 0.9
+    g = torch.Generator().manual_seed(9)
+    pass1 = [img[None] + 0.01 * k for k in range(2)] + [img[None]]
+    pass2 = [torch.rand(1, 3, 16, 16, generator=g) for _ in range(3)]
+    iv = _iv(keep_rest="objects", hole="object")
+    iv.detector.settings = replace(iv.detector.settings, padding=1)
+    outs = _two_passes(iv, DenoisedFill([iv]), pass1, pass2, _guide({0: cells}, {0: True}), {0: sal})
+    obj = object_pixels(img, cells, sal, core)
+    salient = _hole_pixels(sal >= 0.5, 16, 16).reshape(-1)
+    kept = salient & ~obj
+    assert int(kept.sum()) == 12 and bool(kept.view(16, 16)[4:8, 9].all())  # the neighbour, column 9 in the padding
+    idx = cell_sources(img, cells, sal)
+    for k, out in enumerate(outs):
+        flat = out[0].flatten(1)
+        torch.testing.assert_close(flat[:, kept], pass1[k][0].flatten(1)[:, kept], rtol=0, atol=0)
+        torch.testing.assert_close(flat[:, obj], img.flatten(1)[:, idx[obj]], rtol=0, atol=0)
+        rest = ~kept & ~obj
+        torch.testing.assert_close(flat[:, rest], pass2[k][0].flatten(1)[:, rest], rtol=0, atol=0)
+
+
 def test_hole_is_checked_and_defaults_to_object():
     assert ReplaceSettings().hole == "object"
     assert ReplaceSettings.from_dict({"mode": "background", "denoised": True}).hole == "object"
