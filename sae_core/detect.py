@@ -184,9 +184,13 @@ def concept_share(picked: Tensor, thresholds: Tensor, total: Tensor, scale: floa
 
 
 def detect_picked(picked: Tensor, step: ConceptStep, settings: DetectionSettings | None = None,
-                  total: Tensor | None = None) -> Detection:
+                  total: Tensor | None = None, keep_share: Tensor | None = None) -> Detection:
     """Same as ``detect`` from picked [B, H, W, K] = the codes of ``step.latents`` only (see ``pick_topk``) and,
-    for ``min_share``, each patch's code mass ``total`` [B, H, W] (``code_mass`` of its full code)."""
+    for ``min_share``, each patch's code mass ``total`` [B, H, W] (``code_mass`` of its full code).
+
+    keep_share [B, H, W]: the largest share of each patch's code that a concept to keep carries (``keep_shares``);
+    a patch is then detected only where the concept's own share (``concept_share``, needs ``total``) reaches it.
+    Applied with min_share, before min_region and padding."""
     _check_grid(picked, "detect_picked")
     if picked.shape[-1] != step.latents.numel():
         raise SAEInputError(f"detect_picked: picked codes have {picked.shape[-1]} latents, the step selects "
@@ -194,11 +198,18 @@ def detect_picked(picked: Tensor, step: ConceptStep, settings: DetectionSettings
     settings = settings or DetectionSettings()
     score = score_from_picked(picked, step.thresholds, settings.threshold_scale)
     mask = score > 0
-    if settings.min_share > 0:
+    if settings.min_share > 0 or keep_share is not None:
         if total is None or tuple(total.shape) != tuple(picked.shape[:3]):
-            raise SAEInputError(f"detect_picked: min_share {settings.min_share} needs each patch's code mass "
-                                f"[B, H, W] {tuple(picked.shape[:3])}, got {None if total is None else tuple(total.shape)}")
-        mask &= concept_share(picked, step.thresholds, total.to(picked.device), settings.threshold_scale) >= settings.min_share
+            raise SAEInputError(f"detect_picked: min_share {settings.min_share} (or concepts to keep) needs each patch's code mass [B, H, W] "
+                                f"{tuple(picked.shape[:3])}, got {None if total is None else tuple(total.shape)}")
+        own = concept_share(picked, step.thresholds, total.to(picked.device), settings.threshold_scale)
+        if settings.min_share > 0:
+            mask &= own >= settings.min_share
+        if keep_share is not None:
+            if tuple(keep_share.shape) != tuple(picked.shape[:3]):
+                raise SAEInputError(f"detect_picked: keep_share has shape {tuple(keep_share.shape)}, expected "
+                                    f"{tuple(picked.shape[:3])} (one share per patch)")
+            mask &= own >= keep_share.to(own.device)
     mask = drop_small_regions(mask, int(settings.min_region))
     mask = dilate_mask(mask, int(settings.padding))
     return Detection(score, mask)
@@ -209,6 +220,10 @@ class ConceptDetector:
 
     concepts: a ConceptDictionary (all its concepts) or a sequence of (dictionary, names or None).
     sae: when given, every dictionary is checked against it (ConceptMismatchError on a mismatch).
+    keep: concepts to keep, in the same forms: a patch is detected only where the concepts' selected latents above
+        threshold carry at least as large a share of its code as each concept to keep carries (``keep_shares``).
+        Neighbouring concepts share latents (circles and squares on the Shapes world's shape SAE): the detector
+        of one then fires, weaker, on the other's objects, where the other's own latents dominate.
     """
 
     def __init__(
@@ -216,23 +231,29 @@ class ConceptDetector:
         concepts: ConceptDictionary | Sequence[tuple[ConceptDictionary, Iterable[str] | None]],
         settings: DetectionSettings | None = None,
         sae=None,
+        keep: ConceptDictionary | Sequence[tuple[ConceptDictionary, Iterable[str] | None]] | None = None,
     ):
-        if isinstance(concepts, ConceptDictionary):
-            concepts = [(concepts, None)]
-        self.sources = [(d, None if n is None else tuple(n)) for d, n in concepts]
+        self.sources = _as_sources(concepts)
         if not self.sources:
             raise SAEInputError("ConceptDetector: no concept given; connect a CONCEPT or type latent ids")
-        m = {d.n_latents for d, _ in self.sources}
+        self.keep = _as_sources(keep) if keep is not None else []
+        m = {d.n_latents for d, _ in self.sources + self.keep}
         if len(m) != 1:
             raise SAEInputError(f"ConceptDetector: dictionaries were learned for SAEs of different widths {sorted(m)}")
-        for d, names in self.sources:
+        for d, names in self.sources + self.keep:
             d.concept_indices(names)  # KeyError for unknown names, now rather than mid-sampling
             if sae is not None:
                 d.check_compatible(sae)
+        both = sorted({n for d, names in self.sources for n in (names or d.names)}
+                      & {n for d, names in self.keep for n in (names or d.names)})
+        if both:
+            raise SAEInputError(f"ConceptDetector: {both} both detected and kept; a concept to keep must be another "
+                                "concept than the ones detected (remove it from keep)")
         self.settings = settings or DetectionSettings()
         self.n_latents = m.pop()
         self._steps: dict[float, ConceptStep] = {}
         self._latents: dict[tuple[float, torch.device], tuple[ConceptStep, Tensor]] = {}
+        self._keep_on: dict[tuple[float, torch.device], list[tuple[Tensor, Tensor]]] = {}
 
     def step(self, timestep: float) -> ConceptStep:
         """The merged ConceptStep at ``timestep``; cached (a run asks for the same few timesteps at every call)."""
@@ -249,14 +270,39 @@ class ConceptDetector:
         """The hot path's one call: the concepts at ``timestep``, the codes of their latents and the detection, from
         dense codes [B, H, W, M] or TopK codes (values, indices [B, H, W, k]), which are never expanded to M."""
         st = self.step(timestep)
-        share = self.settings.min_share > 0
+        share = self.settings.min_share > 0 or bool(self.keep)
         if isinstance(codes, TopKCodes):
-            picked = pick_topk(codes.values, codes.indices, self._latents_on(st, timestep, codes.indices.device))
+            device = codes.indices.device
+
+            def pick(lat: Tensor) -> Tensor:
+                return pick_topk(codes.values, codes.indices, lat)
             total = code_mass(codes.values) if share else None
         else:
-            picked = codes.index_select(-1, self._latents_on(st, timestep, codes.device))
+            device = codes.device
+
+            def pick(lat: Tensor) -> Tensor:
+                return codes.index_select(-1, lat)
             total = code_mass(codes) if share else None
-        return StepDetection(st, picked, detect_picked(picked, st, self.settings, total))
+        picked = pick(self._latents_on(st, timestep, device))
+        keep_share = None
+        if self.keep:
+            keep_share = keep_shares(pick, self._keep_steps_on(timestep, device), total, self.settings.threshold_scale)
+        return StepDetection(st, picked, detect_picked(picked, st, self.settings, total, keep_share))
+
+    def keep_steps(self, timestep: float) -> list[ConceptStep]:
+        """One ConceptStep per concept to keep at ``timestep`` (each concept's share counts on its own)."""
+        return [d.at(timestep, [n]) for d, names in self.keep for n in (names or d.names)]
+
+    def _keep_steps_on(self, timestep: float, device: torch.device) -> list[tuple[Tensor, Tensor]]:
+        """(latents, thresholds) of each concept to keep on ``device``, copied once per timestep and device."""
+        key = (float(timestep), device)
+        hit = self._keep_on.get(key)
+        if hit is None:
+            hit = [(s.latents.to(device), s.thresholds.to(device)) for s in self.keep_steps(timestep)]
+            if len(self._keep_on) >= 1024:
+                self._keep_on.clear()
+            self._keep_on[key] = hit
+        return hit
 
     def _latents_on(self, st: ConceptStep, timestep: float, device: torch.device) -> Tensor:
         """``st.latents`` on ``device``, copied once per timestep and device (no transfer per call). Device threads
@@ -270,10 +316,16 @@ class ConceptDetector:
             self._latents[key] = hit
         return hit[1]
 
-    def detect_picked(self, picked: Tensor, step: ConceptStep, total: Tensor | None = None) -> Detection:
+    def detect_picked(self, picked: Tensor, step: ConceptStep, total: Tensor | None = None,
+                      keep_share: Tensor | None = None) -> Detection:
         """Detection from the codes of ``step.latents`` only, [B, H, W, K] (TopK hot path, see ``pick_topk``), and
-        for ``min_share`` each patch's code mass [B, H, W] (``code_mass``)."""
-        return detect_picked(picked, step, self.settings, total)
+        for ``min_share`` and the concepts to keep each patch's code mass [B, H, W] (``code_mass``); with concepts
+        to keep, their ``keep_shares`` (which need the full codes)."""
+        if self.keep and keep_share is None:
+            raise SAEInputError("ConceptDetector.detect_picked: this detector keeps concepts "
+                                f"{[n for d, names in self.keep for n in (names or d.names)]}; pass their keep_share "
+                                "(keep_shares of the full codes) or use detect_codes")
+        return detect_picked(picked, step, self.settings, total, keep_share)
 
     def __call__(self, codes: Tensor, timestep: float) -> tuple[Detection, ConceptStep]:
         if codes.shape[-1] != self.n_latents:
@@ -281,5 +333,24 @@ class ConceptDetector:
                 f"ConceptDetector: codes have {codes.shape[-1]} latents, the concepts expect {self.n_latents}; "
                 "use the SAE the concepts were learned with"
             )
-        st = self.step(timestep)
-        return detect(codes, st, self.settings), st
+        _check_grid(codes, "ConceptDetector")
+        found = self.detect_codes(codes, timestep)
+        return found.detection, found.step
+
+
+def _as_sources(concepts) -> list[tuple[ConceptDictionary, tuple[str, ...] | None]]:
+    if isinstance(concepts, ConceptDictionary):
+        concepts = [(concepts, None)]
+    return [(d, None if n is None else tuple(n)) for d, n in concepts]
+
+
+def keep_shares(pick, keep: Sequence[tuple[Tensor, Tensor]], total: Tensor, scale: float = 1.0) -> Tensor:
+    """[B, H, W] float32: the largest share of each patch's code mass ``total`` that one concept to keep carries
+    (``concept_share`` of its latents above scale * tau); ``pick(latents)`` returns the codes of those latents
+    [B, H, W, K] (``pick_topk`` for TopK codes, ``index_select`` for dense codes); keep: (latents, thresholds) per
+    concept. 0 where none is given."""
+    out = torch.zeros_like(total, dtype=torch.float32)
+    for lat, tau in keep:
+        if lat.numel():
+            out = torch.maximum(out, concept_share(pick(lat), tau, total, scale))
+    return out

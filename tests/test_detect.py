@@ -209,3 +209,69 @@ def test_min_share_keeps_patches_the_concept_explains(share):
     picked = pick_topk(top.values, top.indices, st.latents)
     with pytest.raises(ValueError, match="needs each patch's code mass"):
         det.detect_picked(picked, st)
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.5])
+def test_keep_concepts_drop_patches_another_concept_explains_better(scale):
+    """With concepts to keep, a patch counts only where the detected concepts' latents above scale * tau carry at
+    least the share of its code mass that each kept concept's latents above scale * tau carry (each kept concept on
+    its own, not their union); reference: the definition per patch in plain Python. Dense codes, TopK codes and
+    ``__call__`` give the same mask; padding acts after the rule."""
+    from sae_core.detect import pick_topk
+    from sae_core.sae import TopKCodes
+
+    g = torch.Generator().manual_seed(5)
+    M, k = 12, 4
+    dense = torch.rand(2, 6, 5, M, generator=g) * 3
+    top = dense.topk(k, -1)
+    codes = torch.zeros_like(dense).scatter(-1, top.indices, top.values)
+    d = ConceptDictionary.from_latents([1, 6, 9], M, threshold=0.5, name="target")
+    # two kept concepts; latent 6 is shared with the target, so it counts on both sides
+    k1 = ConceptDictionary.from_latents([2, 6], M, threshold=0.5, name="one")
+    k2 = ConceptDictionary.from_latents([3, 4, 7], M, threshold=0.9, name="two")
+
+    def share(row, ids, tau):
+        on = [row[x] for x in ids if row[x] > scale * tau]
+        return sum(on) / sum(row) if sum(row) > 0 else 0.0
+
+    want = torch.zeros(2, 6, 5, dtype=torch.bool)
+    union_rule = torch.zeros_like(want)
+    for b in range(2):
+        for i in range(6):
+            for j in range(5):
+                row = codes[b, i, j].tolist()
+                own = share(row, (1, 6, 9), 0.5)
+                raw = any(row[x] > scale * 0.5 for x in (1, 6, 9))
+                want[b, i, j] = raw and own >= max(share(row, (2, 6), 0.5), share(row, (3, 4, 7), 0.9))
+                union_rule[b, i, j] = raw and own >= share(row, (2, 6), 0.5) + share(row, (3, 4, 7), 0.9)
+    settings = DetectionSettings(threshold_scale=scale)
+    det = ConceptDetector(d, settings, keep=[(k1, None), (k2, ["two"])])
+    plain = ConceptDetector(d, settings)
+    got, st = det(codes, 0.0)
+    assert torch.equal(got.mask, want)
+    assert (plain(codes, 0.0)[0].mask & ~want).any()  # the rule removes detected patches
+    assert not torch.equal(want, union_rule)  # each kept concept on its own
+    fast = det.detect_codes(TopKCodes(top.values, top.indices, None), 0.0).detection.mask
+    assert torch.equal(fast, want)
+    padded = ConceptDetector(d, DetectionSettings(threshold_scale=scale, padding=1), keep=k1)
+    one = torch.zeros_like(want)
+    for b in range(2):
+        for i in range(6):
+            for j in range(5):
+                row = codes[b, i, j].tolist()
+                one[b, i, j] = any(row[x] > scale * 0.5 for x in (1, 6, 9)) and \
+                    share(row, (1, 6, 9), 0.5) >= share(row, (2, 6), 0.5)
+    assert torch.equal(padded(codes, 0.0)[0].mask, dilate_mask(one, 1))
+    picked = pick_topk(top.values, top.indices, st.latents)
+    with pytest.raises(ValueError, match="pass their keep_share"):
+        det.detect_picked(picked, st, torch.ones(2, 6, 5))
+
+
+def test_keep_concepts_are_checked():
+    d = ConceptDictionary.from_latents([1], 12, name="circle")
+    with pytest.raises(ValueError, match=r"\['circle'\] both detected and kept"):
+        ConceptDetector(d, keep=ConceptDictionary.from_latents([2], 12, name="circle"))
+    with pytest.raises(ValueError, match="different widths"):
+        ConceptDetector(d, keep=ConceptDictionary.from_latents([2], 16, name="square"))
+    with pytest.raises(KeyError):
+        ConceptDetector(d, keep=[(ConceptDictionary.from_latents([2], 12, name="square"), ["cube"])])
