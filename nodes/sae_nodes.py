@@ -127,6 +127,14 @@ class ConceptDetectorNode(io.ComfyNode):
                                        "SAE's latents per patch k: about 0.8/k measured best on the Shapes world "
                                        "(0.2 for k=4); above 1/k objects can lose patches. Check with Mask "
                                        "Preview that the object stays covered."),
+                ConceptType.Input("keep", optional=True,
+                                  tooltip="A concept that must survive next to this one (learned with the same SAE): "
+                                          "a patch is detected only where this detector's concepts explain at least "
+                                          "as much of the patch's SAE code as the kept concept does. Erase the circle, "
+                                          "keep the square beside it: neighbouring concepts share latents, so a "
+                                          "detector also fires, weaker, on the other's objects."),
+                ConceptType.Input("keep_2", optional=True, tooltip="A further concept to keep (each counts on its own)."),
+                ConceptType.Input("keep_3", optional=True, tooltip="A further concept to keep (each counts on its own)."),
             ],
             outputs=[DetectorType.Output(display_name="DETECTOR", tooltip="Connect to Patch Replacer or SAE Steer.")],
         )
@@ -135,7 +143,7 @@ class ConceptDetectorNode(io.ComfyNode):
     def execute(cls, sae, latent_ids: str, typed_threshold: float, threshold_scale: float, padding: int,
                 min_region: int, start_percent: float, end_percent: float, branches: str, concept=None,
                 concept_2=None, concept_3=None, presence_gate: bool = True, temporal: str = "none",
-                min_share: float = 0.0) -> io.NodeOutput:
+                min_share: float = 0.0, keep=None, keep_2=None, keep_3=None) -> io.NodeOutput:
         sources = [(c, None) for c in (concept, concept_2, concept_3) if c is not None]
         ids = parse_latent_ids(latent_ids)
         if ids:
@@ -155,5 +163,6 @@ class ConceptDetectorNode(io.ComfyNode):
         if presence_gate and ungated:
             logger.warning("Concept Detector: %s carry no presence gate (typed latents, or a concept file saved "
                            "before the gate existed); they are not gated. Learn them again to get one", ungated)
-        det = ConceptDetector(sources, settings, sae=sae)
+        kept = [(c, None) for c in (keep, keep_2, keep_3) if c is not None]
+        det = ConceptDetector(sources, settings, sae=sae, keep=kept or None)
         return io.NodeOutput(DetectorSpec(sae, det, branches, start_percent, end_percent))

@@ -631,6 +631,53 @@ def test_learn_concept_default_contrast_and_errors(pack, sd1, caplog):
     assert not sd1.model.object_patches
 
 
+def test_concept_detector_keep_masks_match_reference(pack, sd1):
+    """Concept Detector's keep inputs through ComfyUI's sampler: the recorded masks equal an independent reference
+    (a patch counts where one of the concept's latents fires and their share of its code reaches each kept concept's
+    share), and drop patches the plain detection keeps; a kept concept named like the detected one is refused."""
+    ext = pack.nodes.extension
+    name, key, d = SD1_BLOCK
+    sae = make_sae(pack, d)
+    size = dict(width=384, height=256)
+    ids = busy_latents(pack, sae, sd1.model, key, "sd1", n=5, **size)
+    own, other, third = ids[:2], ids[2:4], ids[4:]
+    thr, steps = 0.05, 3
+    dicts = pack.sae_core.concepts.ConceptDictionary
+    kept = [dicts.from_latents(lat, int(sae.cfg.n_latents), threshold=thr, name=n, sae_fingerprint=sae.fingerprint())
+            for lat, n in ((other, "kept"), (third, "kept_2"))]
+
+    def run(**kw):
+        det = typed_detector(pack, sae, own, typed_threshold=thr, **kw)
+        captured, cap = with_capture(pack, sd1.model, key)
+        model, dets = ext.PatchReplacer.execute(captured, det, mode="random", target="output", seed=3,
+                                                look_ahead=False).args
+        sample(model, "sd1", steps=steps, **size)
+        assert len(cap.calls) == steps
+        return cap.calls, dets.recorder
+
+    def check(calls, rec, keep):
+        n = 0
+        for s, (_, block_out, step) in enumerate(calls):
+            fire, mine = ref_share_mask(sae, block_out, own, thr, 0.0, 0, 0)
+            ref = fire.clone()
+            for lat in keep:
+                theirs = ref_share_mask(sae, block_out, lat, thr, 0.0, 0, 0)[1]
+                assert ((mine - theirs).abs()[fire] > 1e-5).all()  # no patch on the edge of the rule
+                ref &= mine >= theirs
+            for c, flag in enumerate(step.chunks):
+                keys, masks = rec.masks("cond" if flag == 0 else "uncond", 0)
+                torch.testing.assert_close(masks[keys.index(s)], ref[c])
+            n += int(ref.sum())
+        return n
+
+    plain = check(*run(), [])
+    with_keep = check(*run(keep=kept[0], keep_2=kept[1]), [other, third])
+    assert 0 < with_keep < plain, (with_keep, plain)
+    clash = dicts.from_latents(other, int(sae.cfg.n_latents), threshold=thr, name="typed")
+    with pytest.raises(ValueError, match=r"\['typed'\] both detected and kept"):
+        typed_detector(pack, sae, own, keep=clash)
+
+
 @pytest.mark.parametrize("region, pad", [(0, 0), (2, 1)])
 def test_concept_detector_min_share_masks_match_reference(pack, sd1, caplog, region, pad):
     """min_share through ComfyUI's sampler: the recorded masks equal an independent share reference (then
