@@ -197,6 +197,7 @@ class Method:
     lookahead: LookAheadSettings | None = None
     gate: bool = False
     temporal: str = "none"
+    keep_others: bool = False  # detect against the world's other concepts of the kind (``others_to_keep``)
 
     def detection_for(self, run: DetectionSettings) -> DetectionSettings:
         return self.detection or replace(run, gate=self.gate, temporal=self.temporal)
@@ -213,10 +214,12 @@ def as_method(m) -> Method:
 # The Patch Replacer configuration the pack recommends (node defaults, make demo, the benchmark's "per" entry),
 # chosen by measurement on this world (README "Shapes world"): sources from background patches, the presence
 # gate, masks looked ahead from a detect-only first pass, the denoised prediction filled at those masks and kept as
-# the first pass predicts it everywhere else (keep_rest "all").
+# the first pass predicts it everywhere else (keep_rest "all"), and detection that keeps the other concepts of the
+# concept's kind (Concept Detector's keep inputs: erase the circle, keep the squares). The name stays the JSON key
+# earlier results were filed under.
 PER_DEFAULT_NAME = "PER background + gate + look-ahead + denoised fill + keep rest"
 PER_DEFAULT = Method(ReplaceSettings("background", denoised=True, keep_rest="all"), lookahead=LookAheadSettings(),
-                     gate=True)
+                     gate=True, keep_others=True)
 PER_BLOCK_ONLY_NAME = "PER background + gate + look-ahead"  # the same without the denoised fill (previous default)
 PER_BLOCK_ONLY = Method(ReplaceSettings("background"), lookahead=LookAheadSettings(), gate=True)
 
@@ -273,16 +276,28 @@ def grid_detection(detection: DetectionSettings, side: int) -> DetectionSettings
     return replace(detection, min_region=scaled)
 
 
+def others_to_keep(world: World, concept: str) -> list[str]:
+    """The world's other concepts of ``concept``'s kind (the other shapes of a shape, the other colours of a colour)
+    learned with its SAE: an object has one shape and one colour, so where one of them explains a patch better, the
+    patch is not ``concept``'s."""
+    kind = SHAPES if concept in SHAPES else COLOURS
+    sae = world.sae_for(concept)
+    return [c for c in kind if c != concept and c in world.concepts and world.sae_for(c) is sae]
+
+
 def intervention(world: World, concept: str, edit, recorder: Recorder | None = None,
                  detection: DetectionSettings = DETECTION, window: StepWindow | None = None,
-                 lookahead: LookAheadSettings | None = None) -> BlockIntervention:
+                 lookahead: LookAheadSettings | None = None, keep_others: bool = False) -> BlockIntervention:
     """The concept's block intervention, its detection on the block's grid (``grid_detection``); PER edits detect
-    with ``replace_detection`` (steering keeps that detection, as the published methods do)."""
+    with ``replace_detection`` (steering keeps that detection, as the published methods do); with ``keep_others``
+    a patch is detected only where the concept's latents explain at least as much of it as each of
+    ``others_to_keep`` does (``ConceptDetector``'s keep)."""
     sae = world.sae_for(concept)
     detection = grid_detection(detection, block_side(world.model, world.block_for(concept)))
     if isinstance(edit, ReplaceSettings):
         detection = replace_detection(detection, sae)
-    det = ConceptDetector(world.concepts[concept], detection, sae=sae)
+    keep = [(world.concepts[c], None) for c in others_to_keep(world, concept)] if keep_others else None
+    det = ConceptDetector(world.concepts[concept], detection, sae=sae, keep=keep)
     return BlockIntervention(sae, det, edit, branches="both", window=window, recorder=recorder, label=concept,
                              lookahead=lookahead)
 
@@ -349,7 +364,7 @@ def evaluate_concept(world: World, concept: str, target_caps: list[str], other_c
     had = [int(tgt[i].sum()) >= MIN_PIXELS for i in range(nt)]
     for name, method in methods.items():
         m = as_method(method)
-        iv = intervention(world, concept, m.edit, None, m.detection_for(detection), window, m.lookahead)
+        iv = intervention(world, concept, m.edit, None, m.detection_for(detection), window, m.lookahead, m.keep_others)
         run = Run(world, caps, seed, iv, steps, cfg, block)
         images[name] = run.images
         sm, cm = world.evaluator.label(run.images)

@@ -173,6 +173,17 @@ def test_shipped_world_loads_when_built():
     assert set(world.hooks) == set(SHAPES)
     assert {world.block_for(c) for c in SHAPES} == {SHAPE_BLOCK}
     assert world.sae_for("circle").cfg.provenance["block"] == SHAPE_BLOCK
+    # the recommended PER keeps the other concepts of the kind, each learned with the concept's own SAE
+    assert erasure.PER_DEFAULT.keep_others
+    assert erasure.others_to_keep(world, "circle") == ["square", "triangle", "cross"]
+    assert erasure.others_to_keep(world, "cyan") == ["red", "green", "blue", "yellow", "purple"]
+    from sae_core.intervention import ReplaceSettings
+
+    iv = erasure.intervention(world, "circle", ReplaceSettings("background"), keep_others=True)
+    assert [n for d, _ in iv.detector.keep for n in d.names] == ["square", "triangle", "cross"]
+    for d, _ in iv.detector.keep:
+        d.check_compatible(world.sae_for("circle"))
+    assert erasure.intervention(world, "circle", ReplaceSettings("background")).detector.keep == []
 
 
 def test_subfolder_sae_brings_its_concepts_and_block(tiny_world_dir, tmp_path):
@@ -199,6 +210,8 @@ def test_subfolder_sae_brings_its_concepts_and_block(tiny_world_dir, tmp_path):
     # the intervention runs on the concept's own SAE; the default pair stays for every other concept
     assert erasure.intervention(world, "circle", None).sae is world.sae_for("circle")
     assert erasure.intervention(world, "red", None).sae is world.sae
+    # concepts to keep come from the concept's own SAE only: circle's SAE here holds no other shape
+    assert erasure.others_to_keep(world, "circle") == [] and erasure.others_to_keep(world, "red") == []
 
 
 def test_object_share_counts_firings_on_object_patches():
