@@ -3,7 +3,8 @@ of the same prompts and seeds, on the shapes model through sae_core.torch_hooks 
 
     python bench/lookahead.py [--rounds 5] [--batch 8] [--steps 20] [--threads 1] [--json out.json]
 
-Four configurations (plain, PER, PER with look-ahead, and with the denoised fill too) run once per round, the order rotating each round (interleaved, so drift on a shared
+Five configurations (plain, PER, PER with look-ahead, with the denoised fill too, and with the detection keeping the
+concept's kind, the other colours of a colour: the recommended PER) run once per round, the order rotating each round (interleaved, so drift on a shared
 machine hits all alike); after one warm-up round the median over rounds is taken. Printed: the medians, the
 ratios to the plain sampling of the same run, and the spread of the plain time ((max - min) / median): ratio
 differences below it are noise. Look-ahead samples twice (the first pass detects only), so its floor is
@@ -39,7 +40,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--json", type=Path, default=None)
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
-    world = load_world(concepts=[a.concept])
+    world = load_world()  # every concept: the recommended detection keeps the concept's kind (others_to_keep)
     target, other = prompt_sets(a.concept, a.batch // 2, a.batch - a.batch // 2)
     caps = target + other
     edit = ReplaceSettings("background")
@@ -60,7 +61,13 @@ def main(argv: list[str] | None = None) -> dict:
                           lookahead=LookAheadSettings())
         return sample_twice([iv], lambda: render(world.model, caps, steps=a.steps, interventions={world.block: iv}))
 
-    configs = {"plain": plain, "PER": per, "PER look-ahead": lookahead, "+ denoised fill": filled}
+    def kept():
+        iv = intervention(world, a.concept, ReplaceSettings("background", denoised=True), detection=DETECTION,
+                          lookahead=LookAheadSettings(), keep_others=True)
+        return sample_twice([iv], lambda: render(world.model, caps, steps=a.steps, interventions={world.block: iv}))
+
+    configs = {"plain": plain, "PER": per, "PER look-ahead": lookahead, "+ denoised fill": filled,
+               "+ keep the other concepts": kept}
     times: dict[str, list[float]] = {k: [] for k in configs}
     names = list(configs)
     for r in range(a.rounds + 1):
@@ -74,7 +81,7 @@ def main(argv: list[str] | None = None) -> dict:
     spread = (max(times["plain"]) - min(times["plain"])) / med["plain"]
     print(f"{a.batch} prompts x {a.steps} steps, {a.rounds} rounds, {a.threads} thread(s); plain spread {spread:.3f}")
     for k in names:
-        print(f"{k:16s} median {med[k]:7.3f} s   ratio {med[k] / med['plain']:.3f}")
+        print(f"{k:26s} median {med[k]:7.3f} s   ratio {med[k] / med['plain']:.3f}")
     out = {"median_s": med, "ratio": {k: med[k] / med["plain"] for k in names}, "plain_spread": spread,
            "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items() if k != "json"}}
     if a.json:

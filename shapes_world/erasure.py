@@ -113,7 +113,9 @@ def load_world(weights: str | Path = WEIGHTS, concepts: Sequence[str] | None = N
     """The shipped model and evaluator with the SAE and concept files under ``weights`` (default: shipped).
 
     A subfolder of ``weights`` with its own ``sae.safetensors`` and ``concepts/`` (``weights/shapes/``: the shape
-    SAE) brings its concepts with that SAE and its block; they take the place of same-named files at the top."""
+    SAE) brings its concepts with that SAE and its block; they take the place of same-named files at the top.
+    With ``concepts`` given, the other concepts of their kinds that have files come along (the other shapes of a
+    shape, the other colours of a colour): the recommended PER detects against them (``others_to_keep``)."""
     weights = Path(weights)
     model, _ = load_model(model_dir)
     sae = load_sae(weights / SAE_NAME)
@@ -129,6 +131,8 @@ def load_world(weights: str | Path = WEIGHTS, concepts: Sequence[str] | None = N
     missing = [c for c in wanted if c not in found]
     if missing:
         raise KeyError(f"{cdir}: no concept file for {missing}; found {sorted(found)}")
+    kinds = {_kind(c) for c in wanted} - {None}
+    wanted += [c for c in found if c not in wanted and _kind(c) in kinds]
     block = sae.cfg.provenance.get("block", BLOCK)
     dicts, hooks = {}, {}
     for c in wanted:
@@ -276,13 +280,16 @@ def grid_detection(detection: DetectionSettings, side: int) -> DetectionSettings
     return replace(detection, min_region=scaled)
 
 
+def _kind(concept: str) -> tuple[str, ...] | None:
+    return SHAPES if concept in SHAPES else COLOURS if concept in COLOURS else None
+
+
 def others_to_keep(world: World, concept: str) -> list[str]:
     """The world's other concepts of ``concept``'s kind (the other shapes of a shape, the other colours of a colour)
     learned with its SAE: an object has one shape and one colour, so where one of them explains a patch better, the
     patch is not ``concept``'s."""
-    kind = SHAPES if concept in SHAPES else COLOURS
     sae = world.sae_for(concept)
-    return [c for c in kind if c != concept and c in world.concepts and world.sae_for(c) is sae]
+    return [c for c in _kind(concept) or () if c != concept and c in world.concepts and world.sae_for(c) is sae]
 
 
 def intervention(world: World, concept: str, edit, recorder: Recorder | None = None,

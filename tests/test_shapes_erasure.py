@@ -210,8 +210,12 @@ def test_subfolder_sae_brings_its_concepts_and_block(tiny_world_dir, tmp_path):
     # the intervention runs on the concept's own SAE; the default pair stays for every other concept
     assert erasure.intervention(world, "circle", None).sae is world.sae_for("circle")
     assert erasure.intervention(world, "red", None).sae is world.sae
-    # concepts to keep come from the concept's own SAE only: circle's SAE here holds no other shape
-    assert erasure.others_to_keep(world, "circle") == [] and erasure.others_to_keep(world, "red") == []
+    # the other concepts of each kind come along; those to keep come from the concept's own SAE only: circle's SAE
+    # here holds no other shape
+    assert set(world.concepts) == set(SHAPES + COLOURS)
+    assert erasure.others_to_keep(world, "circle") == []
+    assert erasure.others_to_keep(world, "red") == [c for c in COLOURS if c != "red"]
+    assert erasure.others_to_keep(world, "square") == ["triangle", "cross"]
 
 
 def test_object_share_counts_firings_on_object_patches():
