@@ -6,8 +6,10 @@ threshold (SAeUron's own touch rule when scale = 1). A margin rather than a rati
 thresholds of 0 (typed latents, fixed threshold 0) well defined. With no selected latent the score
 is -inf everywhere and nothing is detected.
 
-Then, in this order: regions smaller than ``min_region`` patches (8-connected) are dropped, and the
-mask is dilated by ``padding`` patches with a (2p+1) x (2p+1) square.
+Then, in this order: patches where the concept's latents carry too small a share of the code are dropped
+(``min_share``; with concepts to keep, a share below one of theirs, see ``ConceptDetector``), regions smaller than
+``min_region`` patches (8-connected) are dropped, and the mask is dilated by ``padding`` patches with a
+(2p+1) x (2p+1) square.
 """
 
 from __future__ import annotations
@@ -200,8 +202,9 @@ def detect_picked(picked: Tensor, step: ConceptStep, settings: DetectionSettings
     mask = score > 0
     if settings.min_share > 0 or keep_share is not None:
         if total is None or tuple(total.shape) != tuple(picked.shape[:3]):
-            raise SAEInputError(f"detect_picked: min_share {settings.min_share} (or concepts to keep) needs each patch's code mass [B, H, W] "
-                                f"{tuple(picked.shape[:3])}, got {None if total is None else tuple(total.shape)}")
+            raise SAEInputError(f"detect_picked: min_share {settings.min_share} (or concepts to keep) needs each "
+                                f"patch's code mass [B, H, W] {tuple(picked.shape[:3])}, got "
+                                f"{None if total is None else tuple(total.shape)}")
         own = concept_share(picked, step.thresholds, total.to(picked.device), settings.threshold_scale)
         if settings.min_share > 0:
             mask &= own >= settings.min_share
