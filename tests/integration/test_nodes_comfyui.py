@@ -61,6 +61,17 @@ def typed_detector(pack, sae, ids, **kw):
     return ext.ConceptDetectorNode.execute(sae, **args).args[0]
 
 
+def replace_and_record(pack, sd1, key, det, steps, size):
+    """Patch Replacer (random, one pass) with detector ``det`` sampled on SD 1.x -> (the block calls captured at
+    ``key``, the detector's recorder)."""
+    captured, cap = with_capture(pack, sd1.model, key)
+    model, dets = pack.nodes.extension.PatchReplacer.execute(captured, det, mode="random", target="output", seed=3,
+                                                             look_ahead=False).args
+    sample(model, "sd1", steps=steps, **size)
+    assert len(cap.calls) == steps
+    return cap.calls, dets.recorder
+
+
 def busy_latents(pack, sae, model, key, family, n=2, **kw):
     """Latent ids active on some but not all patches at the first step (found from a capture run)."""
     m, cap = with_capture(pack, model, key)
@@ -635,7 +646,6 @@ def test_concept_detector_keep_masks_match_reference(pack, sd1):
     """Concept Detector's keep inputs through ComfyUI's sampler: the recorded masks equal an independent reference
     (a patch counts where one of the concept's latents fires and their share of its code reaches each kept concept's
     share), and drop patches the plain detection keeps; a kept concept named like the detected one is refused."""
-    ext = pack.nodes.extension
     name, key, d = SD1_BLOCK
     sae = make_sae(pack, d)
     size = dict(width=384, height=256)
@@ -648,12 +658,7 @@ def test_concept_detector_keep_masks_match_reference(pack, sd1):
 
     def run(**kw):
         det = typed_detector(pack, sae, own, typed_threshold=thr, **kw)
-        captured, cap = with_capture(pack, sd1.model, key)
-        model, dets = ext.PatchReplacer.execute(captured, det, mode="random", target="output", seed=3,
-                                                look_ahead=False).args
-        sample(model, "sd1", steps=steps, **size)
-        assert len(cap.calls) == steps
-        return cap.calls, dets.recorder
+        return replace_and_record(pack, sd1, key, det, steps, size)
 
     def check(calls, rec, keep):
         n = 0
@@ -683,7 +688,6 @@ def test_concept_detector_min_share_masks_match_reference(pack, sd1, caplog, reg
     """min_share through ComfyUI's sampler: the recorded masks equal an independent share reference (then
     min_region and padding), drop patches the plain detection keeps, and 0 or a prompt without the input (saved
     before it existed) give the plain detection. The node notes a share above 1/k of the SAE."""
-    ext = pack.nodes.extension
     name, key, d = SD1_BLOCK
     sae = make_sae(pack, d)  # k = 8
     size = dict(width=384, height=256)  # a 12 x 8 grid: room for regions and padding
@@ -692,12 +696,7 @@ def test_concept_detector_min_share_masks_match_reference(pack, sd1, caplog, reg
 
     def run(**kw):
         det = typed_detector(pack, sae, ids, typed_threshold=thr, min_region=region, padding=pad, **kw)
-        captured, cap = with_capture(pack, sd1.model, key)
-        model, dets = ext.PatchReplacer.execute(captured, det, mode="random", target="output", seed=3,
-                                                look_ahead=False).args
-        sample(model, "sd1", steps=steps, **size)
-        assert len(cap.calls) == steps
-        return cap.calls, dets.recorder
+        return replace_and_record(pack, sd1, key, det, steps, size)
 
     def check(calls, rec, share):
         kept = 0
