@@ -3,12 +3,12 @@ of the same prompts and seeds, on the shapes model through sae_core.torch_hooks 
 
     python bench/lookahead.py [--rounds 5] [--batch 8] [--steps 20] [--threads 1] [--json out.json]
 
-Five configurations (plain, PER, PER with look-ahead, with the denoised fill too, and with the detection keeping the
-concept's kind, the other colours of a colour: the recommended PER) run once per round, the order rotating each round (interleaved, so drift on a shared
-machine hits all alike); after one warm-up round the median over rounds is taken. Printed: the medians, the
-ratios to the plain sampling of the same run, and the spread of the plain time ((max - min) / median): ratio
-differences below it are noise. Look-ahead samples twice (the first pass detects only), so its floor is
-2x plus the detector's share of pass 1; the target is <= 2.05x.
+Five configurations (plain, PER, PER with look-ahead, with the denoised fill too, and with the detection keeping
+the concept's kind, the other colours of a colour: the recommended PER) run once per round, the order rotating
+each round (interleaved, so drift on a shared machine hits all alike); after one warm-up round the median over
+rounds is taken. Printed: the medians, the ratios to the plain sampling of the same run, and the spread of the
+plain time ((max - min) / median): ratio differences below it are noise. Look-ahead samples twice (the first pass
+detects only), so its floor is 2x plus the detector's share of pass 1; the target is <= 2.05x.
 """
 
 from __future__ import annotations
