@@ -372,6 +372,28 @@ def test_per_detects_with_the_share_for_its_sae_and_steering_without(tiny_world_
     assert erasure.replace_detection(erasure.DETECTION, dense) == erasure.DETECTION
 
 
+def test_evaluate_concept_detects_against_the_kind_only_where_the_method_asks(tiny_world_dir, monkeypatch):
+    """Method.keep_others reaches the detector through evaluate_concept (the benchmark's path), with the other
+    colours of a world loaded for red alone; other methods keep nothing."""
+    from sae_core.intervention import ReplaceSettings
+
+    world = erasure.load_world(tiny_world_dir[0], ["red"])
+    seen = []
+    real = erasure.ConceptDetector
+
+    def spy(*args, keep=None, **kw):
+        seen.append(None if keep is None else [n for d, _ in keep for n in d.names])
+        return real(*args, keep=keep, **kw)
+
+    monkeypatch.setattr(erasure, "ConceptDetector", spy)
+    t, o = erasure.prompt_sets("red", 1, 1)
+    methods = {"kept": erasure.Method(ReplaceSettings("background"), keep_others=True),
+               "plain": ReplaceSettings("background")}
+    erasure.evaluate_concept(world, "red", t, o, methods, steps=2, artifact_pixels=40)
+    others = [c for c in COLOURS if c != "red"]
+    assert seen == [None, others, None]  # the raw detection (IoU), then the two methods
+
+
 def test_block_side_matches_the_feature_maps_the_model_computes(model):
     """block_side against the spatial size of every attention / resnet block's output in one forward pass."""
     seen = {}
