@@ -175,6 +175,9 @@ def test_detector_checks_the_sae_fingerprint():
     ConceptDetector(d, sae=sae)
     with pytest.raises(ValueError, match=f"fingerprint {sae.fingerprint()}.*fingerprint {other.fingerprint()}"):
         ConceptDetector(d, sae=other)
+    kept = ConceptDictionary.from_latents([1], 24, name="kept", sae_fingerprint=other.fingerprint())
+    with pytest.raises(ValueError, match=f"fingerprint {other.fingerprint()}.*fingerprint {sae.fingerprint()}"):
+        ConceptDetector(d, sae=sae, keep=kept)  # a concept to keep learned with another SAE
 
 
 @pytest.mark.parametrize("share", [0.3, 0.6])
