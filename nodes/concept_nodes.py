@@ -64,8 +64,8 @@ class LearnConcept(io.ComfyNode):
                                  "Noise seed of every run (SAeUron uses 188)."),
                 io.Combo.Input("selection", options=["percentile", "top_n", "specific"], default="top_n",
                                tooltip="percentile: latents above a score quantile (SAeUron); top_n: the n best; "
-                                       "specific: up to top_n latents active on the concept's patches and at most a "
-                                       "fifth as often without it (sharper masks for small objects)."),
+                                       "specific: up to top_n latents active on the concept's patches and at most "
+                                       "max_ratio as often without it (sharper masks for small objects)."),
                 io.Float.Input("percentile", default=99.99, min=0.01, max=99.9999, step=0.001,
                                tooltip="For 'percentile': higher keeps fewer latents (99.99 of 20480 keeps 3)."),
                 io.Int.Input("top_n", default=3, min=1, max=1000, tooltip="For 'top_n' and 'specific': latents kept per timestep (at most)."),
@@ -75,6 +75,14 @@ class LearnConcept(io.ComfyNode):
                                         "sampling each) and joins the contrast set; with selection 'specific' a latent "
                                         "is kept only if it stays silent on each of these prompts on its own, not just "
                                         "on the contrast set's average. Empty: none."),
+                io.Float.Input("max_ratio", default=SelectionRule.max_ratio, min=0.0, max=1.0, step=0.01,
+                               optional=True,  # API prompts saved before it
+                               tooltip="For 'specific': a kept latent fires at most this fraction as often without "
+                                       "the concept as with it (and on each keep prompt). 0.2 keeps latents that "
+                                       "are nearly silent elsewhere. When the concept's neighbours are connected "
+                                       "to Concept Detector's keep inputs, the detector itself decides between "
+                                       "them, and 0.5 also takes the latents the concept shares weakly with a "
+                                       "neighbour (on the Shapes world: the square's detection IoU 0.27 -> 0.65)."),
             ],
             outputs=[ConceptType.Output(display_name="CONCEPT", tooltip="Connect to Concept Detector or Save Concept.")],
         )
@@ -83,7 +91,7 @@ class LearnConcept(io.ComfyNode):
     def execute(cls, model, clip, sae, concept_name: str, concept_prompts: str, contrast_prompts: str,
                 negative_prompt: str, width: int, height: int, steps: int, cfg: float, sampler_name: str,
                 scheduler: str, seed: int, selection: str, percentile: float, top_n: int,
-                keep_prompts: str = "") -> io.NodeOutput:
+                keep_prompts: str = "", max_ratio: float = SelectionRule.max_ratio) -> io.NodeOutput:
         name = concept_name.strip()
         if not name or name in (CONTRAST_LABEL, KEEP_LABEL):
             raise SAEInputError(f"Learn Concept: concept_name {concept_name!r} is empty or reserved; type a name like 'cat'")
@@ -115,7 +123,10 @@ class LearnConcept(io.ComfyNode):
                 tell(uid, f"Learn Concept: with selection {selection!r} the {len(keep)} keep prompt(s) only join the "
                        "contrast set; the check that each kept latent stays silent on every keep prompt on its own "
                        "needs selection 'specific'")
-        rule = SelectionRule(method=selection, percentile=percentile, top_n=top_n)
+        if selection != "specific" and max_ratio != SelectionRule.max_ratio:
+            tell(uid, f"Learn Concept: max_ratio {max_ratio} only applies to selection 'specific'; with "
+                   f"{selection!r} it is ignored")
+        rule = SelectionRule(method=selection, percentile=percentile, top_n=top_n, max_ratio=max_ratio)
         key, block = resolve_hook(sae, model)
         family = family_of_config(model.model.model_config)
         # per-image codes kept for the presence gate (about 6 bytes x k per patch and step)
@@ -145,7 +156,7 @@ class LearnConcept(io.ComfyNode):
             T = concept.timesteps.numel()
             hint = ("Use fewer keep prompts (or ones less like the concept), or more concept prompts"
                     if negatives is not None else
-                    "Use more concept prompts" + (", or selection 'top_n'" if selection == "specific" else
+                    "Use more concept prompts" + (", a larger max_ratio, or selection 'top_n'" if selection == "specific" else
                                                   ", or a lower percentile or selection 'top_n'"))
             tell(uid, f"Learn Concept: concept {name!r} selects no latent at {len(empty)} of {T} steps (step indices "
                    f"{empty[:8]}{'...' if len(empty) > 8 else ''}); nothing will be detected there. {hint}")

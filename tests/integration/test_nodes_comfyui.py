@@ -412,6 +412,17 @@ def test_learn_concept_specific_matches_firing_rate_reference(pack, sd1):
         assert [int(i) for i in concept.latents[0, t] if i >= 0] == want
         picked += len(want)
     assert picked > 0, "the reference selects nothing: the test would not see a wrong selection"
+    # max_ratio reaches the rule: the same codes, a looser ratio, the reference's (different) selection
+    cap.calls.clear()
+    loose = ext.LearnConcept.execute(captured, FakeClip(), sae, **kw, max_ratio=0.5).args[0]
+    assert loose.meta.selection["max_ratio"] == 0.5 and len(cap.calls) == 8
+    added = 0
+    for s in range(2):
+        want = specific_reference(rc[s], rn[s], [], 5, max_ratio=0.5)
+        t = loose.timestep_index(ts[s])
+        assert [int(i) for i in loose.latents[0, t] if i >= 0] == want
+        added += len(set(want) - {int(i) for i in concept.latents[0, concept.timestep_index(ts[s])] if i >= 0})
+    assert added > 0, "0.5 selects what 0.2 does: the test would not see max_ratio ignored"
 
 
 def cond_rates(sae, cap, n_prompts, steps):
@@ -491,6 +502,11 @@ def test_learn_concept_keep_prompts_warnings(pack, sd1, caplog):
                                           keep_prompts="a blue car").args[0]
     assert "with selection 'top_n' the 1 keep prompt(s) only join the contrast set" in caplog.text
     assert pooled.meta.prompts["__keep__"] == ["a blue car"] and "fewer keep prompts" not in caplog.text
+    assert "max_ratio" not in caplog.text  # the default ratio is not worth a warning
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        ext.LearnConcept.execute(sd1.model, FakeClip(), sae, **{**kw, "selection": "top_n"}, max_ratio=0.5)
+    assert "max_ratio 0.5 only applies to selection 'specific'; with 'top_n' it is ignored" in caplog.text
     with pytest.raises(ValueError, match="'__keep__' is empty or reserved"):
         ext.LearnConcept.execute(sd1.model, FakeClip(), sae, **{**kw, "concept_name": "__keep__"})
     assert not sd1.model.object_patches
