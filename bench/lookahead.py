@@ -52,19 +52,19 @@ def main(argv: list[str] | None = None) -> dict:
         iv = intervention(world, a.concept, edit, detection=DETECTION)
         return render(world.model, caps, steps=a.steps, interventions={world.block: iv})
 
-    def lookahead():
-        iv = intervention(world, a.concept, edit, detection=DETECTION, lookahead=LookAheadSettings())
+    def twice(edit: ReplaceSettings, keep_others: bool = False):
+        iv = intervention(world, a.concept, edit, detection=DETECTION, lookahead=LookAheadSettings(),
+                          keep_others=keep_others)
         return sample_twice([iv], lambda: render(world.model, caps, steps=a.steps, interventions={world.block: iv}))
+
+    def lookahead():
+        return twice(edit)
 
     def filled():
-        iv = intervention(world, a.concept, ReplaceSettings("background", denoised=True), detection=DETECTION,
-                          lookahead=LookAheadSettings())
-        return sample_twice([iv], lambda: render(world.model, caps, steps=a.steps, interventions={world.block: iv}))
+        return twice(ReplaceSettings("background", denoised=True))
 
     def kept():
-        iv = intervention(world, a.concept, ReplaceSettings("background", denoised=True), detection=DETECTION,
-                          lookahead=LookAheadSettings(), keep_others=True)
-        return sample_twice([iv], lambda: render(world.model, caps, steps=a.steps, interventions={world.block: iv}))
+        return twice(ReplaceSettings("background", denoised=True), keep_others=True)
 
     configs = {"plain": plain, "PER": per, "PER look-ahead": lookahead, "+ denoised fill": filled,
                "+ keep the other concepts": kept}
